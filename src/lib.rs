@@ -1,0 +1,26 @@
+//! svcproxy: a node-level Kubernetes Service proxy that programs nftables.
+//!
+//! The flow goes one way: a source (manifest files, or the apiserver) is converted
+//! ([`convert`]) into the [`model`] of the cluster as this node sees it; [`plan`] resolves the
+//! Service semantics into a backend-independent plan; a backend ([`nft`]) renders it. Everything
+//! up to the rendered ruleset is pure: the dry-run and the live agent give identical rulesets for
+//! the same state.
+
+pub mod cli;
+pub mod convert;
+pub mod manifests;
+pub mod model;
+pub mod nft;
+pub mod plan;
+pub mod synthetic;
+
+/// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came
+/// from (for diagnostics such as destination conflicts).
+pub fn compile(
+    snapshot: &model::Snapshot,
+    config: &model::ProxyConfig,
+) -> (plan::Plan, nft::Ruleset) {
+    let plan = plan::plan(snapshot, config);
+    let ruleset = nft::render(&plan);
+    (plan, ruleset)
+}

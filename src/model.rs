@@ -1,0 +1,223 @@
+//! The cluster as one node's proxy sees it: plain Rust types, converted once from the Kubernetes
+//! API objects (see [`crate::convert`]) and validated there, so that nothing downstream has to
+//! second-guess an address, a port or a protocol.
+//!
+//! Everything here is ordered (`BTreeMap`, sorted `Vec`s) so that the compiler's output depends only
+//! on the content of the snapshot, never on the order in which objects arrived.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// A transport protocol a Service port can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The name nftables and Kubernetes (lower-cased) use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// IPv4 or IPv6: the proxy keeps one ruleset per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    pub fn of(addr: &IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    pub fn of_net(net: &IpNet) -> IpFamily {
+        match net {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// Namespace and name of an object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// externalTrafficPolicy / internalTrafficPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint in the cluster.
+    #[default]
+    Cluster,
+    /// Only endpoints on this node.
+    Local,
+}
+
+/// One port of a Service. The target port is not kept: EndpointSlices carry the resolved number
+/// per slice, matched by the Service port's name and protocol.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePort {
+    /// The port's name ("" for the single unnamed port); EndpointSlice ports are matched by it.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A Service that the proxy implements (headless and ExternalName Services never get this far).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: ObjectRef,
+    /// The cluster IPs, at most one per family.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// ClientIP session affinity timeout in seconds, if affinity is on.
+    pub affinity_timeout: Option<u32>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// One endpoint address as an EndpointSlice reports it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// One port of an EndpointSlice: the Service port name it serves and the number the pods listen on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice of a Service (only IPv4/IPv6 slices; FQDN slices are ignored on conversion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub id: ObjectRef,
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`), in the slice's namespace.
+    pub service: ObjectRef,
+    pub family: IpFamily,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What the proxy knows about the node it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The node's addresses, primary (first InternalIP per family) first.
+    pub addresses: Vec<IpAddr>,
+    pub zone: Option<String>,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl NodeInfo {
+    /// The node's primary address of a family: the first one listed.
+    pub fn primary(&self, family: IpFamily) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| IpFamily::of(a) == family)
+    }
+}
+
+/// Which local addresses answer NodePorts (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every local address of the node except loopback.
+    #[default]
+    All,
+    /// The node's primary address of each family.
+    Primary,
+    /// Local addresses inside these CIDRs (loopback never).
+    Cidrs(Vec<IpNet>),
+}
+
+/// How the proxy is configured on this node: everything the compiler needs that is not a
+/// Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The pod network(s) of the cluster; traffic from outside it to a ClusterIP is masqueraded.
+    /// Empty means unknown: then no such masquerading (as kube-proxy without `--cluster-cidr`).
+    pub cluster_cidrs: Vec<IpNet>,
+    pub nodeport_addresses: NodePortAddresses,
+    /// Masquerade all traffic to ClusterIPs.
+    pub masquerade_all: bool,
+    /// The packet mark bit used to flag packets for masquerading (kube-proxy's default 14).
+    pub masquerade_bit: u8,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            cluster_cidrs: Vec::new(),
+            nodeport_addresses: NodePortAddresses::All,
+            masquerade_all: false,
+            masquerade_bit: 14,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn masquerade_mark(&self) -> u32 {
+        1u32 << self.masquerade_bit
+    }
+}
+
+/// The whole state the compiler works from: the cluster as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub node: NodeInfo,
+}

@@ -1,0 +1,7 @@
+//! The nftables backend: rendering a plan as svcproxy's tables.
+
+pub mod render;
+pub mod syntax;
+
+pub use render::{TABLE, render};
+pub use syntax::Ruleset;

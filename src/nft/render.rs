@@ -1,0 +1,757 @@
+//! The plan, rendered as svcproxy's nftables tables (`ip svcproxy` and `ip6 svcproxy`).
+//!
+//! # Layout, and why
+//! Loading cost in the kernel grows with the number of chains, sets and rules that reference
+//! maps, not with the number of map elements (../shared/NOTES-kernel.md: a chain per Service
+//! with its own map took 6–11 s for 10k Services × 10 endpoints; a layout whose object count
+//! does not grow with the Services took 1.2 s). So the shape here is fixed, and Services are
+//! data:
+//!
+//! * `services` finds a destination with ONE verdict-map lookup on
+//!   `daddr . l4proto . dport` (`service-ips`), or `l4proto . dport` for NodePorts
+//!   (`service-nodeports`), exactly like kube-proxy's nftables mode, so the per-packet cost does
+//!   not grow with the number of Services.
+//! * The verdict goes to a chain shared by every destination with the same number N of
+//!   endpoints, `endpoints-N`, whose single rule picks `numgen random mod N` and finds the
+//!   endpoint in one shared map keyed by `daddr . l4proto . dport . index`. A changed endpoint
+//!   set is a few element updates; the number of chains is the number of distinct N.
+//! * Masquerading is decided by set lookups before dispatch (and marks the packet, as
+//!   kube-proxy does, with the configurable masquerade bit); hairpin traffic (a pod reaching
+//!   itself) is caught after DNAT by `saddr . daddr` in the `hairpin` set of local endpoints.
+//! * Rejects (no endpoints, unknown ClusterIP port) happen in filter chains, since `reject` is
+//!   not allowed in nat chains; `drop` (a Local traffic policy with no local endpoint) happens in
+//!   the nat dispatch itself.
+//! * ClientIP session affinity needs to remember, per client, one endpoint: those (rare)
+//!   destinations get kube-proxy's proven shape, a chain per Service port with a dynamic
+//!   timeout set per endpoint, shared by all addresses of that Service port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{IpFamily, Protocol};
+use crate::nft::syntax::{
+    Chain, Data, Element, Expr, Family, NatTo, Op, Reject, Rule, Ruleset, Set, SetType, Stmt,
+    Table, Value, Verdict,
+};
+use crate::plan::{
+    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan,
+    NodePortMatch, Plan, Route, Scope,
+};
+
+/// The name of svcproxy's tables (one per family).
+pub const TABLE: &str = "svcproxy";
+
+/// Priority of the NAT chains: kube-proxy's (dstnat/srcnat), as numbers since nft 1.0.6 refuses
+/// the names in some places.
+const DSTNAT: i32 = -100;
+const SRCNAT: i32 = 100;
+/// Filter chains run just before the default filter priority, so that a reject happens before
+/// a host firewall that might accept the packet.
+const FILTER: i32 = -10;
+
+const TRANSPORTS: [Value; 3] = [
+    Value::Proto(Protocol::Tcp),
+    Value::Proto(Protocol::Udp),
+    Value::Proto(Protocol::Sctp),
+];
+
+/// Renders the whole plan.
+pub fn render(plan: &Plan) -> Ruleset {
+    Ruleset {
+        tables: plan
+            .families
+            .iter()
+            .map(|f| render_family(f, plan.masquerade_mark))
+            .collect(),
+    }
+}
+
+/// The nft family of an IP family.
+pub fn family_of(f: IpFamily) -> Family {
+    match f {
+        IpFamily::V4 => Family::Ip,
+        IpFamily::V6 => Family::Ip6,
+    }
+}
+
+/// Which endpoint map a backend set is written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Lane {
+    /// Keyed by `l4proto . dport` (NodePorts) instead of `daddr . l4proto . dport`.
+    nodeport: bool,
+    /// The node-local endpoints for external clients of a Local-policy destination.
+    local: bool,
+}
+
+impl Lane {
+    fn map(self) -> &'static str {
+        match (self.nodeport, self.local) {
+            (false, false) => "endpoints",
+            (false, true) => "local-endpoints",
+            (true, false) => "nodeport-endpoints",
+            (true, true) => "nodeport-local-endpoints",
+        }
+    }
+
+    fn chain(self, n: usize) -> String {
+        format!("{}-{n}", self.map())
+    }
+
+    const ALL: [Lane; 4] = [
+        Lane {
+            nodeport: false,
+            local: false,
+        },
+        Lane {
+            nodeport: false,
+            local: true,
+        },
+        Lane {
+            nodeport: true,
+            local: false,
+        },
+        Lane {
+            nodeport: true,
+            local: true,
+        },
+    ];
+}
+
+/// FNV-1a: a stable hash (the same in every build and run) for object names.
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Everything one family's table is built from, filled in destination by destination.
+struct Builder<'a> {
+    plan: &'a FamilyPlan,
+    family: Family,
+    sets: BTreeMap<&'static str, Vec<Element>>,
+    /// The per-N endpoint chains in use.
+    lanes: BTreeSet<(Lane, usize)>,
+    /// Affinity chains and sets, by name.
+    affinity_chains: BTreeMap<String, Chain>,
+    affinity_sets: BTreeMap<String, Set>,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, set: &'static str, e: Element) {
+        self.sets.entry(set).or_default().push(e);
+    }
+
+    fn ip_key(d: &Destination) -> Vec<Value> {
+        match d.address {
+            Address::Ip(ip) => vec![
+                Value::Addr(ip),
+                Value::Proto(d.protocol),
+                Value::Port(d.port),
+            ],
+            Address::NodePort => vec![Value::Proto(d.protocol), Value::Port(d.port)],
+        }
+    }
+
+    fn comment(d: &Destination) -> String {
+        match d.kind {
+            DestinationKind::ClusterIp => d.service_port(),
+            DestinationKind::ExternalIp => format!("{} external IP", d.service_port()),
+            DestinationKind::LoadBalancer => format!("{} load balancer IP", d.service_port()),
+            DestinationKind::NodePort => format!("{} node port", d.service_port()),
+        }
+    }
+
+    /// Writes a backend set for destination `d` and returns the verdict that sends traffic to it.
+    fn backends(&mut self, d: &Destination, b: &Backends, lane: Lane) -> Verdict {
+        if let Some(timeout) = b.affinity_timeout {
+            return Verdict::Goto(self.affinity(d, b, timeout));
+        }
+        let key = Self::ip_key(d);
+        for (i, ep) in b.endpoints.iter().enumerate() {
+            let mut k = key.clone();
+            k.push(Value::Int(i as u32));
+            self.add(
+                lane.map(),
+                Element::map(
+                    k,
+                    Data::Values(vec![Value::Addr(ep.ip()), Value::Port(ep.port())]),
+                ),
+            );
+        }
+        self.lanes.insert((lane, b.endpoints.len()));
+        Verdict::Goto(lane.chain(b.endpoints.len()))
+    }
+
+    /// The affinity chain of a Service port's backend set (shared by all its addresses):
+    /// a client seen recently goes back to its endpoint, a new one picks at random and is
+    /// remembered in that endpoint's set.
+    fn affinity(&mut self, d: &Destination, b: &Backends, timeout: u32) -> String {
+        let scope = match b.scope {
+            Scope::Cluster => "cluster",
+            Scope::Local => "local",
+        };
+        let id = format!(
+            "{}/{}/{}/{}/{scope}",
+            d.service,
+            d.port_name,
+            d.protocol,
+            self.family.as_str()
+        );
+        let name = format!("affinity-{:016x}", stable_hash(&id));
+        if self.affinity_chains.contains_key(&name) {
+            return name;
+        }
+        let saddr = Expr::ip(self.family, "saddr");
+        let addr_type = addr_type(self.family);
+        let mut chain = Chain::new(&name).with_comment(format!(
+            "{} session affinity, {scope} endpoints",
+            d.service_port()
+        ));
+        let mut pick = Vec::new();
+        for (i, ep) in b.endpoints.iter().enumerate() {
+            let ep_name = format!("{name}-{:016x}", stable_hash(&ep.to_string()));
+            chain.rules.push(Rule {
+                stmts: vec![
+                    Stmt::eq(saddr.clone(), Expr::set(&ep_name)),
+                    Stmt::goto(&ep_name),
+                ],
+            });
+            pick.push((Value::Int(i as u32), Verdict::Goto(ep_name.clone())));
+            let mut set = Set::new(&ep_name, SetType::Types(vec![addr_type]), None);
+            set.flags = vec!["dynamic", "timeout"];
+            set.timeout = Some(timeout);
+            self.affinity_sets.insert(ep_name.clone(), set);
+            let ep_chain = Chain::new(&ep_name)
+                .with_comment(format!("{} to {ep}", d.service_port()))
+                .rule(vec![Stmt::Update {
+                    set: ep_name.clone(),
+                    key: saddr.clone(),
+                }])
+                .rule(vec![
+                    Stmt::eq(Expr::l4proto(), Expr::Value(Value::Proto(d.protocol))),
+                    Stmt::Dnat {
+                        family: self.family,
+                        to: NatTo::Addr(*ep),
+                    },
+                ]);
+            self.affinity_chains.insert(ep_name, ep_chain);
+        }
+        chain.rules.push(Rule {
+            stmts: vec![Stmt::VmapInline {
+                key: Expr::Numgen(b.endpoints.len() as u32),
+                entries: pick,
+            }],
+        });
+        self.affinity_chains.insert(name.clone(), chain);
+        name
+    }
+
+    fn destination(&mut self, d: &Destination) {
+        let nodeport = d.address == Address::NodePort;
+        let key = Self::ip_key(d);
+        let comment = Self::comment(d);
+        let tagged = |data: Option<Data>| Element {
+            key: key.clone(),
+            data,
+            comment: Some(comment.clone()),
+        };
+        let (dispatch, masq, policy_chain, policy_internal, policy_external, no_endpoints) =
+            if nodeport {
+                (
+                    "service-nodeports",
+                    "nodeport-masquerade",
+                    "nodeport-local-policy",
+                    "local-policy-nodeports-internal",
+                    "local-policy-nodeports",
+                    "no-endpoint-nodeports",
+                )
+            } else {
+                (
+                    "service-ips",
+                    "external-masquerade",
+                    "local-policy",
+                    "local-policy-ips-internal",
+                    "local-policy-ips",
+                    "no-endpoint-ips",
+                )
+            };
+        let cluster_lane = Lane {
+            nodeport,
+            local: false,
+        };
+        let local_lane = Lane {
+            nodeport,
+            local: true,
+        };
+        match &d.route {
+            Route::Reject => {
+                self.add(
+                    no_endpoints,
+                    tagged(Some(Data::Verdict(Verdict::Goto("reject-traffic".into())))),
+                );
+            }
+            Route::Drop => self.add(dispatch, tagged(Some(Data::Verdict(Verdict::Drop)))),
+            Route::Internal(b) => {
+                let v = self.backends(d, b, cluster_lane);
+                self.add(dispatch, tagged(Some(Data::Verdict(v))));
+            }
+            Route::ExternalCluster(b) => {
+                self.add(masq, Element::key(key.clone()));
+                let v = self.backends(d, b, cluster_lane);
+                self.add(dispatch, tagged(Some(Data::Verdict(v))));
+            }
+            Route::ExternalLocal { cluster, local } => {
+                self.add(
+                    dispatch,
+                    tagged(Some(Data::Verdict(Verdict::Goto(policy_chain.into())))),
+                );
+                let v = self.backends(d, cluster, cluster_lane);
+                self.add(policy_internal, Element::map(key.clone(), Data::Verdict(v)));
+                let v = match local {
+                    Some(b) => self.backends(d, b, local_lane),
+                    None => Verdict::Drop,
+                };
+                self.add(policy_external, Element::map(key.clone(), Data::Verdict(v)));
+            }
+        }
+    }
+}
+
+fn addr_type(f: Family) -> &'static str {
+    match f {
+        Family::Ip => "ipv4_addr",
+        Family::Ip6 => "ipv6_addr",
+    }
+}
+
+fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
+    let family = family_of(plan.family);
+    let mut b = Builder {
+        plan,
+        family,
+        sets: BTreeMap::new(),
+        lanes: BTreeSet::new(),
+        affinity_chains: BTreeMap::new(),
+        affinity_sets: BTreeMap::new(),
+    };
+    for d in &plan.destinations {
+        b.destination(d);
+    }
+    for (ip, svc) in &plan.cluster_ips {
+        b.add(
+            "cluster-ips",
+            Element::key(vec![Value::Addr(*ip)]).with_comment(svc.to_string()),
+        );
+    }
+    for ip in &plan.hairpin {
+        b.add(
+            "hairpin",
+            Element::key(vec![Value::Addr(*ip), Value::Addr(*ip)]),
+        );
+    }
+    for net in &b.plan.cluster_cidrs {
+        b.sets
+            .entry("cluster-cidrs")
+            .or_default()
+            .push(Element::key(vec![Value::Net(*net)]));
+    }
+    match &plan.nodeports {
+        NodePortMatch::Addresses(ips) => {
+            for ip in ips {
+                b.add("nodeport-ips", Element::key(vec![Value::Addr(*ip)]));
+            }
+        }
+        NodePortMatch::LocalIn(nets) => {
+            for net in nets {
+                b.add("nodeport-cidrs", Element::key(vec![Value::Net(*net)]));
+            }
+        }
+        NodePortMatch::AnyLocal | NodePortMatch::Nothing => {}
+    }
+
+    let sets = declare_sets(&mut b);
+    let chains = chains(&b, mark);
+    Table {
+        family,
+        name: TABLE.into(),
+        comment: Some("svcproxy: Kubernetes Services on this node; generated, do not edit".into()),
+        sets,
+        chains,
+    }
+}
+
+/// Declares every set and map, in a fixed order, with the elements gathered by the builder.
+fn declare_sets(b: &mut Builder) -> Vec<Set> {
+    let f = b.family;
+    let addr = addr_type(f);
+    let ipf = f.as_str();
+    let ip_key = || SetType::Types(vec![addr, "inet_proto", "inet_service"]);
+    let port_key = || SetType::Types(vec!["inet_proto", "inet_service"]);
+    let verdict = || Some(SetType::Types(vec!["verdict"]));
+    let mut out = Vec::new();
+    let mut push = |name: &'static str,
+                    mut set: Set,
+                    comment: &str,
+                    sets: &mut BTreeMap<&'static str, Vec<Element>>| {
+        set.comment = Some(comment.into());
+        let mut elements = sets.remove(name).unwrap_or_default();
+        elements.sort();
+        set.elements = elements;
+        out.push(set);
+    };
+    let sets = &mut b.sets;
+    push(
+        "cluster-ips",
+        Set::new("cluster-ips", SetType::Types(vec![addr]), None),
+        "every ClusterIP",
+        sets,
+    );
+    if sets.contains_key("cluster-cidrs") {
+        let mut s = Set::new("cluster-cidrs", SetType::Types(vec![addr]), None);
+        s.flags = vec!["interval"];
+        push("cluster-cidrs", s, "the cluster's pod network", sets);
+    }
+    if sets.contains_key("nodeport-ips") {
+        push(
+            "nodeport-ips",
+            Set::new("nodeport-ips", SetType::Types(vec![addr]), None),
+            "addresses that answer NodePorts",
+            sets,
+        );
+    }
+    if sets.contains_key("nodeport-cidrs") {
+        let mut s = Set::new("nodeport-cidrs", SetType::Types(vec![addr]), None);
+        s.flags = vec!["interval"];
+        push(
+            "nodeport-cidrs",
+            s,
+            "local addresses in these networks answer NodePorts",
+            sets,
+        );
+    }
+    push(
+        "hairpin",
+        Set::new("hairpin", SetType::Types(vec![addr, addr]), None),
+        "endpoint on this node reaching itself",
+        sets,
+    );
+    push(
+        "service-ips",
+        Set::new("service-ips", ip_key(), verdict()),
+        "destination address, protocol, port: what to do",
+        sets,
+    );
+    push(
+        "service-nodeports",
+        Set::new("service-nodeports", port_key(), verdict()),
+        "NodePorts: what to do",
+        sets,
+    );
+    push(
+        "external-masquerade",
+        Set::new("external-masquerade", ip_key(), None),
+        "external addresses with Cluster traffic policy",
+        sets,
+    );
+    push(
+        "nodeport-masquerade",
+        Set::new("nodeport-masquerade", port_key(), None),
+        "NodePorts with Cluster traffic policy",
+        sets,
+    );
+    push(
+        "local-policy-ips",
+        Set::new("local-policy-ips", ip_key(), verdict()),
+        "Local traffic policy, clients outside the cluster",
+        sets,
+    );
+    push(
+        "local-policy-ips-internal",
+        Set::new("local-policy-ips-internal", ip_key(), verdict()),
+        "Local traffic policy, pods and this node",
+        sets,
+    );
+    push(
+        "local-policy-nodeports",
+        Set::new("local-policy-nodeports", port_key(), verdict()),
+        "Local traffic policy, clients outside the cluster",
+        sets,
+    );
+    push(
+        "local-policy-nodeports-internal",
+        Set::new("local-policy-nodeports-internal", port_key(), verdict()),
+        "Local traffic policy, pods and this node",
+        sets,
+    );
+    push(
+        "no-endpoint-ips",
+        Set::new("no-endpoint-ips", ip_key(), verdict()),
+        "Services without endpoints: refused",
+        sets,
+    );
+    push(
+        "no-endpoint-nodeports",
+        Set::new("no-endpoint-nodeports", port_key(), verdict()),
+        "NodePorts without endpoints: refused",
+        sets,
+    );
+    let data = || SetType::Typeof {
+        text: format!("{ipf} daddr . th dport"),
+        types: vec![addr, "inet_service"],
+    };
+    for lane in Lane::ALL {
+        let key = if lane.nodeport {
+            SetType::Typeof {
+                text: "meta l4proto . th dport . numgen random mod 1".into(),
+                types: vec!["inet_proto", "inet_service", "integer"],
+            }
+        } else {
+            SetType::Typeof {
+                text: format!("{ipf} daddr . meta l4proto . th dport . numgen random mod 1"),
+                types: vec![addr, "inet_proto", "inet_service", "integer"],
+            }
+        };
+        let comment = if lane.local {
+            "endpoints on this node, by index"
+        } else {
+            "endpoints, by index"
+        };
+        push(
+            lane.map(),
+            Set::new(lane.map(), key, Some(data())),
+            comment,
+            sets,
+        );
+    }
+    debug_assert!(
+        sets.is_empty(),
+        "undeclared sets: {:?}",
+        sets.keys().collect::<Vec<_>>()
+    );
+    out.extend(std::mem::take(&mut b.affinity_sets).into_values());
+    out
+}
+
+fn chains(b: &Builder, mark: u32) -> Vec<Chain> {
+    let f = b.family;
+    let plan = b.plan;
+    let daddr = || Expr::ip(f, "daddr");
+    let saddr = || Expr::ip(f, "saddr");
+    let ip_key = || Expr::Concat(vec![daddr(), Expr::l4proto(), Expr::dport()]);
+    let port_key = || Expr::Concat(vec![Expr::l4proto(), Expr::dport()]);
+    let loopback: IpAddr = match f {
+        Family::Ip => "127.0.0.0".parse().unwrap(),
+        Family::Ip6 => "::1".parse().unwrap(),
+    };
+    let not_loopback = || match f {
+        Family::Ip => Stmt::ne(
+            daddr(),
+            Expr::Value(Value::Net("127.0.0.0/8".parse().unwrap())),
+        ),
+        Family::Ip6 => Stmt::ne(daddr(), Expr::Value(Value::Addr(loopback))),
+    };
+    let local_daddr = || Stmt::eq(Expr::FibType("daddr"), Expr::Keyword("local"));
+    let local_saddr = || Stmt::eq(Expr::FibType("saddr"), Expr::Keyword("local"));
+    // Which destination addresses are NodePort addresses.
+    let nodeport_match: Option<Vec<Stmt>> = match &plan.nodeports {
+        NodePortMatch::AnyLocal => Some(vec![local_daddr(), not_loopback()]),
+        NodePortMatch::LocalIn(_) => Some(vec![
+            local_daddr(),
+            Stmt::eq(daddr(), Expr::set("nodeport-cidrs")),
+            not_loopback(),
+        ]),
+        NodePortMatch::Addresses(_) => Some(vec![Stmt::eq(daddr(), Expr::set("nodeport-ips"))]),
+        NodePortMatch::Nothing => None,
+    };
+    let has_cidrs = !plan.cluster_cidrs.is_empty();
+    let mark_masq = || Stmt::jump("mark-for-masquerade");
+    let with = |mut stmts: Vec<Stmt>, more: Vec<Stmt>| {
+        stmts.extend(more);
+        stmts
+    };
+
+    let mut chains = vec![
+        Chain::base("prerouting", "nat", "prerouting", DSTNAT).rule(vec![Stmt::jump("services")]),
+        Chain::base("output", "nat", "output", DSTNAT).rule(vec![Stmt::jump("services")]),
+        Chain::base("postrouting", "nat", "postrouting", SRCNAT)
+            .rule(vec![Stmt::jump("masquerading")]),
+        Chain::base("filter-input", "filter", "input", FILTER).rule(vec![
+            Stmt::Match {
+                left: Expr::Ct("state"),
+                op: Op::Has,
+                right: Expr::Keyword("new"),
+            },
+            Stmt::jump("endpoints-check"),
+        ]),
+        Chain::base("filter-forward", "filter", "forward", FILTER).rule(vec![
+            Stmt::Match {
+                left: Expr::Ct("state"),
+                op: Op::Has,
+                right: Expr::Keyword("new"),
+            },
+            Stmt::jump("endpoints-check"),
+        ]),
+        Chain::base("filter-output", "filter", "output", FILTER).rule(vec![
+            Stmt::Match {
+                left: Expr::Ct("state"),
+                op: Op::Has,
+                right: Expr::Keyword("new"),
+            },
+            Stmt::jump("endpoints-check"),
+        ]),
+    ];
+
+    let mut services = Chain::new("services").with_comment("find the Service of a new connection");
+    match plan.clusterip_masquerade {
+        ClusterIpMasquerade::Never => {}
+        ClusterIpMasquerade::OutsideClusterCidrs => {
+            services = services.rule(vec![
+                Stmt::eq(daddr(), Expr::set("cluster-ips")),
+                Stmt::ne(saddr(), Expr::set("cluster-cidrs")),
+                mark_masq(),
+                Stmt::Comment("ClusterIP traffic from outside the cluster".into()),
+            ]);
+        }
+        ClusterIpMasquerade::Always => {
+            services = services.rule(vec![
+                Stmt::eq(daddr(), Expr::set("cluster-ips")),
+                mark_masq(),
+                Stmt::Comment("masquerade-all".into()),
+            ]);
+        }
+    }
+    services = services
+        .rule(vec![
+            Stmt::eq(ip_key(), Expr::set("external-masquerade")),
+            mark_masq(),
+        ])
+        .rule(vec![Stmt::Vmap {
+            key: ip_key(),
+            map: "service-ips".into(),
+        }]);
+    if let Some(m) = &nodeport_match {
+        services = services.rule(with(m.clone(), vec![Stmt::jump("nodeports")]));
+    }
+    chains.push(services);
+    chains.push(
+        Chain::new("nodeports")
+            .rule(vec![
+                Stmt::eq(port_key(), Expr::set("nodeport-masquerade")),
+                mark_masq(),
+            ])
+            .rule(vec![Stmt::Vmap {
+                key: port_key(),
+                map: "service-nodeports".into(),
+            }]),
+    );
+    for (name, key, internal, external) in [
+        (
+            "local-policy",
+            ip_key(),
+            "local-policy-ips-internal",
+            "local-policy-ips",
+        ),
+        (
+            "nodeport-local-policy",
+            port_key(),
+            "local-policy-nodeports-internal",
+            "local-policy-nodeports",
+        ),
+    ] {
+        let mut c = Chain::new(name).with_comment("externalTrafficPolicy Local");
+        if has_cidrs {
+            c = c.rule(vec![
+                Stmt::eq(saddr(), Expr::set("cluster-cidrs")),
+                Stmt::Vmap {
+                    key: key.clone(),
+                    map: internal.into(),
+                },
+            ]);
+        }
+        c = c
+            .rule(vec![local_saddr(), mark_masq()])
+            .rule(vec![
+                local_saddr(),
+                Stmt::Vmap {
+                    key: key.clone(),
+                    map: internal.into(),
+                },
+            ])
+            .rule(vec![Stmt::Vmap {
+                key,
+                map: external.into(),
+            }]);
+        chains.push(c);
+    }
+    chains.push(Chain::new("mark-for-masquerade").rule(vec![Stmt::MarkOr(mark)]));
+    chains.push(
+        Chain::new("masquerading")
+            .rule(vec![
+                Stmt::Match {
+                    left: Expr::Ct("status"),
+                    op: Op::Has,
+                    right: Expr::Keyword("dnat"),
+                },
+                Stmt::eq(Expr::Concat(vec![saddr(), daddr()]), Expr::set("hairpin")),
+                Stmt::Masquerade {
+                    fully_random: false,
+                },
+                Stmt::Comment("hairpin".into()),
+            ])
+            .rule(vec![
+                Stmt::eq(Expr::MarkAnd(mark), Expr::Value(Value::Int(0))),
+                Stmt::Verdict(Verdict::Return),
+            ])
+            .rule(vec![Stmt::MarkXor(mark)])
+            .rule(vec![Stmt::Masquerade { fully_random: true }]),
+    );
+    let mut check = Chain::new("endpoints-check").rule(vec![Stmt::Vmap {
+        key: ip_key(),
+        map: "no-endpoint-ips".into(),
+    }]);
+    if let Some(m) = &nodeport_match {
+        check = check.rule(with(
+            m.clone(),
+            vec![Stmt::Vmap {
+                key: port_key(),
+                map: "no-endpoint-nodeports".into(),
+            }],
+        ));
+    }
+    check = check.rule(vec![
+        Stmt::eq(daddr(), Expr::set("cluster-ips")),
+        Stmt::goto("reject-traffic"),
+        Stmt::Comment("port the Service does not have".into()),
+    ]);
+    chains.push(check);
+    chains.push(
+        Chain::new("reject-traffic")
+            .rule(vec![Stmt::Reject(f, Reject::TcpReset)])
+            .rule(vec![Stmt::Reject(f, Reject::PortUnreachable)]),
+    );
+
+    for (lane, n) in &b.lanes {
+        let key = if lane.nodeport {
+            vec![Expr::l4proto(), Expr::dport(), Expr::Numgen(*n as u32)]
+        } else {
+            vec![
+                daddr(),
+                Expr::l4proto(),
+                Expr::dport(),
+                Expr::Numgen(*n as u32),
+            ]
+        };
+        chains.push(Chain::new(lane.chain(*n)).rule(vec![
+            Stmt::eq(Expr::l4proto(), Expr::AnonSet(TRANSPORTS.to_vec())),
+            Stmt::Dnat {
+                family: f,
+                to: NatTo::Map {
+                    key: Expr::Concat(key),
+                    map: lane.map().into(),
+                },
+            },
+        ]));
+    }
+    chains.extend(b.affinity_chains.values().cloned());
+    chains
+}

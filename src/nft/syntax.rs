@@ -1,0 +1,780 @@
+//! A small typed model of the nftables objects svcproxy writes, and its two spellings: the
+//! `nft -f` script and libnftables JSON (`nft -j`).
+//!
+//! Only what the renderer needs is modelled. Keeping it typed (instead of formatting strings in
+//! the renderer) is what lets one ruleset be written both ways, and lets the apply layer diff
+//! elements and chains as values.
+
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde_json::{Value as Json, json};
+
+use crate::model::Protocol;
+
+/// An nftables table family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    Ip,
+    Ip6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+        }
+    }
+}
+
+/// A constant in a set element or a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    Addr(IpAddr),
+    Net(IpNet),
+    Proto(Protocol),
+    Port(u16),
+    Int(u32),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Addr(a) => write!(f, "{a}"),
+            Value::Net(n) => write!(f, "{n}"),
+            Value::Proto(p) => write!(f, "{p}"),
+            Value::Port(p) => write!(f, "{p}"),
+            Value::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+impl Value {
+    fn json(&self) -> Json {
+        match self {
+            Value::Addr(a) => json!(a.to_string()),
+            Value::Net(n) => {
+                json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}})
+            }
+            Value::Proto(p) => json!(p.as_str()),
+            Value::Port(p) => json!(p),
+            Value::Int(i) => json!(i),
+        }
+    }
+}
+
+fn concat_text(values: &[Value]) -> String {
+    values
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join(" . ")
+}
+
+fn concat_json(values: &[Value]) -> Json {
+    match values {
+        [one] => one.json(),
+        many => json!({"concat": many.iter().map(Value::json).collect::<Vec<_>>()}),
+    }
+}
+
+/// A verdict: where a packet goes next.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Jump(c) => write!(f, "jump {c}"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+        }
+    }
+}
+
+impl Verdict {
+    fn json(&self) -> Json {
+        match self {
+            Verdict::Drop => json!({"drop": null}),
+            Verdict::Return => json!({"return": null}),
+            Verdict::Jump(c) => json!({"jump": {"target": c}}),
+            Verdict::Goto(c) => json!({"goto": {"target": c}}),
+        }
+    }
+}
+
+/// The data of a map element.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Data {
+    Verdict(Verdict),
+    Values(Vec<Value>),
+}
+
+/// One set or map element.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Element {
+    pub key: Vec<Value>,
+    pub data: Option<Data>,
+    pub comment: Option<String>,
+}
+
+impl Element {
+    pub fn key(key: Vec<Value>) -> Element {
+        Element {
+            key,
+            data: None,
+            comment: None,
+        }
+    }
+
+    pub fn map(key: Vec<Value>, data: Data) -> Element {
+        Element {
+            key,
+            data: Some(data),
+            comment: None,
+        }
+    }
+
+    pub fn with_comment(mut self, comment: impl Into<String>) -> Element {
+        self.comment = Some(comment.into());
+        self
+    }
+
+    /// The element as it stands inside `elements = { ... }` or `add element ... { ... }`.
+    pub fn text(&self) -> String {
+        let mut s = concat_text(&self.key);
+        if let Some(c) = &self.comment {
+            write!(s, " comment {}", quote(c)).unwrap();
+        }
+        match &self.data {
+            None => {}
+            Some(Data::Verdict(v)) => write!(s, " : {v}").unwrap(),
+            Some(Data::Values(v)) => write!(s, " : {}", concat_text(v)).unwrap(),
+        }
+        s
+    }
+
+    fn key_json(&self) -> Json {
+        let key = concat_json(&self.key);
+        match &self.comment {
+            Some(c) => json!({"elem": {"val": key, "comment": c}}),
+            None => key,
+        }
+    }
+
+    fn json(&self) -> Json {
+        match &self.data {
+            None => self.key_json(),
+            Some(Data::Verdict(v)) => json!([self.key_json(), v.json()]),
+            Some(Data::Values(v)) => json!([self.key_json(), concat_json(v)]),
+        }
+    }
+}
+
+/// The declared type of a set's keys or a map's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetType {
+    /// Named types, concatenated (`ipv4_addr . inet_proto . inet_service`).
+    Types(Vec<&'static str>),
+    /// `typeof` expressions, needed where a type has no name (the integer of `numgen`).
+    /// `types` is how `nft -j` names them.
+    Typeof {
+        text: String,
+        types: Vec<&'static str>,
+    },
+}
+
+/// A named set or map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub key: SetType,
+    /// `None` for a set; the data type for a map (`verdict` for a verdict map).
+    pub data: Option<SetType>,
+    pub flags: Vec<&'static str>,
+    /// Default element timeout in seconds (dynamic sets).
+    pub timeout: Option<u32>,
+    pub comment: Option<String>,
+    pub elements: Vec<Element>,
+}
+
+impl Set {
+    pub fn new(name: impl Into<String>, key: SetType, data: Option<SetType>) -> Set {
+        Set {
+            name: name.into(),
+            key,
+            data,
+            flags: Vec::new(),
+            timeout: None,
+            comment: None,
+            elements: Vec::new(),
+        }
+    }
+
+    pub fn is_map(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// `set` or `map`, as nft's commands say.
+    pub fn keyword(&self) -> &'static str {
+        if self.is_map() { "map" } else { "set" }
+    }
+
+    /// The declaration without elements: `{ type ...; flags ...; }` on one line.
+    pub fn declaration(&self) -> String {
+        let mut s = String::new();
+        let ty = match (&self.key, &self.data) {
+            (SetType::Types(k), None) => format!("type {}", k.join(" . ")),
+            (SetType::Types(k), Some(SetType::Types(d))) => {
+                format!("type {} : {}", k.join(" . "), d.join(" . "))
+            }
+            (SetType::Typeof { text, .. }, None) => format!("typeof {text}"),
+            (SetType::Typeof { text, .. }, Some(SetType::Typeof { text: d, .. })) => {
+                format!("typeof {text} : {d}")
+            }
+            (k, Some(d)) => panic!("mixed type and typeof in one map: {k:?} : {d:?}"),
+        };
+        s.push_str(&ty);
+        if !self.flags.is_empty() {
+            write!(s, "; flags {}", self.flags.join(",")).unwrap();
+        }
+        if let Some(t) = self.timeout {
+            write!(s, "; timeout {t}s").unwrap();
+        }
+        if let Some(c) = &self.comment {
+            write!(s, "; comment {}", quote(c)).unwrap();
+        }
+        s
+    }
+}
+
+/// A base chain's hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hook {
+    /// `nat` or `filter`.
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub priority: i32,
+}
+
+/// A chain and its rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub hook: Option<Hook>,
+    pub comment: Option<String>,
+    pub rules: Vec<Rule>,
+}
+
+impl Chain {
+    pub fn new(name: impl Into<String>) -> Chain {
+        Chain {
+            name: name.into(),
+            hook: None,
+            comment: None,
+            rules: Vec::new(),
+        }
+    }
+
+    pub fn base(
+        name: impl Into<String>,
+        kind: &'static str,
+        hook: &'static str,
+        priority: i32,
+    ) -> Chain {
+        Chain {
+            hook: Some(Hook {
+                kind,
+                hook,
+                priority,
+            }),
+            ..Chain::new(name)
+        }
+    }
+
+    pub fn with_comment(mut self, comment: impl Into<String>) -> Chain {
+        self.comment = Some(comment.into());
+        self
+    }
+
+    pub fn rule(mut self, stmts: Vec<Stmt>) -> Chain {
+        self.rules.push(Rule { stmts });
+        self
+    }
+}
+
+/// A rule: statements evaluated left to right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub stmts: Vec<Stmt>,
+}
+
+/// An expression inside a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// A packet header field: (`ip`, `daddr`), (`th`, `dport`).
+    Payload(&'static str, &'static str),
+    Meta(&'static str),
+    /// `ct state` / `ct status`.
+    Ct(&'static str),
+    /// `fib daddr type` / `fib saddr type`.
+    FibType(&'static str),
+    Numgen(u32),
+    Concat(Vec<Expr>),
+    /// `meta mark & MASK`.
+    MarkAnd(u32),
+    Value(Value),
+    /// A keyword on the right of a match (`local`, `new`, `dnat`).
+    Keyword(&'static str),
+    /// An anonymous set of constants.
+    AnonSet(Vec<Value>),
+    /// A named set or map (`@name`).
+    SetRef(String),
+}
+
+impl Expr {
+    pub fn ip(family: Family, field: &'static str) -> Expr {
+        Expr::Payload(family.as_str(), field)
+    }
+
+    pub fn dport() -> Expr {
+        Expr::Payload("th", "dport")
+    }
+
+    pub fn l4proto() -> Expr {
+        Expr::Meta("l4proto")
+    }
+
+    pub fn set(name: &str) -> Expr {
+        Expr::SetRef(name.to_string())
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Expr::Payload(p, f) => format!("{p} {f}"),
+            Expr::Meta(k) => format!("meta {k}"),
+            Expr::Ct(k) => format!("ct {k}"),
+            Expr::FibType(f) => format!("fib {f} type"),
+            Expr::Numgen(m) => format!("numgen random mod {m}"),
+            Expr::Concat(parts) => parts.iter().map(Expr::text).collect::<Vec<_>>().join(" . "),
+            Expr::MarkAnd(m) => format!("meta mark & {m:#010x}"),
+            Expr::Value(v) => v.to_string(),
+            Expr::Keyword(k) => k.to_string(),
+            Expr::AnonSet(vs) => format!(
+                "{{ {} }}",
+                vs.iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Expr::SetRef(n) => format!("@{n}"),
+        }
+    }
+
+    fn json(&self) -> Json {
+        match self {
+            Expr::Payload(p, f) => json!({"payload": {"protocol": p, "field": f}}),
+            Expr::Meta(k) => json!({"meta": {"key": k}}),
+            Expr::Ct(k) => json!({"ct": {"key": k}}),
+            Expr::FibType(f) => json!({"fib": {"result": "type", "flags": [f]}}),
+            Expr::Numgen(m) => json!({"numgen": {"mode": "random", "mod": m, "offset": 0}}),
+            Expr::Concat(parts) => {
+                json!({"concat": parts.iter().map(Expr::json).collect::<Vec<_>>()})
+            }
+            Expr::MarkAnd(m) => json!({"&": [{"meta": {"key": "mark"}}, m]}),
+            Expr::Value(v) => v.json(),
+            Expr::Keyword(k) => json!(k),
+            Expr::AnonSet(vs) => json!({"set": vs.iter().map(Value::json).collect::<Vec<_>>()}),
+            Expr::SetRef(n) => json!(format!("@{n}")),
+        }
+    }
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    /// A flag test (`ct state new`): implicit in text, `in` in JSON.
+    Has,
+}
+
+/// How a rejected packet is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    TcpReset,
+    /// ICMP (ICMPv6) port unreachable.
+    PortUnreachable,
+}
+
+/// Where `dnat` sends a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatTo {
+    /// The address and port found by looking `key` up in a map whose data is `addr . port`.
+    Map {
+        key: Expr,
+        map: String,
+    },
+    Addr(SocketAddr),
+}
+
+/// A statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stmt {
+    Match {
+        left: Expr,
+        op: Op,
+        right: Expr,
+    },
+    Verdict(Verdict),
+    /// A verdict map lookup: a named map, or inline `{ value : verdict, ... }`.
+    Vmap {
+        key: Expr,
+        map: String,
+    },
+    VmapInline {
+        key: Expr,
+        entries: Vec<(Value, Verdict)>,
+    },
+    Dnat {
+        family: Family,
+        to: NatTo,
+    },
+    Masquerade {
+        fully_random: bool,
+    },
+    Reject(Family, Reject),
+    /// `meta mark set meta mark | MASK`.
+    MarkOr(u32),
+    /// `meta mark set meta mark ^ MASK`.
+    MarkXor(u32),
+    /// `update @set { key }`: add the key, or refresh its timeout.
+    Update {
+        set: String,
+        key: Expr,
+    },
+    Comment(String),
+}
+
+impl Stmt {
+    pub fn eq(left: Expr, right: Expr) -> Stmt {
+        Stmt::Match {
+            left,
+            op: Op::Eq,
+            right,
+        }
+    }
+
+    pub fn ne(left: Expr, right: Expr) -> Stmt {
+        Stmt::Match {
+            left,
+            op: Op::Ne,
+            right,
+        }
+    }
+
+    pub fn goto(chain: impl Into<String>) -> Stmt {
+        Stmt::Verdict(Verdict::Goto(chain.into()))
+    }
+
+    pub fn jump(chain: impl Into<String>) -> Stmt {
+        Stmt::Verdict(Verdict::Jump(chain.into()))
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Stmt::Match { left, op, right } => {
+                let op = match (op, left) {
+                    (Op::Ne, _) => " != ",
+                    (Op::Eq, Expr::MarkAnd(_)) => " == ",
+                    _ => " ",
+                };
+                format!("{}{op}{}", left.text(), right.text())
+            }
+            Stmt::Verdict(v) => v.to_string(),
+            Stmt::Vmap { key, map } => format!("{} vmap @{map}", key.text()),
+            Stmt::VmapInline { key, entries } => format!(
+                "{} vmap {{ {} }}",
+                key.text(),
+                entries
+                    .iter()
+                    .map(|(v, verdict)| format!("{v} : {verdict}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Stmt::Dnat { family, to } => match to {
+                NatTo::Map { key, map } => {
+                    format!("dnat {} to {} map @{map}", family.as_str(), key.text())
+                }
+                NatTo::Addr(sa) => format!("dnat {} to {sa}", family.as_str()),
+            },
+            Stmt::Masquerade { fully_random } => {
+                if *fully_random {
+                    "masquerade fully-random".into()
+                } else {
+                    "masquerade".into()
+                }
+            }
+            Stmt::Reject(_, Reject::TcpReset) => "meta l4proto tcp reject with tcp reset".into(),
+            Stmt::Reject(Family::Ip, Reject::PortUnreachable) => {
+                "reject with icmp type port-unreachable".into()
+            }
+            Stmt::Reject(Family::Ip6, Reject::PortUnreachable) => {
+                "reject with icmpv6 type port-unreachable".into()
+            }
+            Stmt::MarkOr(m) => format!("meta mark set meta mark | {m:#010x}"),
+            Stmt::MarkXor(m) => format!("meta mark set meta mark ^ {m:#010x}"),
+            Stmt::Update { set, key } => format!("update @{set} {{ {} }}", key.text()),
+            Stmt::Comment(c) => format!("comment {}", quote(c)),
+        }
+    }
+
+    /// The statement as libnftables JSON expressions (a text statement can be two in JSON).
+    fn json(&self, out: &mut Vec<Json>) {
+        let j = match self {
+            Stmt::Match { left, op, right } => {
+                let op = match op {
+                    Op::Eq => "==",
+                    Op::Ne => "!=",
+                    Op::Has => "in",
+                };
+                json!({"match": {"op": op, "left": left.json(), "right": right.json()}})
+            }
+            Stmt::Verdict(v) => v.json(),
+            Stmt::Vmap { key, map } => {
+                json!({"vmap": {"key": key.json(), "data": format!("@{map}")}})
+            }
+            Stmt::VmapInline { key, entries } => json!({"vmap": {"key": key.json(), "data": {"set":
+                entries.iter().map(|(v, verdict)| json!([v.json(), verdict.json()])).collect::<Vec<_>>()}}}),
+            Stmt::Dnat { family, to } => match to {
+                NatTo::Map { key, map } => json!({"dnat": {"family": family.as_str(),
+                    "addr": {"map": {"key": key.json(), "data": format!("@{map}")}}}}),
+                NatTo::Addr(sa) => {
+                    json!({"dnat": {"family": family.as_str(), "addr": sa.ip().to_string(), "port": sa.port()}})
+                }
+            },
+            Stmt::Masquerade { fully_random } => {
+                if *fully_random {
+                    json!({"masquerade": {"flags": "fully-random"}})
+                } else {
+                    json!({"masquerade": null})
+                }
+            }
+            Stmt::Reject(_, Reject::TcpReset) => {
+                out.push(json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}));
+                json!({"reject": {"type": "tcp reset"}})
+            }
+            Stmt::Reject(Family::Ip, Reject::PortUnreachable) => {
+                json!({"reject": {"type": "icmp", "expr": "port-unreachable"}})
+            }
+            Stmt::Reject(Family::Ip6, Reject::PortUnreachable) => {
+                json!({"reject": {"type": "icmpv6", "expr": "port-unreachable"}})
+            }
+            Stmt::MarkOr(m) => {
+                json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, m]}}})
+            }
+            Stmt::MarkXor(m) => {
+                json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"^": [{"meta": {"key": "mark"}}, m]}}})
+            }
+            Stmt::Update { set, key } => {
+                json!({"set": {"op": "update", "elem": key.json(), "set": format!("@{set}")}})
+            }
+            Stmt::Comment(_) => return, // carried as the rule's "comment" field
+        };
+        out.push(j);
+    }
+}
+
+impl Rule {
+    pub fn text(&self) -> String {
+        self.stmts
+            .iter()
+            .map(Stmt::text)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A table and everything in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub family: Family,
+    pub name: String,
+    pub comment: Option<String>,
+    pub sets: Vec<Set>,
+    pub chains: Vec<Chain>,
+}
+
+/// The complete ruleset: svcproxy's tables.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub tables: Vec<Table>,
+}
+
+/// Quotes a comment for nft; the renderer only writes printable ASCII without quotes in them.
+fn quote(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || !c.is_ascii() || c.is_ascii_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("\"{clean}\"")
+}
+
+impl Table {
+    /// The table as an `nft -f` block.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        writeln!(s, "table {} {} {{", self.family.as_str(), self.name).unwrap();
+        if let Some(c) = &self.comment {
+            writeln!(s, "\tcomment {}", quote(c)).unwrap();
+        }
+        for set in &self.sets {
+            writeln!(s, "\n\t{} {} {{", set.keyword(), set.name).unwrap();
+            for part in set.declaration().split("; ") {
+                writeln!(s, "\t\t{part}").unwrap();
+            }
+            if !set.elements.is_empty() {
+                writeln!(s, "\t\telements = {{").unwrap();
+                let n = set.elements.len();
+                for (i, e) in set.elements.iter().enumerate() {
+                    let sep = if i + 1 < n { "," } else { "" };
+                    writeln!(s, "\t\t\t{}{sep}", e.text()).unwrap();
+                }
+                writeln!(s, "\t\t}}").unwrap();
+            }
+            writeln!(s, "\t}}").unwrap();
+        }
+        for chain in &self.chains {
+            writeln!(s, "\n\tchain {} {{", chain.name).unwrap();
+            if let Some(c) = &chain.comment {
+                writeln!(s, "\t\tcomment {}", quote(c)).unwrap();
+            }
+            if let Some(h) = &chain.hook {
+                writeln!(
+                    s,
+                    "\t\ttype {} hook {} priority {}; policy accept;",
+                    h.kind, h.hook, h.priority
+                )
+                .unwrap();
+            }
+            for rule in &chain.rules {
+                writeln!(s, "\t\t{}", rule.text()).unwrap();
+            }
+            writeln!(s, "\t}}").unwrap();
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    /// The table's objects as libnftables JSON, in the form `nft -j list table` prints them.
+    pub fn json(&self, out: &mut Vec<Json>) {
+        let family = self.family.as_str();
+        let mut table = json!({"family": family, "name": self.name});
+        if let Some(c) = &self.comment {
+            table["comment"] = json!(c);
+        }
+        out.push(json!({"table": table}));
+        for set in &self.sets {
+            let types = |t: &SetType| -> Json {
+                let names = match t {
+                    SetType::Types(n) => n,
+                    SetType::Typeof { types, .. } => types,
+                };
+                match names.as_slice() {
+                    [one] => json!(one),
+                    many => json!(many),
+                }
+            };
+            let mut o = json!({"family": family, "name": set.name, "table": self.name, "type": types(&set.key)});
+            if let Some(d) = &set.data {
+                o["map"] = match d {
+                    SetType::Types(n) | SetType::Typeof { types: n, .. } => json!(n.join(" . ")),
+                };
+            }
+            if !set.flags.is_empty() {
+                o["flags"] = json!(set.flags);
+            }
+            if let Some(t) = set.timeout {
+                o["timeout"] = json!(t);
+            }
+            if let Some(c) = &set.comment {
+                o["comment"] = json!(c);
+            }
+            if !set.elements.is_empty() {
+                o["elem"] = json!(set.elements.iter().map(Element::json).collect::<Vec<_>>());
+            }
+            out.push(json!({ set.keyword(): o }));
+        }
+        for chain in &self.chains {
+            let mut o = json!({"family": family, "table": self.name, "name": chain.name});
+            if let Some(h) = &chain.hook {
+                o["type"] = json!(h.kind);
+                o["hook"] = json!(h.hook);
+                o["prio"] = json!(h.priority);
+                o["policy"] = json!("accept");
+            }
+            if let Some(c) = &chain.comment {
+                o["comment"] = json!(c);
+            }
+            out.push(json!({"chain": o}));
+        }
+        for chain in &self.chains {
+            for rule in &chain.rules {
+                let mut expr = Vec::new();
+                let mut comment = None;
+                for stmt in &rule.stmts {
+                    if let Stmt::Comment(c) = stmt {
+                        comment = Some(c.clone());
+                    }
+                    stmt.json(&mut expr);
+                }
+                let mut o = json!({"family": family, "table": self.name, "chain": chain.name, "expr": expr});
+                if let Some(c) = comment {
+                    o["comment"] = json!(c);
+                }
+                out.push(json!({"rule": o}));
+            }
+        }
+    }
+}
+
+impl Ruleset {
+    /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
+    /// table is created if missing, deleted, and written anew, all in one transaction.
+    pub fn script(&self) -> String {
+        let mut s =
+            String::from("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        for t in &self.tables {
+            writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
+            writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
+        }
+        for t in &self.tables {
+            s.push('\n');
+            s.push_str(&t.text());
+        }
+        s
+    }
+
+    /// The whole ruleset as libnftables JSON, in the form `nft -j list ruleset` prints it.
+    pub fn json(&self) -> Json {
+        let mut objects = vec![json!({"metainfo": {"json_schema_version": 1}})];
+        for t in &self.tables {
+            t.json(&mut objects);
+        }
+        json!({ "nftables": objects })
+    }
+}

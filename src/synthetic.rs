@@ -1,0 +1,88 @@
+//! Generated clusters of any size, for benchmarks and scale tests: `services` ClusterIP Services
+//! with one TCP port each and `endpoints` ready endpoints each, spread over two nodes.
+//!
+//! Addresses are laid out so that nothing collides up to 65,536 Services and 16M endpoints:
+//! Service i has ClusterIP 10.96.(i/256).(i%256)... in 10.96.0.0/12, endpoints in 10.128.0.0/9.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::model::{
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol, Service,
+    ServicePort, Snapshot, TrafficPolicy,
+};
+
+/// The ClusterIP of generated Service `i`.
+pub fn cluster_ip(i: usize) -> IpAddr {
+    let n = 0x0a60_0000u32 + i as u32; // 10.96.0.0 + i
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+/// The address of endpoint `j` of generated Service `i`.
+pub fn endpoint_ip(i: usize, j: usize, per_service: usize) -> IpAddr {
+    let n = 0x0a80_0000u32 + (i * per_service + j) as u32; // 10.128.0.0 + k
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+/// One generated Service.
+pub fn service(i: usize) -> Service {
+    Service {
+        id: ObjectRef::new(format!("ns{}", i % 100), format!("svc-{i}")),
+        cluster_ips: vec![cluster_ip(i)],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        }],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        affinity_timeout: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+    }
+}
+
+/// The EndpointSlice of generated Service `i`, with `endpoints` ready endpoints.
+pub fn slice(i: usize, endpoints: usize) -> EndpointSlice {
+    let svc = service(i).id;
+    EndpointSlice {
+        id: ObjectRef::new(svc.namespace.clone(), format!("{}-abcde", svc.name)),
+        service: svc,
+        family: IpFamily::V4,
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: (0..endpoints)
+            .map(|j| Endpoint {
+                address: endpoint_ip(i, j, endpoints),
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: Some(if j % 2 == 0 { "node-a" } else { "node-b" }.into()),
+                zone: None,
+            })
+            .collect(),
+    }
+}
+
+/// A cluster of `services` Services with `endpoints` endpoints each, seen from node-a.
+pub fn cluster(services: usize, endpoints: usize) -> Snapshot {
+    let mut s = Snapshot {
+        node: NodeInfo {
+            name: "node-a".into(),
+            addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2))],
+            ..NodeInfo::default()
+        },
+        ..Snapshot::default()
+    };
+    for i in 0..services {
+        let svc = service(i);
+        s.services.insert(svc.id.clone(), svc);
+        let sl = slice(i, endpoints);
+        s.slices.insert(sl.id.clone(), sl);
+    }
+    s
+}

@@ -1,0 +1,90 @@
+//! Helpers shared by the scenario tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use svcproxy::cli::NodeArgs;
+use svcproxy::manifests;
+use svcproxy::model::Snapshot;
+use svcproxy::nft::Ruleset;
+use svcproxy::plan::Plan;
+
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// Node flags as tests use them: node-a, nothing else unless given.
+pub fn node_args(extra: &[&str]) -> NodeArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+    let mut argv = vec!["test", "--node", "node-a"];
+    argv.extend_from_slice(extra);
+    Wrapper::parse_from(argv).node
+}
+
+/// Compiles manifests given as YAML text (node-a unless the flags say otherwise).
+pub fn compile_yaml(yaml: &str, flags: &[&str]) -> (Plan, Ruleset) {
+    let mut loaded = manifests::load_text(Path::new("inline.yaml"), yaml);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let args = node_args(flags);
+    let mut notices = Vec::new();
+    let node = args.node_info(&loaded.converted, &mut notices);
+    let snapshot = Snapshot {
+        services: std::mem::take(&mut loaded.converted.services),
+        slices: std::mem::take(&mut loaded.converted.slices),
+        node,
+    };
+    svcproxy::compile(&snapshot, &args.proxy_config())
+}
+
+/// The nft script of manifests given as YAML text.
+pub fn script(yaml: &str, flags: &[&str]) -> String {
+    compile_yaml(yaml, flags).1.script()
+}
+
+/// Whether `nft` is installed.
+pub fn have_nft() -> bool {
+    Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Tests that need a tool or root may skip outside CI, loudly; in CI they must run.
+pub fn skip_or_fail(reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("cannot run in CI: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// Checks an nft script with `nft -c -f` in a private network namespace (so that the check
+/// never sees or touches the host's ruleset). Returns nft's stderr on failure.
+pub fn nft_check(script: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ruleset.nft");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("unshare")
+        .args(["--net", "--", "nft", "-c", "-f"])
+        .arg(&file)
+        .output()
+        .map_err(|e| format!("running unshare/nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Whether this process may create network namespaces (root, or CAP_SYS_ADMIN).
+pub fn can_unshare_net() -> bool {
+    Command::new("unshare")
+        .args(["--net", "--", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

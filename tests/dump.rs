@@ -1,0 +1,213 @@
+//! `svcproxy dump` end to end: golden rulesets for every example, exit codes, byte-identical
+//! output whatever the order of files and objects, and `nft -c` acceptance.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn svcproxy(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(args)
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn example_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(examples_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn golden_ruleset_per_example() {
+    let node = examples_dir().join("00-node.yaml").display().to_string();
+    for file in example_files() {
+        let name = Path::new(&file)
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (code, out, err) = svcproxy(&["dump", "--from", &node, &file, "--node", "node-a"]);
+        assert_eq!(code, 0, "{file}: {err}");
+        insta::assert_snapshot!(format!("example-{name}"), out);
+    }
+}
+
+#[test]
+fn golden_all_examples_nft_and_json() {
+    let dir = examples_dir().display().to_string();
+    let (code, out, err) = svcproxy(&[
+        "dump",
+        "--from",
+        &dir,
+        "--node",
+        "node-a",
+        "--cluster-cidr",
+        "172.17.0.0/16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    insta::assert_snapshot!("all-examples", out);
+    let (code, json, err) = svcproxy(&[
+        "dump",
+        "--from",
+        &dir,
+        "--node",
+        "node-a",
+        "--cluster-cidr",
+        "172.17.0.0/16",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    insta::assert_json_snapshot!("all-examples-json", v);
+}
+
+#[test]
+fn nft_accepts_every_example() {
+    if !have_nft() {
+        return skip_or_fail("nft is not installed: the rulesets were not checked with `nft -c`");
+    }
+    if !can_unshare_net() {
+        return skip_or_fail("cannot create a network namespace for `nft -c` (not root?)");
+    }
+    let mut inputs: Vec<Vec<String>> = example_files().into_iter().map(|f| vec![f]).collect();
+    inputs.push(vec![examples_dir().display().to_string()]);
+    for input in inputs {
+        for extra in [
+            &[][..],
+            &["--cluster-cidr", "172.17.0.0/16,fd00:17::/48"][..],
+            &["--masquerade-all", "--nodeport-addresses", "primary"][..],
+            &["--nodeport-addresses", "192.168.64.0/24,fd00::/8"][..],
+        ] {
+            let mut args = vec!["dump", "--node", "node-a", "--from"];
+            args.extend(input.iter().map(String::as_str));
+            args.extend_from_slice(extra);
+            let (code, out, err) = svcproxy(&args);
+            assert_eq!(code, 0, "{args:?}: {err}");
+            if let Err(e) = nft_check(&out) {
+                panic!("nft -c refused the ruleset for {args:?}:\n{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn output_does_not_depend_on_file_or_object_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every document of every example, as one file in order and one in reverse order.
+    let mut docs = Vec::new();
+    for f in example_files() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        docs.extend(text.split("\n---\n").map(str::to_string));
+    }
+    let forward = dir.path().join("forward.yaml");
+    std::fs::write(&forward, docs.join("\n---\n")).unwrap();
+    let backward = dir.path().join("backward.yaml");
+    docs.reverse();
+    std::fs::write(&backward, docs.join("\n---\n")).unwrap();
+    let (c1, a, _) = svcproxy(&[
+        "dump",
+        "--node",
+        "node-a",
+        "--from",
+        forward.to_str().unwrap(),
+    ]);
+    let (c2, b, _) = svcproxy(&[
+        "dump",
+        "--node",
+        "node-a",
+        "--from",
+        backward.to_str().unwrap(),
+    ]);
+    let mut files = example_files();
+    files.reverse();
+    let mut args = vec!["dump", "--node", "node-a", "--from"];
+    args.extend(files.iter().map(String::as_str));
+    let (c3, c, _) = svcproxy(&args);
+    assert_eq!((c1, c2, c3), (0, 0, 0));
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+}
+
+#[test]
+fn exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: web}\nspec: {clusterIP: 10.0.0.999, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: [not-an-ip]}]\n---\n: : :\n",
+    )
+    .unwrap();
+    let (code, out, err) = svcproxy(&["dump", "--from", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("10.0.0.1 . tcp . 80"));
+    assert!(
+        err.contains("skipping apps/v1 Deployment default/d"),
+        "{err}"
+    );
+
+    let (code, out, err) = svcproxy(&[
+        "dump",
+        "--from",
+        good.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        out.contains("10.0.0.1 . tcp . 80"),
+        "the good Service is still compiled"
+    );
+    assert!(
+        err.contains("Service web/b: spec.clusterIP: \"10.0.0.999\" is not an IP address"),
+        "{err}"
+    );
+    assert!(
+        err.contains("EndpointSlice default/a-1: endpoints[0].addresses[0]"),
+        "{err}"
+    );
+    assert!(err.contains("document 3"), "{err}");
+
+    let (code, out, _) = svcproxy(&["dump", "--from", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    let (code, _, _) = svcproxy(&["dump", "--from", "/nonexistent/manifests"]);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_value() {
+    let (code, _, err) = svcproxy(&["dump", "--from", "x", "--cluster-cidr", "10.0.0.0/33"]);
+    assert_eq!(code, 1, "a usage error");
+    assert!(err.contains("10.0.0.0/33"), "{err}");
+    let (code, _, err) = svcproxy(&[
+        "dump",
+        "--from",
+        "x",
+        "--nodeport-addresses",
+        "10.0.0.0/8,nope",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"nope\" is not a CIDR"), "{err}");
+}

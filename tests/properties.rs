@@ -1,0 +1,149 @@
+//! Property tests: arbitrary (often invalid) Services and EndpointSlices never panic the
+//! compiler, and the order of objects never changes its output.
+
+mod common;
+
+use std::path::Path;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use svcproxy::manifests;
+use svcproxy::model::Snapshot;
+
+fn ip() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => (0u8..4, 0u8..4).prop_map(|(a, b)| json!(format!("10.0.{a}.{b}"))),
+        2 => (0u8..4).prop_map(|a| json!(format!("fd00::{a}"))),
+        1 => Just(json!("None")),
+        1 => Just(json!("300.1.1.1")),
+        1 => Just(json!("")),
+        1 => Just(json!(42)),
+    ]
+}
+
+fn protocol() -> impl Strategy<Value = Option<&'static str>> {
+    prop::option::of(prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP"]))
+}
+
+fn port_number() -> impl Strategy<Value = i64> {
+    prop_oneof![8 => 1i64..100, 1 => Just(0i64), 1 => Just(70000i64), 1 => Just(-1i64)]
+}
+
+fn name() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["a", "b", "c"])
+}
+
+fn service() -> impl Strategy<Value = Value> {
+    (
+        name(),
+        prop::sample::select(vec!["ns1", "ns2"]),
+        prop::sample::select(vec!["ClusterIP", "NodePort", "LoadBalancer", "ExternalName", "Bogus"]),
+        prop::collection::vec(ip(), 0..3),
+        prop::collection::vec((prop::sample::select(vec!["", "http", "dns"]), port_number(), protocol(), prop::option::of(30000i64..30005)), 0..3),
+        prop::collection::vec(ip(), 0..2),
+        prop::option::of(prop::sample::select(vec!["None", "ClientIP", "Sticky"])),
+        prop::option::of(prop::sample::select(vec!["Cluster", "Local", "Elsewhere"])),
+        prop::option::of(prop::sample::select(vec!["Cluster", "Local"])),
+        prop::option::of(-5i64..100_000),
+    )
+        .prop_map(|(name, ns, ty, cips, ports, ext, aff, etp, itp, timeout)| {
+            let ports: Vec<Value> = ports
+                .into_iter()
+                .map(|(n, p, proto, np)| json!({"name": n, "port": p, "protocol": proto, "nodePort": np}))
+                .collect();
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"type": ty, "clusterIPs": cips, "ports": ports, "externalIPs": ext,
+                         "sessionAffinity": aff, "externalTrafficPolicy": etp, "internalTrafficPolicy": itp,
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+            })
+        })
+}
+
+fn slice() -> impl Strategy<Value = Value> {
+    (
+        prop::sample::select(vec!["s1", "s2", "s3", "s4"]),
+        prop::sample::select(vec!["ns1", "ns2"]),
+        name(),
+        prop::sample::select(vec!["IPv4", "IPv6", "FQDN", "IPX"]),
+        prop::collection::vec((prop::sample::select(vec!["", "http", "dns"]), prop::option::of(port_number()), protocol()), 0..3),
+        prop::collection::vec(
+            (ip(), prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), prop::option::of(prop::sample::select(vec!["node-a", "node-b"]))),
+            0..4,
+        ),
+    )
+        .prop_map(|(name, ns, svc, at, ports, eps)| {
+            let ports: Vec<Value> = ports.into_iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
+            let eps: Vec<Value> = eps
+                .into_iter()
+                .map(|(addr, ready, serving, terminating, node)| json!({"addresses": [addr], "conditions": {"ready": ready, "serving": serving, "terminating": terminating}, "nodeName": node}))
+                .collect();
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+                "addressType": at, "ports": ports, "endpoints": eps
+            })
+        })
+}
+
+fn objects() -> impl Strategy<Value = Vec<Value>> {
+    (
+        prop::collection::vec(service(), 0..6),
+        prop::collection::vec(slice(), 0..8),
+    )
+        .prop_map(|(mut a, b)| {
+            a.extend(b);
+            a
+        })
+}
+
+fn compile(objects: &[Value], flags: &[&str]) -> String {
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let mut loaded = manifests::load_text(Path::new("prop.json"), &list.to_string());
+    let args = common::node_args(flags);
+    let node = args.node_info(&loaded.converted, &mut Vec::new());
+    let snapshot = Snapshot {
+        services: std::mem::take(&mut loaded.converted.services),
+        slices: std::mem::take(&mut loaded.converted.slices),
+        node,
+    };
+    let (_, ruleset) = svcproxy::compile(&snapshot, &args.proxy_config());
+    let _ = ruleset.json();
+    ruleset.script()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_objects_never_panic(objs in objects(), masq in any::<bool>()) {
+        let flags: &[&str] = if masq { &["--masquerade-all", "--cluster-cidr", "10.0.0.0/8"] } else { &[] };
+        compile(&objs, flags);
+    }
+
+    #[test]
+    fn object_order_does_not_change_the_output(objs in objects().prop_shuffle().prop_flat_map(|v| (Just(v.clone()), Just(v).prop_shuffle()))) {
+        let (a, b) = objs;
+        prop_assert_eq!(compile(&a, &[]), compile(&b, &[]));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Whatever the input, what the compiler prints is a ruleset nft 1.0.6 accepts.
+    #[test]
+    fn nft_accepts_arbitrary_rulesets(objs in objects(), masq in any::<bool>()) {
+        if !common::have_nft() || !common::can_unshare_net() {
+            common::skip_or_fail("nft or network namespaces unavailable: generated rulesets not checked");
+            return Ok(());
+        }
+        let flags: &[&str] = if masq { &["--masquerade-all", "--cluster-cidr", "10.0.0.0/8,fd00::/64", "--nodeport-addresses", "primary"] } else { &[] };
+        let script = compile(&objs, flags);
+        if let Err(e) = common::nft_check(&script) {
+            prop_assert!(false, "nft -c refused:\n{}\n{}", e, script);
+        }
+    }
+}
