@@ -1,5 +1,6 @@
 //! Generated clusters of any size, for benchmarks and scale tests: `services` ClusterIP Services
-//! with one TCP port each and `endpoints` ready endpoints each, spread over two nodes.
+//! with one TCP port each and `endpoints` ready endpoints each, spread over 100 nodes (node-0 to
+//! node-99; the proxy runs on node-0, so about 1% of the endpoints are local, as on a real node).
 //!
 //! Addresses are laid out so that nothing collides up to 65,536 Services and 16M endpoints:
 //! Service i has ClusterIP 10.96.(i/256).(i%256)... in 10.96.0.0/12, endpoints in 10.128.0.0/9.
@@ -10,6 +11,9 @@ use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol, Service,
     ServicePort, Snapshot, TrafficPolicy,
 };
+
+/// How many nodes the endpoints are spread over.
+pub const NODES: usize = 100;
 
 /// The ClusterIP of generated Service `i`.
 pub fn cluster_ip(i: usize) -> IpAddr {
@@ -61,18 +65,18 @@ pub fn slice(i: usize, endpoints: usize) -> EndpointSlice {
                 ready: true,
                 serving: true,
                 terminating: false,
-                node_name: Some(if j % 2 == 0 { "node-a" } else { "node-b" }.into()),
+                node_name: Some(format!("node-{}", (i + j * 7) % NODES)),
                 zone: None,
             })
             .collect(),
     }
 }
 
-/// A cluster of `services` Services with `endpoints` endpoints each, seen from node-a.
+/// A cluster of `services` Services with `endpoints` endpoints each, seen from node-0.
 pub fn cluster(services: usize, endpoints: usize) -> Snapshot {
     let mut s = Snapshot {
         node: NodeInfo {
-            name: "node-a".into(),
+            name: "node-0".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2))],
             ..NodeInfo::default()
         },

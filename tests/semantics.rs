@@ -59,22 +59,26 @@ fn clusterip_tcp_udp_sctp_and_several_ports() {
     let s = script(&y, &[]);
     assert_has(
         &s,
-        "10.0.0.1 . tcp . 80 comment \"ns/m:a/tcp\" : goto endpoints-2",
+        "10.0.0.1 . tcp . 80 comment \"ns/m:a/tcp\" : goto endpoints-of-2",
     );
     assert_has(
         &s,
-        "10.0.0.1 . udp . 53 comment \"ns/m:b/udp\" : goto endpoints-2",
+        "10.0.0.1 . udp . 53 comment \"ns/m:b/udp\" : goto endpoints-of-2",
     );
     assert_has(
         &s,
-        "10.0.0.1 . sctp . 36412 comment \"ns/m:c/sctp\" : goto endpoints-2",
+        "10.0.0.1 . sctp . 36412 comment \"ns/m:c/sctp\" : goto endpoints-of-2",
     );
-    assert_has(&s, "10.0.0.1 . tcp . 80 . 1 : 10.1.1.1 . 8080");
-    assert_has(&s, "10.0.0.1 . udp . 53 . 0 : 10.1.0.1 . 5353");
-    assert_has(&s, "10.0.0.1 . sctp . 36412 . 1 : 10.1.1.1 . 36412");
+    assert_has(&s, "10.0.0.1 . tcp . 80 : 10.1.1.1 . 8080");
+    assert_has(&s, "10.0.0.1 . udp . 53 : 10.1.0.1 . 5353");
+    assert_has(&s, "10.0.0.1 . sctp . 36412 : 10.1.1.1 . 36412");
     assert_has(
         &s,
-        "meta l4proto { tcp, udp, sctp } dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @endpoints",
+        "numgen random mod 2 vmap { 0 : goto endpoints-0, 1 : goto endpoints-1 }",
+    );
+    assert_has(
+        &s,
+        "meta l4proto { tcp, udp, sctp } dnat ip to ip daddr . meta l4proto . th dport map @endpoints-1",
     );
     // Only the Service's own ports: anything else to the ClusterIP is refused.
     assert_has(
@@ -105,8 +109,8 @@ fn named_target_port_resolved_per_slice() {
         ),
     );
     let s = script(&y, &[]);
-    assert_has(&s, "10.0.0.2 . tcp . 80 . 0 : 10.1.0.1 . 8080");
-    assert_has(&s, "10.0.0.2 . tcp . 80 . 1 : 10.1.0.2 . 9090");
+    assert_has(&s, "10.0.0.2 . tcp . 80 : 10.1.0.1 . 8080");
+    assert_has(&s, "10.0.0.2 . tcp . 80 : 10.1.0.2 . 9090");
 }
 
 #[test]
@@ -129,10 +133,10 @@ fn readiness_and_terminating_fallback() {
         ),
     );
     let s = script(&y, &[]);
-    assert_has(&s, "10.0.0.3 . tcp . 80 . 0 : 10.1.0.1 . 8080");
+    assert_has(&s, "10.0.0.3 . tcp . 80 : 10.1.0.1 . 8080");
     assert_lacks(&s, "10.1.0.2 . 8080");
     assert_lacks(&s, "10.1.0.3 . 8080");
-    assert_has(&s, "10.0.0.4 . tcp . 80 . 0 : 10.1.0.4 . 8080");
+    assert_has(&s, "10.0.0.4 . tcp . 80 : 10.1.0.4 . 8080");
     assert_lacks(&s, "10.1.0.5 . 8080");
 }
 
@@ -179,17 +183,17 @@ fn nodeport_external_ip_and_load_balancer_with_cluster_policy() {
     let s = script(&y, &[]);
     assert_has(
         &s,
-        "203.0.113.6 . tcp . 80 comment \"ns/lb:80/tcp external IP\" : goto endpoints-2",
+        "203.0.113.6 . tcp . 80 comment \"ns/lb:80/tcp external IP\" : goto endpoints-of-2",
     );
     assert_has(
         &s,
-        "198.51.100.6 . tcp . 80 comment \"ns/lb:80/tcp load balancer IP\" : goto endpoints-2",
+        "198.51.100.6 . tcp . 80 comment \"ns/lb:80/tcp load balancer IP\" : goto endpoints-of-2",
     );
     assert_has(
         &s,
-        "tcp . 30081 comment \"ns/lb:30081/tcp node port\" : goto nodeport-endpoints-2",
+        "tcp . 30081 comment \"ns/lb:30081/tcp node port\" : goto nodeport-endpoints-of-2",
     );
-    assert_has(&s, "tcp . 30081 . 1 : 10.1.1.1 . 8080");
+    assert_has(&s, "tcp . 30081 : 10.1.1.1 . 8080");
     // External traffic under Cluster policy is masqueraded.
     assert_has(&s, "203.0.113.6 . tcp . 80");
     assert_has(
@@ -286,18 +290,18 @@ fn external_traffic_policy_local() {
     // The ClusterIP keeps every endpoint.
     assert_has(
         &s,
-        "10.0.0.9 . tcp . 80 comment \"ns/l:80/tcp\" : goto endpoints-2",
+        "10.0.0.9 . tcp . 80 comment \"ns/l:80/tcp\" : goto endpoints-of-2",
     );
     // External addresses go through the Local policy: local endpoints for outside clients...
     assert_has(
         &s,
         "198.51.100.9 . tcp . 80 comment \"ns/l:80/tcp load balancer IP\" : goto local-policy",
     );
-    assert_has(&s, "198.51.100.9 . tcp . 80 : goto local-endpoints-1");
-    assert_has(&s, "198.51.100.9 . tcp . 80 . 0 : 10.1.0.1 . 8080");
-    assert_has(&s, "tcp . 30083 : goto nodeport-local-endpoints-1");
+    assert_has(&s, "198.51.100.9 . tcp . 80 : goto local-endpoints-0");
+    assert_has(&s, "198.51.100.9 . tcp . 80 : 10.1.0.1 . 8080");
+    assert_has(&s, "tcp . 30083 : goto nodeport-local-endpoints-0");
     // ...every endpoint for pods and the node itself (the node's traffic masqueraded)...
-    assert_has(&s, "198.51.100.9 . tcp . 80 : goto endpoints-2");
+    assert_has(&s, "198.51.100.9 . tcp . 80 : goto endpoints-of-2");
     assert_has(
         &s,
         "ip saddr @cluster-cidrs ip daddr . meta l4proto . th dport vmap @local-policy-ips-internal",
@@ -330,10 +334,10 @@ fn internal_traffic_policy_local() {
     let s = script(&y, &[]);
     assert_has(
         &s,
-        "10.0.0.10 . tcp . 80 comment \"ns/i:80/tcp\" : goto endpoints-1",
+        "10.0.0.10 . tcp . 80 comment \"ns/i:80/tcp\" : goto endpoints-0",
     );
-    assert_has(&s, "10.0.0.10 . tcp . 80 . 0 : 10.1.0.1 . 8080");
-    assert_lacks(&s, "10.0.0.10 . tcp . 80 . 1");
+    assert_has(&s, "10.0.0.10 . tcp . 80 : 10.1.0.1 . 8080");
+    assert_lacks(&s, "10.1.1.1 . 8080");
     let s = script(&y.replace("nodeName: node-a", "nodeName: node-c"), &[]);
     assert_has(&s, "10.0.0.10 . tcp . 80 comment \"ns/i:80/tcp\" : drop");
 }
@@ -405,7 +409,7 @@ fn selector_less_service_with_hand_made_slice() {
         ),
     );
     let s = script(&y, &[]);
-    assert_has(&s, "10.0.0.13 . tcp . 5432 . 0 : 203.0.113.40 . 5432");
+    assert_has(&s, "10.0.0.13 . tcp . 5432 : 203.0.113.40 . 5432");
 }
 
 #[test]
@@ -426,12 +430,12 @@ fn ipv6_and_dual_stack() {
     );
     let s = script(&y, &[]);
     let (v4, v6) = s.split_at(s.find("table ip6 svcproxy {").unwrap());
-    assert_has(v4, "10.0.0.14 . udp . 80 . 0 : 10.1.0.1 . 8080");
+    assert_has(v4, "10.0.0.14 . udp . 80 : 10.1.0.1 . 8080");
     assert_lacks(v4, "fd01::1");
-    assert_has(v6, "fd00:96::14 . udp . 80 . 0 : fd01::1 . 8080");
+    assert_has(v6, "fd00:96::14 . udp . 80 : fd01::1 . 8080");
     assert_has(
         v6,
-        "meta l4proto { tcp, udp, sctp } dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @endpoints",
+        "meta l4proto { tcp, udp, sctp } dnat ip6 to ip6 daddr . meta l4proto . th dport map @endpoints-0",
     );
     assert_has(v6, "reject with icmpv6 type port-unreachable");
     assert_has(v6, "fib daddr type local ip6 daddr != ::1 jump nodeports");

@@ -12,9 +12,17 @@
 //!   (`service-nodeports`), exactly like kube-proxy's nftables mode, so the per-packet cost does
 //!   not grow with the number of Services.
 //! * The verdict goes to a chain shared by every destination with the same number N of
-//!   endpoints, `endpoints-N`, whose single rule picks `numgen random mod N` and finds the
-//!   endpoint in one shared map keyed by `daddr . l4proto . dport . index`. A changed endpoint
-//!   set is a few element updates; the number of chains is the number of distinct N.
+//!   endpoints, `endpoints-of-N`, that picks `numgen random mod N` through an inline verdict map
+//!   to one of the chains `endpoints-K`; chain `endpoints-K` DNATs to the destination's K-th
+//!   endpoint, found in map `endpoints-K` by `daddr . l4proto . dport`. So there is one map and
+//!   one chain per endpoint *index* (as many as the largest Service has endpoints), one small
+//!   chain per distinct endpoint count, and every map is read by exactly one rule (the kernel's
+//!   cost of adding an element grows with the rules reading its map). A changed endpoint set is
+//!   a few element updates.
+//! * Every map has named types (no `typeof`): nft 1.0.6 cannot add a rule reading a `typeof`
+//!   map whose data holds `th dport` unless the map is declared in the same file ("conflicting
+//!   protocols specified"), which would force a full sync whenever a new endpoint count
+//!   appears. With named types, every change can be a partial sync.
 //! * Masquerading is decided by set lookups before dispatch (and marks the packet, as
 //!   kube-proxy does, with the configurable masquerade bit); hairpin traffic (a pod reaching
 //!   itself) is caught after DNAT by `saddr . daddr` in the `hairpin` set of local endpoints.
@@ -30,8 +38,8 @@ use std::net::IpAddr;
 
 use crate::model::{IpFamily, Protocol};
 use crate::nft::syntax::{
-    Chain, Data, Element, Expr, Family, NatTo, Op, Reject, Rule, Ruleset, Set, SetType, Stmt,
-    Table, Value, Verdict,
+    Chain, Data, Element, Expr, Family, NatTo, Op, Reject, Rule, Ruleset, Set, Stmt, Table, Value,
+    Verdict,
 };
 use crate::plan::{
     Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan,
@@ -84,7 +92,7 @@ struct Lane {
 }
 
 impl Lane {
-    fn map(self) -> &'static str {
+    fn name(self) -> &'static str {
         match (self.nodeport, self.local) {
             (false, false) => "endpoints",
             (false, true) => "local-endpoints",
@@ -93,28 +101,16 @@ impl Lane {
         }
     }
 
-    fn chain(self, n: usize) -> String {
-        format!("{}-{n}", self.map())
+    /// The map (and the chain reading it) of the endpoint at index `slot` of every destination
+    /// in this lane.
+    fn slot(self, slot: usize) -> String {
+        format!("{}-{slot}", self.name())
     }
 
-    const ALL: [Lane; 4] = [
-        Lane {
-            nodeport: false,
-            local: false,
-        },
-        Lane {
-            nodeport: false,
-            local: true,
-        },
-        Lane {
-            nodeport: true,
-            local: false,
-        },
-        Lane {
-            nodeport: true,
-            local: true,
-        },
-    ];
+    /// The chain that picks one of `n` endpoints at random.
+    fn pick(self, n: usize) -> String {
+        format!("{}-of-{n}", self.name())
+    }
 }
 
 /// FNV-1a: a stable hash (the same in every build and run) for object names.
@@ -124,13 +120,22 @@ fn stable_hash(s: &str) -> u64 {
     })
 }
 
+/// What one lane holds.
+#[derive(Default)]
+struct LaneUse {
+    /// The endpoint counts (above one) in use: each has a chain picking among them.
+    counts: BTreeSet<usize>,
+    /// `slots[k]`: the elements of map `<lane>-k`, the k-th endpoint of each destination.
+    slots: Vec<Vec<Element>>,
+}
+
 /// Everything one family's table is built from, filled in destination by destination.
 struct Builder<'a> {
     plan: &'a FamilyPlan,
     family: Family,
     sets: BTreeMap<&'static str, Vec<Element>>,
-    /// The per-N endpoint chains in use.
-    lanes: BTreeSet<(Lane, usize)>,
+    /// What each lane holds.
+    lanes: BTreeMap<Lane, LaneUse>,
     /// Affinity chains and sets, by name.
     affinity_chains: BTreeMap<String, Chain>,
     affinity_sets: BTreeMap<String, Set>,
@@ -167,19 +172,22 @@ impl Builder<'_> {
             return Verdict::Goto(self.affinity(d, b, timeout));
         }
         let key = Self::ip_key(d);
-        for (i, ep) in b.endpoints.iter().enumerate() {
-            let mut k = key.clone();
-            k.push(Value::Int(i as u32));
-            self.add(
-                lane.map(),
-                Element::map(
-                    k,
-                    Data::Values(vec![Value::Addr(ep.ip()), Value::Port(ep.port())]),
-                ),
-            );
+        let n = b.endpoints.len();
+        let lane_use = self.lanes.entry(lane).or_default();
+        if lane_use.slots.len() < n {
+            lane_use.slots.resize_with(n, Vec::new);
         }
-        self.lanes.insert((lane, b.endpoints.len()));
-        Verdict::Goto(lane.chain(b.endpoints.len()))
+        for (slot, ep) in lane_use.slots.iter_mut().zip(&b.endpoints) {
+            slot.push(Element::map(
+                key.clone(),
+                Data::Values(vec![Value::Addr(ep.ip()), Value::Port(ep.port())]),
+            ));
+        }
+        if n == 1 {
+            return Verdict::Goto(lane.slot(0));
+        }
+        lane_use.counts.insert(n);
+        Verdict::Goto(lane.pick(n))
     }
 
     /// The affinity chain of a Service port's backend set (shared by all its addresses):
@@ -217,7 +225,7 @@ impl Builder<'_> {
                 ],
             });
             pick.push((Value::Int(i as u32), Verdict::Goto(ep_name.clone())));
-            let mut set = Set::new(&ep_name, SetType::Types(vec![addr_type]), None);
+            let mut set = Set::new(&ep_name, vec![addr_type], None);
             set.flags = vec!["dynamic", "timeout"];
             set.timeout = Some(timeout);
             self.affinity_sets.insert(ep_name.clone(), set);
@@ -330,7 +338,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
         plan,
         family,
         sets: BTreeMap::new(),
-        lanes: BTreeSet::new(),
+        lanes: BTreeMap::new(),
         affinity_chains: BTreeMap::new(),
         affinity_sets: BTreeMap::new(),
     };
@@ -384,10 +392,9 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
 fn declare_sets(b: &mut Builder) -> Vec<Set> {
     let f = b.family;
     let addr = addr_type(f);
-    let ipf = f.as_str();
-    let ip_key = || SetType::Types(vec![addr, "inet_proto", "inet_service"]);
-    let port_key = || SetType::Types(vec!["inet_proto", "inet_service"]);
-    let verdict = || Some(SetType::Types(vec!["verdict"]));
+    let ip_key = || vec![addr, "inet_proto", "inet_service"];
+    let port_key = || vec!["inet_proto", "inet_service"];
+    let verdict = || Some(vec!["verdict"]);
     let mut out = Vec::new();
     let mut push = |name: &'static str,
                     mut set: Set,
@@ -402,25 +409,25 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
     let sets = &mut b.sets;
     push(
         "cluster-ips",
-        Set::new("cluster-ips", SetType::Types(vec![addr]), None),
+        Set::new("cluster-ips", vec![addr], None),
         "every ClusterIP",
         sets,
     );
     if sets.contains_key("cluster-cidrs") {
-        let mut s = Set::new("cluster-cidrs", SetType::Types(vec![addr]), None);
+        let mut s = Set::new("cluster-cidrs", vec![addr], None);
         s.flags = vec!["interval"];
         push("cluster-cidrs", s, "the cluster's pod network", sets);
     }
     if sets.contains_key("nodeport-ips") {
         push(
             "nodeport-ips",
-            Set::new("nodeport-ips", SetType::Types(vec![addr]), None),
+            Set::new("nodeport-ips", vec![addr], None),
             "addresses that answer NodePorts",
             sets,
         );
     }
     if sets.contains_key("nodeport-cidrs") {
-        let mut s = Set::new("nodeport-cidrs", SetType::Types(vec![addr]), None);
+        let mut s = Set::new("nodeport-cidrs", vec![addr], None);
         s.flags = vec!["interval"];
         push(
             "nodeport-cidrs",
@@ -431,7 +438,7 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
     }
     push(
         "hairpin",
-        Set::new("hairpin", SetType::Types(vec![addr, addr]), None),
+        Set::new("hairpin", vec![addr, addr], None),
         "endpoint on this node reaching itself",
         sets,
     );
@@ -495,33 +502,22 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
         "NodePorts without endpoints: refused",
         sets,
     );
-    let data = || SetType::Typeof {
-        text: format!("{ipf} daddr . th dport"),
-        types: vec![addr, "inet_service"],
-    };
-    for lane in Lane::ALL {
-        let key = if lane.nodeport {
-            SetType::Typeof {
-                text: "meta l4proto . th dport . numgen random mod 1".into(),
-                types: vec!["inet_proto", "inet_service", "integer"],
-            }
-        } else {
-            SetType::Typeof {
-                text: format!("{ipf} daddr . meta l4proto . th dport . numgen random mod 1"),
-                types: vec![addr, "inet_proto", "inet_service", "integer"],
-            }
-        };
-        let comment = if lane.local {
-            "endpoints on this node, by index"
-        } else {
-            "endpoints, by index"
-        };
-        push(
-            lane.map(),
-            Set::new(lane.map(), key, Some(data())),
-            comment,
-            sets,
-        );
+    for (lane, lane_use) in &mut b.lanes {
+        let key = if lane.nodeport { port_key() } else { ip_key() };
+        for (k, elements) in lane_use.slots.iter_mut().enumerate() {
+            let mut set = Set::new(lane.slot(k), key.clone(), Some(vec![addr, "inet_service"]));
+            set.comment = Some(format!(
+                "endpoint {k} of each {}",
+                if lane.local {
+                    "destination, on this node"
+                } else {
+                    "destination"
+                }
+            ));
+            elements.sort();
+            set.elements = std::mem::take(elements);
+            out.push(set);
+        }
     }
     debug_assert!(
         sets.is_empty(),
@@ -730,27 +726,29 @@ fn chains(b: &Builder, mark: u32) -> Vec<Chain> {
             .rule(vec![Stmt::Reject(f, Reject::PortUnreachable)]),
     );
 
-    for (lane, n) in &b.lanes {
-        let key = if lane.nodeport {
-            vec![Expr::l4proto(), Expr::dport(), Expr::Numgen(*n as u32)]
-        } else {
-            vec![
-                daddr(),
-                Expr::l4proto(),
-                Expr::dport(),
-                Expr::Numgen(*n as u32),
-            ]
-        };
-        chains.push(Chain::new(lane.chain(*n)).rule(vec![
-            Stmt::eq(Expr::l4proto(), Expr::AnonSet(TRANSPORTS.to_vec())),
-            Stmt::Dnat {
-                family: f,
-                to: NatTo::Map {
-                    key: Expr::Concat(key),
-                    map: lane.map().into(),
+    for (lane, lane_use) in &b.lanes {
+        for n in &lane_use.counts {
+            let entries = (0..*n)
+                .map(|k| (Value::Int(k as u32), Verdict::Goto(lane.slot(k))))
+                .collect();
+            chains.push(Chain::new(lane.pick(*n)).rule(vec![Stmt::VmapInline {
+                key: Expr::Numgen(*n as u32),
+                entries,
+            }]));
+        }
+        let key = || if lane.nodeport { port_key() } else { ip_key() };
+        for k in 0..lane_use.slots.len() {
+            chains.push(Chain::new(lane.slot(k)).rule(vec![
+                Stmt::eq(Expr::l4proto(), Expr::AnonSet(TRANSPORTS.to_vec())),
+                Stmt::Dnat {
+                    family: f,
+                    to: NatTo::Map {
+                        key: key(),
+                        map: lane.slot(k),
+                    },
                 },
-            },
-        ]));
+            ]));
+        }
     }
     chains.extend(b.affinity_chains.values().cloned());
     chains

@@ -165,7 +165,7 @@ impl Element {
     fn key_json(&self) -> Json {
         let key = concat_json(&self.key);
         match &self.comment {
-            Some(c) => json!({"elem": {"val": key, "comment": c}}),
+            Some(c) => json!({"elem": {"val": key, "comment": clean_comment(c)}}),
             None => key,
         }
     }
@@ -179,26 +179,14 @@ impl Element {
     }
 }
 
-/// The declared type of a set's keys or a map's data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SetType {
-    /// Named types, concatenated (`ipv4_addr . inet_proto . inet_service`).
-    Types(Vec<&'static str>),
-    /// `typeof` expressions, needed where a type has no name (the integer of `numgen`).
-    /// `types` is how `nft -j` names them.
-    Typeof {
-        text: String,
-        types: Vec<&'static str>,
-    },
-}
-
 /// A named set or map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Set {
     pub name: String,
-    pub key: SetType,
+    /// The key's type: named types, concatenated (`ipv4_addr . inet_proto . inet_service`).
+    pub key: Vec<&'static str>,
     /// `None` for a set; the data type for a map (`verdict` for a verdict map).
-    pub data: Option<SetType>,
+    pub data: Option<Vec<&'static str>>,
     pub flags: Vec<&'static str>,
     /// Default element timeout in seconds (dynamic sets).
     pub timeout: Option<u32>,
@@ -207,7 +195,11 @@ pub struct Set {
 }
 
 impl Set {
-    pub fn new(name: impl Into<String>, key: SetType, data: Option<SetType>) -> Set {
+    pub fn new(
+        name: impl Into<String>,
+        key: Vec<&'static str>,
+        data: Option<Vec<&'static str>>,
+    ) -> Set {
         Set {
             name: name.into(),
             key,
@@ -231,16 +223,9 @@ impl Set {
     /// The declaration without elements: `{ type ...; flags ...; }` on one line.
     pub fn declaration(&self) -> String {
         let mut s = String::new();
-        let ty = match (&self.key, &self.data) {
-            (SetType::Types(k), None) => format!("type {}", k.join(" . ")),
-            (SetType::Types(k), Some(SetType::Types(d))) => {
-                format!("type {} : {}", k.join(" . "), d.join(" . "))
-            }
-            (SetType::Typeof { text, .. }, None) => format!("typeof {text}"),
-            (SetType::Typeof { text, .. }, Some(SetType::Typeof { text: d, .. })) => {
-                format!("typeof {text} : {d}")
-            }
-            (k, Some(d)) => panic!("mixed type and typeof in one map: {k:?} : {d:?}"),
+        let ty = match &self.data {
+            None => format!("type {}", self.key.join(" . ")),
+            Some(d) => format!("type {} : {}", self.key.join(" . "), d.join(" . ")),
         };
         s.push_str(&ty);
         if !self.flags.is_empty() {
@@ -619,10 +604,14 @@ pub struct Ruleset {
     pub tables: Vec<Table>,
 }
 
-/// Quotes a comment for nft; the renderer only writes printable ASCII without quotes in them.
-fn quote(s: &str) -> String {
-    let clean: String = s
-        .chars()
+/// The longest comment nft accepts (bytes).
+const MAX_COMMENT: usize = 127;
+
+/// A comment as nft takes it: printable ASCII without quotes (anything else becomes `_`), cut
+/// to nft's limit. Kubernetes names are ASCII already; this only guards against the unexpected.
+pub(crate) fn clean_comment(s: &str) -> String {
+    s.chars()
+        .take(MAX_COMMENT)
         .map(|c| {
             if c == '"' || c == '\\' || !c.is_ascii() || c.is_ascii_control() {
                 '_'
@@ -630,8 +619,12 @@ fn quote(s: &str) -> String {
                 c
             }
         })
-        .collect();
-    format!("\"{clean}\"")
+        .collect()
+}
+
+/// A comment, quoted for the nft script.
+pub(crate) fn quote(s: &str) -> String {
+    format!("\"{}\"", clean_comment(s))
 }
 
 impl Table {
@@ -685,34 +678,30 @@ impl Table {
         let family = self.family.as_str();
         let mut table = json!({"family": family, "name": self.name});
         if let Some(c) = &self.comment {
-            table["comment"] = json!(c);
+            table["comment"] = json!(clean_comment(c));
         }
         out.push(json!({"table": table}));
         for set in &self.sets {
-            let types = |t: &SetType| -> Json {
-                let names = match t {
-                    SetType::Types(n) => n,
-                    SetType::Typeof { types, .. } => types,
-                };
-                match names.as_slice() {
+            let types = |names: &[&str]| -> Json {
+                match names {
                     [one] => json!(one),
                     many => json!(many),
                 }
             };
             let mut o = json!({"family": family, "name": set.name, "table": self.name, "type": types(&set.key)});
             if let Some(d) = &set.data {
-                o["map"] = match d {
-                    SetType::Types(n) | SetType::Typeof { types: n, .. } => json!(n.join(" . ")),
-                };
+                o["map"] = json!(d.join(" . "));
             }
-            if !set.flags.is_empty() {
-                o["flags"] = json!(set.flags);
+            // nft's JSON has no "dynamic" flag (it lists and parses dynamic sets by "timeout").
+            let flags: Vec<&str> = set.flags.iter().copied().filter(|f| *f != "dynamic").collect();
+            if !flags.is_empty() {
+                o["flags"] = json!(flags);
             }
             if let Some(t) = set.timeout {
                 o["timeout"] = json!(t);
             }
             if let Some(c) = &set.comment {
-                o["comment"] = json!(c);
+                o["comment"] = json!(clean_comment(c));
             }
             if !set.elements.is_empty() {
                 o["elem"] = json!(set.elements.iter().map(Element::json).collect::<Vec<_>>());
@@ -728,7 +717,7 @@ impl Table {
                 o["policy"] = json!("accept");
             }
             if let Some(c) = &chain.comment {
-                o["comment"] = json!(c);
+                o["comment"] = json!(clean_comment(c));
             }
             out.push(json!({"chain": o}));
         }
@@ -744,7 +733,7 @@ impl Table {
                 }
                 let mut o = json!({"family": family, "table": self.name, "chain": chain.name, "expr": expr});
                 if let Some(c) = comment {
-                    o["comment"] = json!(c);
+                    o["comment"] = json!(clean_comment(&c));
                 }
                 out.push(json!({"rule": o}));
             }
