@@ -24,6 +24,11 @@ pub struct Cli {
 pub enum Command {
     /// Print the ruleset svcproxy would apply, from manifest files, without touching the kernel.
     Dump(DumpArgs),
+    /// Compile manifest files and apply the ruleset to this network namespace's kernel, once
+    /// (a full sync: svcproxy's tables are replaced in one transaction).
+    Apply(ApplyArgs),
+    /// Delete svcproxy's tables (and nothing else).
+    Cleanup,
 }
 
 /// The output format of `dump`.
@@ -153,6 +158,15 @@ pub struct DumpArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifest files (YAML or JSON) or directories of them.
+    #[arg(long = "from", value_name = "PATH", required = true, num_args = 1..)]
+    pub from: Vec<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
 /// Exit codes: everything was used / something was skipped / nothing usable was read.
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_NOTHING: u8 = 1;
@@ -162,21 +176,22 @@ pub const EXIT_SKIPPED: u8 = 2;
 pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Dump(args) => dump(&args, &mut std::io::stdout().lock()),
+        Command::Apply(args) => apply(&args),
+        Command::Cleanup => cleanup(),
     }
 }
 
-/// `svcproxy dump`: manifests → model → plan → nftables, printed to `out`. Problems go to the
-/// log (stderr), each naming the file, the object and the field.
-pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
-    let mut loaded = manifests::load(&args.from);
+/// Manifests → snapshot, with every problem logged. `Err(())`: nothing usable was read.
+fn load_snapshot(from: &[PathBuf], node_args: &NodeArgs) -> Result<(Snapshot, bool), ()> {
+    let mut loaded = manifests::load(from);
     for e in &loaded.errors {
         tracing::warn!("skipped: {e}");
     }
     if loaded.is_empty() {
-        tracing::error!("nothing usable was read from {:?}", args.from);
-        return EXIT_NOTHING;
+        tracing::error!("nothing usable was read from {from:?}");
+        return Err(());
     }
-    let node = args.node.node_info(&loaded.converted, &mut loaded.notices);
+    let node = node_args.node_info(&loaded.converted, &mut loaded.notices);
     for n in &loaded.notices {
         tracing::info!("{n}");
     }
@@ -184,6 +199,64 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
         services: std::mem::take(&mut loaded.converted.services),
         slices: std::mem::take(&mut loaded.converted.slices),
         node,
+    };
+    Ok((snapshot, loaded.errors.is_empty()))
+}
+
+/// `svcproxy apply`: manifests → ruleset → kernel, in one transaction.
+pub fn apply(args: &ApplyArgs) -> u8 {
+    let Ok((snapshot, clean)) = load_snapshot(&args.from, &args.node) else {
+        return EXIT_NOTHING;
+    };
+    let (plan, ruleset) = crate::compile(&snapshot, &args.node.proxy_config());
+    for c in &plan.conflicts {
+        tracing::warn!("skipped: {c}");
+    }
+    let mut backend = crate::nft::apply::Nftables::new(Default::default());
+    match backend.apply_full(&ruleset) {
+        Ok(report) => {
+            tracing::info!(
+                kind = report.kind.as_str(),
+                services = snapshot.services.len(),
+                elements = report.elements_added,
+                chains = report.chains_changed,
+                bytes = report.script_bytes,
+                duration_ms = report.duration.as_secs_f64() * 1e3,
+                "applied"
+            );
+            if clean && plan.conflicts.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_SKIPPED
+            }
+        }
+        Err(e) => {
+            tracing::error!("apply failed, the kernel keeps its previous rules: {e}");
+            EXIT_NOTHING
+        }
+    }
+}
+
+/// `svcproxy cleanup`: delete svcproxy's tables.
+pub fn cleanup() -> u8 {
+    let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
+    match crate::nft::apply::cleanup(&Default::default(), &tables) {
+        Ok(()) => {
+            tracing::info!("deleted tables ip {0} and ip6 {0}", crate::nft::TABLE);
+            EXIT_OK
+        }
+        Err(e) => {
+            tracing::error!("cleanup failed: {e}");
+            EXIT_NOTHING
+        }
+    }
+}
+
+/// `svcproxy dump`: manifests → model → plan → nftables, printed to `out`. Problems go to the
+/// log (stderr), each naming the file, the object and the field.
+pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
+    let Ok((snapshot, clean)) = load_snapshot(&args.from, &args.node) else {
+        return EXIT_NOTHING;
     };
     let (plan, ruleset) = crate::compile(&snapshot, &args.node.proxy_config());
     for c in &plan.conflicts {
@@ -204,7 +277,7 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
         tracing::error!("writing the ruleset: {e}");
         return EXIT_NOTHING;
     }
-    if loaded.errors.is_empty() && plan.conflicts.is_empty() {
+    if clean && plan.conflicts.is_empty() {
         EXIT_OK
     } else {
         EXIT_SKIPPED

@@ -7,6 +7,7 @@
 //! the same state.
 
 pub mod cli;
+pub mod conntrack;
 pub mod convert;
 pub mod manifests;
 pub mod model;

@@ -1,5 +1,6 @@
 //! The nftables backend: rendering a plan as svcproxy's tables.
 
+pub mod apply;
 pub mod render;
 pub mod syntax;
 

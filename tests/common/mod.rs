@@ -88,3 +88,4 @@ pub fn can_unshare_net() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+pub mod netns;

@@ -1,0 +1,508 @@
+//! Applying rulesets to the kernel: one atomic `nft -f` transaction per sync, and after the
+//! first one, only the difference from what was last applied.
+//!
+//! What was applied is kept in memory and never read back from the kernel (listing a large
+//! table takes seconds). A full sync replaces svcproxy's tables in one transaction
+//! (`table …; delete table …; table … { … }`), so traffic never sees a missing table. A partial
+//! sync is element adds and deletes (a changed endpoint set), plus chain rewrites only for the
+//! rare chains that changed (session affinity). Any failure leaves the kernel as it was (the
+//! transaction is atomic) and makes the next sync a full one.
+//!
+//! svcproxy talks to the kernel through the `nft` program rather than the `nftables` crate: the
+//! crate speaks JSON, and nft 1.0.6's JSON parser cannot declare the `typeof` maps this ruleset
+//! needs; running `nft` ourselves also lets us return nft's own error message.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nft::syntax::{Chain, Element, Ruleset, Set, Table, quote};
+
+/// How to run `nft` (and where: tests prefix `ip netns exec NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftCommand {
+    pub program: Vec<String>,
+}
+
+impl Default for NftCommand {
+    fn default() -> Self {
+        NftCommand {
+            program: vec!["nft".into()],
+        }
+    }
+}
+
+impl NftCommand {
+    /// `nft` run inside the named network namespace (`ip netns exec NAME nft`).
+    pub fn in_netns(name: &str) -> Self {
+        NftCommand {
+            program: ["ip", "netns", "exec", name, "nft"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
+    /// Runs `nft -f -` on `script`: one transaction. Returns nft's stderr on failure.
+    pub fn run_script(&self, script: &str) -> Result<(), ApplyError> {
+        let (program, args) = self.program.split_first().expect("a program");
+        let mut child = Command::new(program)
+            .args(args)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| ApplyError::Spawn {
+                program: self.program.join(" "),
+                source,
+            })?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        // nft reads its whole input before it answers, so writing first cannot deadlock.
+        let written = stdin.write_all(script.as_bytes());
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .map_err(|source| ApplyError::Spawn {
+                program: self.program.join(" "),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if let Err(e) = written
+            && stderr.is_empty()
+        {
+            stderr = format!("writing the script to nft: {e}");
+        }
+        Err(ApplyError::Refused {
+            status: out.status.code(),
+            stderr,
+        })
+    }
+}
+
+/// Why an apply failed. The kernel keeps what it had before.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot run `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nft refused the transaction (exit {status:?}): {stderr}")]
+    Refused { status: Option<i32>, stderr: String },
+}
+
+/// Whether a sync rewrote svcproxy's tables or sent a difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    Full,
+    Partial,
+}
+
+impl SyncKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::Partial => "partial",
+        }
+    }
+}
+
+/// What one apply did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub kind: SyncKind,
+    /// Commands sent (0: nothing had changed, nft was not run).
+    pub commands: usize,
+    pub elements_added: usize,
+    pub elements_deleted: usize,
+    /// Chains created, rewritten or deleted.
+    pub chains_changed: usize,
+    /// Bytes of nft script sent.
+    pub script_bytes: usize,
+    pub duration: Duration,
+    /// Why a full sync was needed (`None` for partial syncs).
+    pub full_because: Option<String>,
+}
+
+/// svcproxy's tables in the kernel, as far as this process has applied them.
+#[derive(Debug, Default)]
+pub struct Nftables {
+    nft: NftCommand,
+    applied: Option<Ruleset>,
+}
+
+impl Nftables {
+    pub fn new(nft: NftCommand) -> Self {
+        Nftables { nft, applied: None }
+    }
+
+    /// The ruleset last applied successfully, if any.
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    /// Forgets what was applied, so that the next apply is a full sync (to repair drift).
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// Makes the kernel hold `desired`: a partial sync when a difference can express the change,
+    /// else a full one.
+    pub fn apply(&mut self, desired: &Ruleset) -> Result<ApplyReport, ApplyError> {
+        let start = Instant::now();
+        let diff = match &self.applied {
+            None => return self.full(desired, "nothing applied yet (or the last apply failed)"),
+            Some(old) => match diff(old, desired) {
+                Ok(d) => d,
+                Err(reason) => return self.full(desired, &reason),
+            },
+        };
+        let mut report = diff.report;
+        if report.commands > 0 {
+            report.script_bytes = diff.script.len();
+            if let Err(e) = self.nft.run_script(&diff.script) {
+                self.applied = None;
+                return Err(e);
+            }
+        }
+        self.applied = Some(desired.clone());
+        report.duration = start.elapsed();
+        Ok(report)
+    }
+
+    /// Replaces svcproxy's tables with `desired` in one transaction.
+    pub fn apply_full(&mut self, desired: &Ruleset) -> Result<ApplyReport, ApplyError> {
+        self.full(desired, "requested")
+    }
+
+    fn full(&mut self, desired: &Ruleset, because: &str) -> Result<ApplyReport, ApplyError> {
+        let start = Instant::now();
+        let script = desired.script();
+        if let Err(e) = self.nft.run_script(&script) {
+            self.applied = None;
+            return Err(e);
+        }
+        self.applied = Some(desired.clone());
+        let elements = desired
+            .tables
+            .iter()
+            .flat_map(|t| &t.sets)
+            .map(|s| s.elements.len())
+            .sum();
+        Ok(ApplyReport {
+            kind: SyncKind::Full,
+            commands: 1,
+            elements_added: elements,
+            elements_deleted: 0,
+            chains_changed: desired.tables.iter().map(|t| t.chains.len()).sum(),
+            script_bytes: script.len(),
+            duration: start.elapsed(),
+            full_because: Some(because.to_string()),
+        })
+    }
+}
+
+/// Deletes svcproxy's tables (whether or not they exist) and nothing else.
+pub fn cleanup(nft: &NftCommand, tables: &[(&str, &str)]) -> Result<(), ApplyError> {
+    let mut script = String::new();
+    for (family, name) in tables {
+        writeln!(
+            script,
+            "table {family} {name}\ndelete table {family} {name}"
+        )
+        .unwrap();
+    }
+    nft.run_script(&script)
+}
+
+/// A partial sync: the script and what it does.
+#[derive(Debug)]
+pub struct Diff {
+    pub script: String,
+    pub report: ApplyReport,
+}
+
+/// The commands that turn `old` into `new`, or why only a full sync can (a changed table, set
+/// declaration or base chain: a change of configuration, never of Services).
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Result<Diff, String> {
+    if old.tables.len() != new.tables.len() {
+        return Err("the set of tables changed".into());
+    }
+    let mut parts = DiffParts::default();
+    for (o, n) in old.tables.iter().zip(&new.tables) {
+        if o.family != n.family || o.name != n.name || o.comment != n.comment {
+            return Err(format!("table {} {} changed", n.family.as_str(), n.name));
+        }
+        diff_table(o, n, &mut parts)?;
+    }
+    Ok(parts.finish())
+}
+
+/// The commands of a partial sync, by phase: the order matters inside one transaction (a chain
+/// must exist before an element points at it, and nothing may point at it when it goes).
+#[derive(Default)]
+struct DiffParts {
+    add_sets: Vec<String>,
+    add_chains: Vec<String>,
+    rules: Vec<String>,
+    delete_elements: Vec<String>,
+    add_elements: Vec<String>,
+    flush_old_chains: Vec<String>,
+    delete_chains: Vec<String>,
+    delete_sets: Vec<String>,
+    elements_added: usize,
+    elements_deleted: usize,
+    chains_changed: usize,
+}
+
+impl DiffParts {
+    fn finish(self) -> Diff {
+        let phases = [
+            &self.add_sets,
+            &self.add_chains,
+            &self.rules,
+            &self.delete_elements,
+            &self.add_elements,
+            &self.flush_old_chains,
+            &self.delete_chains,
+            &self.delete_sets,
+        ];
+        let commands = phases.iter().map(|p| p.len()).sum();
+        let mut script = String::new();
+        for phase in phases {
+            for cmd in phase {
+                script.push_str(cmd);
+                script.push('\n');
+            }
+        }
+        Diff {
+            report: ApplyReport {
+                kind: SyncKind::Partial,
+                commands,
+                elements_added: self.elements_added,
+                elements_deleted: self.elements_deleted,
+                chains_changed: self.chains_changed,
+                script_bytes: script.len(),
+                duration: Duration::ZERO,
+                full_because: None,
+            },
+            script,
+        }
+    }
+}
+
+fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), String> {
+    let prefix = format!("{} {}", new.family.as_str(), new.name);
+    let old_sets: BTreeMap<&str, &Set> = old.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let new_sets: BTreeMap<&str, &Set> = new.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    for (name, set) in &new_sets {
+        match old_sets.get(name) {
+            None => {
+                parts.add_sets.push(format!(
+                    "add {} {prefix} {name} {{ {}; }}",
+                    set.keyword(),
+                    set.declaration()
+                ));
+                add_elements(&prefix, set, set.elements.iter(), parts);
+            }
+            Some(o) if o.declaration() != set.declaration() || o.keyword() != set.keyword() => {
+                return Err(format!(
+                    "the declaration of {} {name} changed",
+                    set.keyword()
+                ));
+            }
+            Some(o) => diff_elements(&prefix, o, set, parts),
+        }
+    }
+    for (name, set) in &old_sets {
+        if !new_sets.contains_key(name) {
+            parts
+                .delete_sets
+                .push(format!("delete {} {prefix} {name}", set.keyword()));
+        }
+    }
+
+    let old_chains: BTreeMap<&str, &Chain> =
+        old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+    let new_chains: BTreeMap<&str, &Chain> =
+        new.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+    for (name, chain) in &new_chains {
+        match old_chains.get(name) {
+            Some(o) if *o == *chain => {}
+            Some(o) => {
+                if o.hook != chain.hook || o.comment != chain.comment {
+                    return Err(format!("the hook or comment of chain {name} changed"));
+                }
+                parts.chains_changed += 1;
+                parts.rules.push(format!("flush chain {prefix} {name}"));
+                add_rules(&prefix, chain, parts);
+            }
+            None => {
+                if chain.hook.is_some() {
+                    return Err(format!("new base chain {name}"));
+                }
+                parts.chains_changed += 1;
+                let comment = chain
+                    .comment
+                    .as_ref()
+                    .map(|c| format!(" {{ comment {}; }}", quote(c)))
+                    .unwrap_or_default();
+                parts
+                    .add_chains
+                    .push(format!("add chain {prefix} {name}{comment}"));
+                add_rules(&prefix, chain, parts);
+            }
+        }
+    }
+    for (name, chain) in &old_chains {
+        if !new_chains.contains_key(name) {
+            if chain.hook.is_some() {
+                return Err(format!("base chain {name} is gone"));
+            }
+            parts.chains_changed += 1;
+            parts
+                .flush_old_chains
+                .push(format!("flush chain {prefix} {name}"));
+            parts
+                .delete_chains
+                .push(format!("delete chain {prefix} {name}"));
+        }
+    }
+    Ok(())
+}
+
+fn add_rules(prefix: &str, chain: &Chain, parts: &mut DiffParts) {
+    for rule in &chain.rules {
+        parts
+            .rules
+            .push(format!("add rule {prefix} {} {}", chain.name, rule.text()));
+    }
+}
+
+/// Elements are sent in batches of this many per command: long enough to keep nft's parsing
+/// cheap, short enough to keep error messages readable.
+const ELEMENTS_PER_COMMAND: usize = 1000;
+
+fn add_elements<'a>(
+    prefix: &str,
+    set: &Set,
+    elements: impl Iterator<Item = &'a Element>,
+    parts: &mut DiffParts,
+) {
+    let texts: Vec<String> = elements.map(Element::text).collect();
+    parts.elements_added += texts.len();
+    for chunk in texts.chunks(ELEMENTS_PER_COMMAND) {
+        parts.add_elements.push(format!(
+            "add element {prefix} {} {{ {} }}",
+            set.name,
+            chunk.join(", ")
+        ));
+    }
+}
+
+fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
+    let old_by_key: HashMap<&[_], &Element> =
+        old.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+    let new_by_key: HashMap<&[_], &Element> =
+        new.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+    // An element whose data or comment changed is deleted and added again.
+    let deleted: Vec<&Element> = old
+        .elements
+        .iter()
+        .filter(|e| new_by_key.get(e.key.as_slice()) != Some(e))
+        .collect();
+    let added: Vec<&Element> = new
+        .elements
+        .iter()
+        .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
+        .collect();
+    parts.elements_deleted += deleted.len();
+    let keys: Vec<String> = deleted
+        .iter()
+        .map(|e| Element::key(e.key.clone()).text())
+        .collect();
+    for chunk in keys.chunks(ELEMENTS_PER_COMMAND) {
+        parts.delete_elements.push(format!(
+            "delete element {prefix} {} {{ {} }}",
+            new.name,
+            chunk.join(", ")
+        ));
+    }
+    add_elements(prefix, new, added.into_iter(), parts);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProxyConfig;
+    use crate::synthetic;
+
+    fn with_endpoints(counts: &[usize]) -> Ruleset {
+        let mut snapshot = synthetic::cluster(counts.len(), 8);
+        for (slice, n) in snapshot.slices.values_mut().zip(counts) {
+            slice.endpoints.truncate(*n);
+        }
+        crate::compile(&snapshot, &ProxyConfig::default()).1
+    }
+
+    #[test]
+    fn endpoint_changes_are_element_operations() {
+        let old = with_endpoints(&[2, 3]);
+        // An endpoint replaced: a few element updates, no chain touched.
+        let mut snapshot = synthetic::cluster(2, 8);
+        for (slice, n) in snapshot.slices.values_mut().zip([2, 3]) {
+            slice.endpoints.truncate(n);
+        }
+        snapshot.slices.values_mut().next().unwrap().endpoints[1].address =
+            "10.200.0.1".parse().unwrap();
+        let replaced = crate::compile(&snapshot, &ProxyConfig::default()).1;
+        let d = diff(&old, &replaced).unwrap();
+        assert_eq!(d.report.chains_changed, 0, "{}", d.script);
+        assert_eq!(
+            (d.report.elements_deleted, d.report.elements_added),
+            (1, 1),
+            "{}",
+            d.script
+        );
+        // Another endpoint count, even one no Service had: elements, plus the small chains
+        // for that count (a new slot map and its chain, a new picking chain).
+        let d = diff(&old, &with_endpoints(&[3, 3])).unwrap();
+        assert_eq!(d.report.chains_changed, 1, "{}", d.script);
+        assert!(
+            d.script.contains("delete chain ip svcproxy endpoints-of-2"),
+            "{}",
+            d.script
+        );
+        let d = diff(&old, &with_endpoints(&[2, 4])).unwrap();
+        assert!(
+            d.script.contains("add map ip svcproxy endpoints-3 {"),
+            "{}",
+            d.script
+        );
+        assert!(
+            d.script.contains("add chain ip svcproxy endpoints-of-4"),
+            "{}",
+            d.script
+        );
+        assert_eq!(
+            d.report.elements_added, 2,
+            "the new endpoint, and the dispatch element: {}",
+            d.script
+        );
+        // Back: the chains and the map go again.
+        let d = diff(&with_endpoints(&[2, 4]), &old).unwrap();
+        assert!(
+            d.script.contains("delete map ip svcproxy endpoints-3"),
+            "{}",
+            d.script
+        );
+        // Nothing changed: nothing to send.
+        assert_eq!(diff(&old, &old).unwrap().report.commands, 0);
+    }
+}

@@ -1,0 +1,664 @@
+//! Real packets through svcproxy's rules: a node namespace with the ruleset loaded, pods on it
+//! and on a second node, and a client outside the cluster (see tests/common/netns.rs). Every
+//! test builds its own world and tears it down. They need root; outside CI they skip, loudly.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::netns::*;
+use svcproxy::conntrack::{Conntrack, stale_udp};
+use svcproxy::nft::apply::{ApplyReport, NftCommand, Nftables, SyncKind};
+use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
+use svcproxy::plan::Plan;
+
+const FLAGS: &[&str] = &["--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16"];
+const T: Duration = Duration::from_secs(2);
+
+/// A world plus svcproxy's backend in its node namespace.
+struct Proxy {
+    w: World,
+    nft: Nftables,
+    plan: Option<Plan>,
+}
+
+impl Proxy {
+    fn new() -> Option<Proxy> {
+        let w = World::new()?;
+        let nft = Nftables::new(NftCommand::in_netns(&w.node));
+        Some(Proxy { w, nft, plan: None })
+    }
+
+    /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
+    fn apply(&mut self, yaml: &str) -> ApplyReport {
+        let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        let report = self
+            .nft
+            .apply(&ruleset)
+            .unwrap_or_else(|e| panic!("apply failed: {e}"));
+        if let Some(old) = &self.plan {
+            Conntrack::in_netns(&self.w.node)
+                .flush(&stale_udp(old, &plan))
+                .unwrap();
+        }
+        self.plan = Some(plan);
+        report
+    }
+}
+
+fn svc(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
+    )
+}
+
+/// An EndpointSlice; endpoints as (pod, conditions) with conditions in YAML flow form.
+fn slice(name: &str, service: &str, ports: &str, eps: &[(&Pod, &str)]) -> String {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|(p, cond)| {
+            format!(
+                "{{addresses: [{}], nodeName: {}, conditions: {cond}}}",
+                p.ip, p.node
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+const READY: &str = "{ready: true}";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Who answered `n` TCP requests from `ns` to `to`.
+fn who_answers(ns: &str, to: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let r = tcp(ns, to, T).unwrap_or_else(|e| panic!("request to {to} from {ns}: {e}"));
+        *seen.entry(r.pod).or_default() += 1;
+    }
+    seen
+}
+
+fn names(m: &BTreeMap<String, usize>) -> BTreeSet<&str> {
+    m.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn clusterip_spreads_over_ready_endpoints_only() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, a2, a3, b1, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("a2", false),
+        p.w.pod("a3", false),
+        p.w.pod("b1", true),
+        p.w.pod("c", false),
+    );
+    for pod in [&a1, &a2, &a3, &b1] {
+        p.w.serve(pod, 8080);
+    }
+    let yaml = svc(
+        "web",
+        "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice(
+        "web-1",
+        "web",
+        "[{port: 8080}]",
+        &[
+            (&a1, READY),
+            (&a2, READY),
+            (&b1, READY),
+            (&a3, "{ready: false}"),
+        ],
+    );
+    let report = p.apply(&yaml);
+    assert_eq!(report.kind, SyncKind::Full);
+    let seen = who_answers(&c.ns, sa("10.96.0.10:80"), 60);
+    assert_eq!(names(&seen), BTreeSet::from(["a1", "a2", "b1"]), "{seen:?}");
+    // The pod's own address is kept inside the cluster.
+    assert_eq!(tcp(&c.ns, sa("10.96.0.10:80"), T).unwrap().peer, c.ip);
+    // From the node itself, and from outside the cluster (masqueraded: the pod must answer
+    // through this node).
+    let from_node = tcp(&p.w.node, sa("10.96.0.10:80"), T).unwrap();
+    assert!(["a1", "a2", "b1"].contains(&from_node.pod.as_str()));
+    for _ in 0..6 {
+        let r = tcp(&p.w.client, sa("10.96.0.10:80"), T).unwrap();
+        assert_ne!(
+            r.peer.to_string(),
+            CLIENT_IP,
+            "traffic from outside the cluster CIDR is masqueraded"
+        );
+    }
+}
+
+#[test]
+fn udp_service_and_named_target_ports_on_several_ports() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, b1, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("b1", true),
+        p.w.pod("c", false),
+    );
+    p.w.serve(&a1, 8080);
+    p.w.serve(&a1, 9090);
+    p.w.serve(&a1, 5353);
+    p.w.serve(&b1, 8081);
+    p.w.serve(&b1, 9091);
+    // Port names resolve per slice: a1 listens on 8080/9090, b1 on 8081/9091.
+    let yaml = svc(
+        "multi",
+        "{clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: http}, {name: metrics, port: 90, targetPort: metrics}, {name: dns, port: 53, protocol: UDP, targetPort: 5353}]}",
+    ) + &slice(
+        "multi-a",
+        "multi",
+        "[{name: http, port: 8080}, {name: metrics, port: 9090}, {name: dns, port: 5353, protocol: UDP}]",
+        &[(&a1, READY)],
+    ) + &slice(
+        "multi-b",
+        "multi",
+        "[{name: http, port: 8081}, {name: metrics, port: 9091}]",
+        &[(&b1, READY)],
+    );
+    p.apply(&yaml);
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        for (port, a_port, b_port) in [(80, 8080, 8081), (90, 9090, 9091)] {
+            let r = tcp(
+                &c.ns,
+                SocketAddr::new("10.96.0.20".parse().unwrap(), port),
+                T,
+            )
+            .unwrap();
+            let expected = if r.pod == "a1" { a_port } else { b_port };
+            assert_eq!(r.port, expected, "{r:?} for service port {port}");
+            seen.insert((port, r.pod));
+        }
+    }
+    assert_eq!(seen.len(), 4, "both pods answer on both ports: {seen:?}");
+    let sock = udp_socket(&c.ns);
+    let r = udp_ask(&sock, sa("10.96.0.20:53")).unwrap();
+    assert_eq!((r.pod.as_str(), r.port), ("a1", 5353));
+}
+
+#[test]
+fn selector_less_service_and_terminating_fallback() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, a2, b1, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("a2", false),
+        p.w.pod("b1", true),
+        p.w.pod("c", false),
+    );
+    for pod in [&a1, &a2, &b1] {
+        p.w.serve(pod, 8080);
+    }
+    // A hand-made slice for a Service without a selector, its endpoint with no nodeName.
+    let manual = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-1, namespace: default, labels: {{kubernetes.io/service-name: ext}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{}]}}]\n",
+        b1.ip
+    );
+    let yaml = svc("ext", "{clusterIP: 10.96.0.30, ports: [{port: 80}]}")
+        + &manual
+        + &svc(
+            "draining",
+            "{clusterIP: 10.96.0.31, ports: [{port: 80, targetPort: 8080}]}",
+        )
+        + &slice(
+            "draining-1",
+            "draining",
+            "[{port: 8080}]",
+            &[
+                (&a1, "{ready: false, serving: true, terminating: true}"),
+                (&a2, "{ready: false, serving: false, terminating: true}"),
+            ],
+        );
+    p.apply(&yaml);
+    assert_eq!(
+        names(&who_answers(&c.ns, sa("10.96.0.30:80"), 5)),
+        BTreeSet::from(["b1"])
+    );
+    assert_eq!(
+        names(&who_answers(&c.ns, sa("10.96.0.31:80"), 10)),
+        BTreeSet::from(["a1"])
+    );
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_endpoint() {
+    let Some(mut p) = Proxy::new() else { return };
+    let pods: Vec<Pod> = (1..=4).map(|i| p.w.pod(&format!("a{i}"), i > 2)).collect();
+    let c = p.w.pod("c", false);
+    for pod in &pods {
+        p.w.serve(pod, 8080);
+    }
+    let eps: Vec<(&Pod, &str)> = pods.iter().map(|p| (p, READY)).collect();
+    let yaml = svc(
+        "sticky",
+        "{clusterIP: 10.96.0.40, ports: [{port: 80, targetPort: 8080}], sessionAffinity: ClientIP}",
+    ) + &slice("sticky-1", "sticky", "[{port: 8080}]", &eps)
+        + &svc(
+            "brief",
+            "{clusterIP: 10.96.0.41, ports: [{port: 80, targetPort: 8080}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}}",
+        )
+        + &slice("brief-1", "brief", "[{port: 8080}]", &eps);
+    p.apply(&yaml);
+    let seen = who_answers(&c.ns, sa("10.96.0.40:80"), 20);
+    assert_eq!(
+        seen.len(),
+        1,
+        "20 connections from one client, one endpoint: {seen:?}"
+    );
+    // With a 1 s timeout, the choice may change once the client was idle longer than that.
+    let mut chosen = BTreeSet::new();
+    for _ in 0..7 {
+        let first = tcp(&c.ns, sa("10.96.0.41:80"), T).unwrap().pod;
+        let again = tcp(&c.ns, sa("10.96.0.41:80"), T).unwrap().pod;
+        assert_eq!(first, again, "affinity holds within the timeout");
+        chosen.insert(first);
+        std::thread::sleep(Duration::from_millis(1300));
+    }
+    assert!(
+        chosen.len() > 1,
+        "after idling past the timeout the client is balanced again: {chosen:?}"
+    );
+}
+
+#[test]
+fn nodeport_cluster_and_local_traffic_policy() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, b1, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("b1", true),
+        p.w.pod("c", false),
+    );
+    p.w.serve(&a1, 8080);
+    p.w.serve(&b1, 8080);
+    let yaml = svc(
+        "np-cluster",
+        "{type: NodePort, clusterIP: 10.96.0.50, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}",
+    ) + &slice(
+        "np-cluster-1",
+        "np-cluster",
+        "[{port: 8080}]",
+        &[(&a1, READY), (&b1, READY)],
+    ) + &svc(
+        "np-local",
+        "{type: NodePort, clusterIP: 10.96.0.51, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}",
+    ) + &slice(
+        "np-local-1",
+        "np-local",
+        "[{port: 8080}]",
+        &[(&a1, READY), (&b1, READY)],
+    ) + &svc(
+        "np-elsewhere",
+        "{type: NodePort, clusterIP: 10.96.0.52, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30082}]}",
+    ) + &slice(
+        "np-elsewhere-1",
+        "np-elsewhere",
+        "[{port: 8080}]",
+        &[(&b1, READY)],
+    );
+    p.apply(&yaml);
+    let node_port = |port: u16| SocketAddr::new(NODE_IP.parse().unwrap(), port);
+    // Cluster: any endpoint, and the pod sees the node's address.
+    let seen = who_answers(&p.w.client, node_port(30080), 30);
+    assert_eq!(names(&seen), BTreeSet::from(["a1", "b1"]));
+    for _ in 0..5 {
+        let r = tcp(&p.w.client, node_port(30080), T).unwrap();
+        assert_ne!(
+            r.peer.to_string(),
+            CLIENT_IP,
+            "masqueraded under Cluster policy"
+        );
+    }
+    // Local: only this node's endpoint, and the pod sees the real client.
+    for _ in 0..10 {
+        let r = tcp(&p.w.client, node_port(30081), T).unwrap();
+        assert_eq!(
+            (r.pod.as_str(), r.peer.to_string().as_str()),
+            ("a1", CLIENT_IP)
+        );
+    }
+    // Local with no endpoint on this node: dropped (a timeout, not a refusal)...
+    let e = tcp(&p.w.client, node_port(30082), Duration::from_millis(700)).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        ),
+        "{e:?}"
+    );
+    // ...while pods on this node still reach the Service through its ClusterIP and NodePort.
+    assert_eq!(tcp(&c.ns, sa("10.96.0.52:80"), T).unwrap().pod, "b1");
+    assert_eq!(tcp(&c.ns, node_port(30082), T).unwrap().pod, "b1");
+}
+
+#[test]
+fn load_balancer_ip_and_external_ip() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, b1) = (p.w.pod("a1", false), p.w.pod("b1", true));
+    p.w.serve(&a1, 8080);
+    p.w.serve(&b1, 8080);
+    let yaml = svc(
+        "lb",
+        "{type: LoadBalancer, clusterIP: 10.96.0.60, externalIPs: [198.51.100.20], ports: [{port: 80, targetPort: 8080, nodePort: 30090}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}",
+    ) + &slice(
+        "lb-1",
+        "lb",
+        "[{port: 8080}]",
+        &[(&a1, READY), (&b1, READY)],
+    );
+    p.apply(&yaml);
+    for addr in ["198.51.100.10:80", "198.51.100.20:80"] {
+        let seen = who_answers(&p.w.client, sa(addr), 20);
+        assert_eq!(
+            names(&seen),
+            BTreeSet::from(["a1", "b1"]),
+            "{addr}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn no_endpoints_and_unknown_ports_are_refused_at_once() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
+    let yaml = svc(
+        "empty",
+        "{type: NodePort, clusterIP: 10.96.0.70, ports: [{port: 80, nodePort: 30070}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]}",
+    ) + &svc(
+        "one-port",
+        "{clusterIP: 10.96.0.71, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("one-port-1", "one-port", "[{port: 8080}]", &[(&a1, READY)]);
+    p.apply(&yaml);
+    let refused_fast = |ns: &str, to: SocketAddr| {
+        let start = Instant::now();
+        let e = tcp(ns, to, Duration::from_secs(3)).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{to} from {ns}: {e:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{to}: refused only after {took:?}"
+        );
+    };
+    refused_fast(&c.ns, sa("10.96.0.70:80"));
+    refused_fast(&p.w.node, sa("10.96.0.70:80"));
+    refused_fast(
+        &p.w.client,
+        SocketAddr::new(NODE_IP.parse().unwrap(), 30070),
+    );
+    // A port the Service does not have, on a ClusterIP that works.
+    assert_eq!(tcp(&c.ns, sa("10.96.0.71:80"), T).unwrap().pod, "a1");
+    refused_fast(&c.ns, sa("10.96.0.71:81"));
+    // UDP: ICMP port unreachable, seen by a connected socket.
+    let e = in_ns(&c.ns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.connect("10.96.0.70:53")?;
+        s.send(b"x")?;
+        s.recv(&mut [0u8; 64])
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e:?}");
+}
+
+#[test]
+fn hairpin_a_pod_reaches_itself_through_its_service() {
+    let Some(mut p) = Proxy::new() else { return };
+    let a1 = p.w.pod("a1", false);
+    p.w.serve(&a1, 8080);
+    let yaml = svc(
+        "self",
+        "{clusterIP: 10.96.0.80, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("self-1", "self", "[{port: 8080}]", &[(&a1, READY)]);
+    p.apply(&yaml);
+    let r = tcp(&a1.ns, sa("10.96.0.80:80"), T).unwrap();
+    assert_eq!(r.pod, "a1");
+    assert_ne!(
+        r.peer, a1.ip,
+        "hairpin traffic is masqueraded, so the reply comes back through the node"
+    );
+}
+
+#[test]
+fn live_updates_under_load_lose_no_connection() {
+    let Some(mut p) = Proxy::new() else { return };
+    let pods: Vec<Pod> = (1..=4).map(|i| p.w.pod(&format!("a{i}"), i == 4)).collect();
+    let c = p.w.pod("c", false);
+    for pod in &pods {
+        p.w.serve(pod, 8080);
+    }
+    let config = |eps: &[usize]| {
+        let eps: Vec<(&Pod, &str)> = eps.iter().map(|&i| (&pods[i], READY)).collect();
+        svc(
+            "busy",
+            "{clusterIP: 10.96.0.90, ports: [{port: 80, targetPort: 8080}]}",
+        ) + &slice("busy-1", "busy", "[{port: 8080}]", &eps)
+            + &svc(
+                "other",
+                "{clusterIP: 10.96.0.91, ports: [{port: 80, targetPort: 8080}]}",
+            )
+            + &slice(
+                "other-1",
+                "other",
+                "[{port: 8080}]",
+                &[(&pods[0], READY), (&pods[1], READY), (&pods[2], READY)],
+            )
+    };
+    p.apply(&config(&[0, 1]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, ns) = (stop.clone(), c.ns.clone());
+    let load = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match tcp(&ns, sa("10.96.0.90:80"), T) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    let steps: [&[usize]; 6] = [
+        &[0, 1, 3],
+        &[1, 3],
+        &[1, 2, 3],
+        &[2, 3],
+        &[0, 2],
+        &[0, 1, 2, 3],
+    ];
+    for eps in steps {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = p.apply(&config(eps));
+        assert_eq!(r.kind, SyncKind::Partial, "{r:?}");
+        assert!(
+            r.elements_added + r.elements_deleted <= 10,
+            "element operations only: {r:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 50, "the client made {ok} connections");
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+}
+
+#[test]
+fn a_refused_transaction_leaves_the_previous_rules_in_place() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
+    let yaml = svc(
+        "keep",
+        "{clusterIP: 10.96.0.100, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("keep-1", "keep", "[{port: 8080}]", &[(&a1, READY)]);
+    p.apply(&yaml);
+    let (_, good) = common::compile_yaml(&yaml, FLAGS);
+    // A ruleset the kernel refuses: an element pointing at a chain that does not exist, next to a
+    // change (another Service) that would be fine on its own.
+    let (_, mut bad) = common::compile_yaml(
+        &(yaml.clone() + &svc("new", "{clusterIP: 10.96.0.101, ports: [{port: 80}]}")),
+        FLAGS,
+    );
+    let map = bad.tables[0]
+        .sets
+        .iter_mut()
+        .find(|s| s.name == "service-ips")
+        .unwrap();
+    map.elements.push(Element::map(
+        vec![
+            Value::Addr("10.96.0.102".parse().unwrap()),
+            Value::Proto(svcproxy::model::Protocol::Tcp),
+            Value::Port(80),
+        ],
+        Data::Verdict(Verdict::Goto("no-such-chain".into())),
+    ));
+    for attempt in ["partial", "full"] {
+        let err = p.nft.apply(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-chain") || err.contains("No such file or directory"),
+            "{attempt}: nft's own message: {err}"
+        );
+        assert_eq!(
+            tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod,
+            "a1",
+            "{attempt}: old rules still answer"
+        );
+        let e = tcp(&c.ns, sa("10.96.0.101:80"), Duration::from_millis(500)).unwrap_err();
+        assert_ne!(
+            e.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{attempt}: none of the refused change took effect"
+        );
+    }
+    // After a failure the next apply is a full one, and it works.
+    let r = p.nft.apply(&good).unwrap();
+    assert_eq!(r.kind, SyncKind::Full);
+    assert_eq!(tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod, "a1");
+}
+
+#[test]
+fn stale_udp_flows_move_to_the_new_endpoint() {
+    let Some(mut p) = Proxy::new() else { return };
+    let (a1, a2, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("a2", false),
+        p.w.pod("c", false),
+    );
+    p.w.serve(&a1, 5353);
+    p.w.serve(&a2, 5353);
+    let dns = |pod: Option<&Pod>| {
+        let eps: Vec<(&Pod, &str)> = pod.into_iter().map(|p| (p, READY)).collect();
+        svc(
+            "dns",
+            "{clusterIP: 10.96.0.110, ports: [{port: 53, protocol: UDP, targetPort: 5353}]}",
+        ) + &slice("dns-1", "dns", "[{port: 5353, protocol: UDP}]", &eps)
+    };
+    // A client that keeps its socket, as resolvers do.
+    p.apply(&dns(None));
+    let sock = udp_socket(&c.ns);
+    assert!(
+        udp_ask(&sock, sa("10.96.0.110:53")).is_err(),
+        "no endpoint yet"
+    );
+    // The Service gains its first endpoint: the same socket reaches it at once.
+    p.apply(&dns(Some(&a1)));
+    assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a1");
+    // The endpoint is replaced (a1 keeps running: only the rules decide).
+    let r = p.apply(&dns(Some(&a2)));
+    assert_eq!(r.kind, SyncKind::Partial);
+    for _ in 0..3 {
+        assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a2");
+    }
+}
+
+#[test]
+fn apply_and_cleanup_commands_leave_other_tables_alone() {
+    let Some(p) = Proxy::new() else { return };
+    let mut w = p.w;
+    let (a1, c) = (w.pod("a1", false), w.pod("c", false));
+    w.serve(&a1, 8080);
+    // A host firewall of someone else's, with a rule and a counter.
+    let fw = "table inet hostfw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 9999 counter drop\n }\n}\n";
+    NftCommand::in_netns(&w.node).run_script(fw).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(
+        &file,
+        svc(
+            "web",
+            "{clusterIP: 10.96.0.120, ports: [{port: 80, targetPort: 8080}]}",
+        ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]),
+    )
+    .unwrap();
+    let svcproxy = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &w.node, env!("CARGO_BIN_EXE_svcproxy")])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let list = |w: &World| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &w.node, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    svcproxy(&[
+        "apply",
+        "--from",
+        file.to_str().unwrap(),
+        "--node",
+        "node-a",
+        "--node-ip",
+        NODE_IP,
+    ]);
+    assert_eq!(tcp(&c.ns, sa("10.96.0.120:80"), T).unwrap().pod, "a1");
+    // Applying again replaces svcproxy's tables, not anyone else's.
+    svcproxy(&[
+        "apply",
+        "--from",
+        file.to_str().unwrap(),
+        "--node",
+        "node-a",
+        "--node-ip",
+        NODE_IP,
+    ]);
+    let rules = list(&w);
+    assert!(
+        rules.contains("table inet hostfw") && rules.contains("tcp dport 9999 counter"),
+        "{rules}"
+    );
+    assert_eq!(rules.matches("table ip svcproxy").count(), 1);
+    svcproxy(&["cleanup"]);
+    let rules = list(&w);
+    assert!(!rules.contains("svcproxy"), "{rules}");
+    assert!(rules.contains("tcp dport 9999 counter"), "{rules}");
+    assert!(tcp(&c.ns, sa("10.96.0.120:80"), Duration::from_millis(500)).is_err());
+}
