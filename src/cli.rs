@@ -213,7 +213,7 @@ pub fn apply(args: &ApplyArgs) -> u8 {
         tracing::warn!("skipped: {c}");
     }
     let mut backend = crate::nft::apply::Nftables::new(Default::default());
-    match backend.apply_full(&ruleset) {
+    match backend.apply_full(ruleset) {
         Ok(report) => {
             tracing::info!(
                 kind = report.kind.as_str(),

@@ -39,7 +39,7 @@ impl Proxy {
         let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
         let report = self
             .nft
-            .apply(&ruleset)
+            .apply(ruleset)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         if let Some(old) = &self.plan {
             Conntrack::in_netns(&self.w.node)
@@ -534,7 +534,7 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place() {
         Data::Verdict(Verdict::Goto("no-such-chain".into())),
     ));
     for attempt in ["partial", "full"] {
-        let err = p.nft.apply(&bad).unwrap_err().to_string();
+        let err = p.nft.apply(bad.clone()).unwrap_err().to_string();
         assert!(
             err.contains("no-such-chain") || err.contains("No such file or directory"),
             "{attempt}: nft's own message: {err}"
@@ -552,7 +552,7 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place() {
         );
     }
     // After a failure the next apply is a full one, and it works.
-    let r = p.nft.apply(&good).unwrap();
+    let r = p.nft.apply(good).unwrap();
     assert_eq!(r.kind, SyncKind::Full);
     assert_eq!(tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod, "a1");
 }

@@ -211,3 +211,86 @@ fn bad_flags_are_refused_with_the_value() {
     assert_eq!(code, 1);
     assert!(err.contains("\"nope\" is not a CIDR"), "{err}");
 }
+
+/// The JSON output describes the same objects as the script: load the script into a private
+/// namespace, list it back as JSON with nft, and compare what each holds (chains and their rule
+/// counts, sets and their element counts).
+#[test]
+fn json_output_lists_what_nft_lists() {
+    if !have_nft() || !can_unshare_net() {
+        return skip_or_fail("nft or network namespaces unavailable: JSON not compared with nft's");
+    }
+    let dir = examples_dir().display().to_string();
+    let args = [
+        "dump",
+        "--from",
+        &dir,
+        "--node",
+        "node-a",
+        "--cluster-cidr",
+        "172.17.0.0/16",
+    ];
+    let (_, script, _) = svcproxy(&args);
+    let mut json_args = args.to_vec();
+    json_args.extend(["--format", "json"]);
+    let (_, ours, _) = svcproxy(&json_args);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("r.nft");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c"])
+        .arg(format!("nft -f {} && nft -j list ruleset", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inventory = |json: &str| {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let mut inv = std::collections::BTreeMap::new();
+        for o in v["nftables"].as_array().unwrap() {
+            let (kind, body) = o.as_object().unwrap().iter().next().unwrap();
+            let family = body["family"].as_str().unwrap_or("").to_string();
+            match kind.as_str() {
+                "set" | "map" => {
+                    let n = body
+                        .get("elem")
+                        .and_then(|e| e.as_array())
+                        .map_or(0, Vec::len);
+                    inv.insert(
+                        (
+                            kind.clone(),
+                            family,
+                            body["name"].as_str().unwrap().to_string(),
+                        ),
+                        n,
+                    );
+                }
+                "chain" => {
+                    inv.entry((
+                        "chain".into(),
+                        family,
+                        body["name"].as_str().unwrap().to_string(),
+                    ))
+                    .or_insert(0);
+                }
+                "rule" => {
+                    *inv.entry((
+                        "chain".into(),
+                        family,
+                        body["chain"].as_str().unwrap().to_string(),
+                    ))
+                    .or_insert(0) += 1;
+                }
+                _ => {}
+            }
+        }
+        inv
+    };
+    assert_eq!(
+        inventory(&ours),
+        inventory(&String::from_utf8(out.stdout).unwrap())
+    );
+}

@@ -154,11 +154,11 @@ impl Nftables {
 
     /// Makes the kernel hold `desired`: a partial sync when a difference can express the change,
     /// else a full one.
-    pub fn apply(&mut self, desired: &Ruleset) -> Result<ApplyReport, ApplyError> {
+    pub fn apply(&mut self, desired: Ruleset) -> Result<ApplyReport, ApplyError> {
         let start = Instant::now();
         let diff = match &self.applied {
             None => return self.full(desired, "nothing applied yet (or the last apply failed)"),
-            Some(old) => match diff(old, desired) {
+            Some(old) => match diff(old, &desired) {
                 Ok(d) => d,
                 Err(reason) => return self.full(desired, &reason),
             },
@@ -171,36 +171,37 @@ impl Nftables {
                 return Err(e);
             }
         }
-        self.applied = Some(desired.clone());
+        self.applied = Some(desired);
         report.duration = start.elapsed();
         Ok(report)
     }
 
     /// Replaces svcproxy's tables with `desired` in one transaction.
-    pub fn apply_full(&mut self, desired: &Ruleset) -> Result<ApplyReport, ApplyError> {
+    pub fn apply_full(&mut self, desired: Ruleset) -> Result<ApplyReport, ApplyError> {
         self.full(desired, "requested")
     }
 
-    fn full(&mut self, desired: &Ruleset, because: &str) -> Result<ApplyReport, ApplyError> {
+    fn full(&mut self, desired: Ruleset, because: &str) -> Result<ApplyReport, ApplyError> {
         let start = Instant::now();
         let script = desired.script();
         if let Err(e) = self.nft.run_script(&script) {
             self.applied = None;
             return Err(e);
         }
-        self.applied = Some(desired.clone());
         let elements = desired
             .tables
             .iter()
             .flat_map(|t| &t.sets)
             .map(|s| s.elements.len())
             .sum();
+        let chains = desired.tables.iter().map(|t| t.chains.len()).sum();
+        self.applied = Some(desired);
         Ok(ApplyReport {
             kind: SyncKind::Full,
             commands: 1,
             elements_added: elements,
             elements_deleted: 0,
-            chains_changed: desired.tables.iter().map(|t| t.chains.len()).sum(),
+            chains_changed: chains,
             script_bytes: script.len(),
             duration: start.elapsed(),
             full_because: Some(because.to_string()),
@@ -395,44 +396,94 @@ fn add_elements<'a>(
     elements: impl Iterator<Item = &'a Element>,
     parts: &mut DiffParts,
 ) {
-    let texts: Vec<String> = elements.map(Element::text).collect();
-    parts.elements_added += texts.len();
-    for chunk in texts.chunks(ELEMENTS_PER_COMMAND) {
-        parts.add_elements.push(format!(
-            "add element {prefix} {} {{ {} }}",
-            set.name,
-            chunk.join(", ")
-        ));
+    let elements: Vec<&Element> = elements.collect();
+    parts.elements_added += elements.len();
+    for chunk in elements.chunks(ELEMENTS_PER_COMMAND) {
+        let mut cmd = format!("add element {prefix} {} {{ ", set.name);
+        for (i, e) in chunk.iter().enumerate() {
+            if i > 0 {
+                cmd.push_str(", ");
+            }
+            e.write_text(&mut cmd);
+        }
+        cmd.push_str(" }");
+        parts.add_elements.push(cmd);
     }
 }
 
 fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
-    let old_by_key: HashMap<&[_], &Element> =
-        old.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
-    let new_by_key: HashMap<&[_], &Element> =
-        new.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
-    // An element whose data or comment changed is deleted and added again.
-    let deleted: Vec<&Element> = old
-        .elements
-        .iter()
-        .filter(|e| new_by_key.get(e.key.as_slice()) != Some(e))
-        .collect();
-    let added: Vec<&Element> = new
-        .elements
-        .iter()
-        .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
-        .collect();
+    // Most sets do not change from one sync to the next: compare them whole first.
+    if old.elements == new.elements {
+        return;
+    }
+    let mut deleted: Vec<&Element> = Vec::new();
+    let mut added: Vec<&Element> = Vec::new();
+    let sorted = |v: &[Element]| v.is_sorted_by(|a, b| a.key < b.key);
+    if sorted(&old.elements) && sorted(&new.elements) {
+        // The renderer sorts elements by key: one merge pass, no hashing.
+        let (mut o, mut n) = (
+            old.elements.iter().peekable(),
+            new.elements.iter().peekable(),
+        );
+        loop {
+            match (o.peek(), n.peek()) {
+                (None, None) => break,
+                (Some(a), None) => {
+                    deleted.push(a);
+                    o.next();
+                }
+                (None, Some(b)) => {
+                    added.push(b);
+                    n.next();
+                }
+                (Some(a), Some(b)) => match a.key.cmp(&b.key) {
+                    std::cmp::Ordering::Less => {
+                        deleted.push(a);
+                        o.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        added.push(b);
+                        n.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        // Same key, other data or comment: delete, then add again.
+                        if a != b {
+                            deleted.push(a);
+                            added.push(b);
+                        }
+                        o.next();
+                        n.next();
+                    }
+                },
+            }
+        }
+    } else {
+        let old_by_key: HashMap<&[_], &Element> =
+            old.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+        let new_by_key: HashMap<&[_], &Element> =
+            new.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+        deleted = old
+            .elements
+            .iter()
+            .filter(|e| new_by_key.get(e.key.as_slice()) != Some(e))
+            .collect();
+        added = new
+            .elements
+            .iter()
+            .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
+            .collect();
+    }
     parts.elements_deleted += deleted.len();
-    let keys: Vec<String> = deleted
-        .iter()
-        .map(|e| Element::key(e.key.clone()).text())
-        .collect();
-    for chunk in keys.chunks(ELEMENTS_PER_COMMAND) {
-        parts.delete_elements.push(format!(
-            "delete element {prefix} {} {{ {} }}",
-            new.name,
-            chunk.join(", ")
-        ));
+    for chunk in deleted.chunks(ELEMENTS_PER_COMMAND) {
+        let mut cmd = format!("delete element {prefix} {} {{ ", new.name);
+        for (i, e) in chunk.iter().enumerate() {
+            if i > 0 {
+                cmd.push_str(", ");
+            }
+            e.write_key(&mut cmd);
+        }
+        cmd.push_str(" }");
+        parts.delete_elements.push(cmd);
     }
     add_elements(prefix, new, added.into_iter(), parts);
 }

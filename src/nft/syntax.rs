@@ -65,12 +65,15 @@ impl Value {
     }
 }
 
-fn concat_text(values: &[Value]) -> String {
-    values
-        .iter()
-        .map(Value::to_string)
-        .collect::<Vec<_>>()
-        .join(" . ")
+/// Writes `a . b . c` straight into `out` (the script of a large cluster has 100k of these:
+/// no intermediate strings).
+fn write_concat(out: &mut String, values: &[Value]) {
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" . ");
+        }
+        write!(out, "{v}").unwrap();
+    }
 }
 
 fn concat_json(values: &[Value]) -> Json {
@@ -150,16 +153,31 @@ impl Element {
 
     /// The element as it stands inside `elements = { ... }` or `add element ... { ... }`.
     pub fn text(&self) -> String {
-        let mut s = concat_text(&self.key);
+        let mut s = String::new();
+        self.write_text(&mut s);
+        s
+    }
+
+    /// [`Element::text`], appended to `out`.
+    pub fn write_text(&self, out: &mut String) {
+        write_concat(out, &self.key);
         if let Some(c) = &self.comment {
-            write!(s, " comment {}", quote(c)).unwrap();
+            out.push_str(" comment ");
+            out.push_str(&quote(c));
         }
         match &self.data {
             None => {}
-            Some(Data::Verdict(v)) => write!(s, " : {v}").unwrap(),
-            Some(Data::Values(v)) => write!(s, " : {}", concat_text(v)).unwrap(),
+            Some(Data::Verdict(v)) => write!(out, " : {v}").unwrap(),
+            Some(Data::Values(v)) => {
+                out.push_str(" : ");
+                write_concat(out, v);
+            }
         }
-        s
+    }
+
+    /// The key alone (what `delete element` takes), appended to `out`.
+    pub fn write_key(&self, out: &mut String) {
+        write_concat(out, &self.key);
     }
 
     fn key_json(&self) -> Json {
@@ -631,6 +649,12 @@ impl Table {
     /// The table as an `nft -f` block.
     pub fn text(&self) -> String {
         let mut s = String::new();
+        self.write_text(&mut s);
+        s
+    }
+
+    /// [`Table::text`], appended to `s`.
+    pub fn write_text(&self, s: &mut String) {
         writeln!(s, "table {} {} {{", self.family.as_str(), self.name).unwrap();
         if let Some(c) = &self.comment {
             writeln!(s, "\tcomment {}", quote(c)).unwrap();
@@ -644,8 +668,9 @@ impl Table {
                 writeln!(s, "\t\telements = {{").unwrap();
                 let n = set.elements.len();
                 for (i, e) in set.elements.iter().enumerate() {
-                    let sep = if i + 1 < n { "," } else { "" };
-                    writeln!(s, "\t\t\t{}{sep}", e.text()).unwrap();
+                    s.push_str("\t\t\t");
+                    e.write_text(s);
+                    s.push_str(if i + 1 < n { ",\n" } else { "\n" });
                 }
                 writeln!(s, "\t\t}}").unwrap();
             }
@@ -670,7 +695,6 @@ impl Table {
             writeln!(s, "\t}}").unwrap();
         }
         s.push_str("}\n");
-        s
     }
 
     /// The table's objects as libnftables JSON, in the form `nft -j list table` prints them.
@@ -693,7 +717,12 @@ impl Table {
                 o["map"] = json!(d.join(" . "));
             }
             // nft's JSON has no "dynamic" flag (it lists and parses dynamic sets by "timeout").
-            let flags: Vec<&str> = set.flags.iter().copied().filter(|f| *f != "dynamic").collect();
+            let flags: Vec<&str> = set
+                .flags
+                .iter()
+                .copied()
+                .filter(|f| *f != "dynamic")
+                .collect();
             if !flags.is_empty() {
                 o["flags"] = json!(flags);
             }
@@ -745,15 +774,21 @@ impl Ruleset {
     /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
     /// table is created if missing, deleted, and written anew, all in one transaction.
     pub fn script(&self) -> String {
-        let mut s =
-            String::from("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        let elements: usize = self
+            .tables
+            .iter()
+            .flat_map(|t| &t.sets)
+            .map(|s| s.elements.len())
+            .sum();
+        let mut s = String::with_capacity(4096 + elements * 64);
+        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
         for t in &self.tables {
             writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
             writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
         }
         for t in &self.tables {
             s.push('\n');
-            s.push_str(&t.text());
+            t.write_text(&mut s);
         }
         s
     }
