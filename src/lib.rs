@@ -6,6 +6,7 @@
 //! up to the rendered ruleset is pure: the dry-run and the live agent give identical rulesets for
 //! the same state.
 
+pub mod agent;
 pub mod cli;
 pub mod conntrack;
 pub mod convert;

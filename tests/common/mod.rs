@@ -88,4 +88,5 @@ pub fn can_unshare_net() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+pub mod apiserver;
 pub mod netns;

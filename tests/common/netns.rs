@@ -270,7 +270,7 @@ impl World {
             self.pods_here += 1;
             (self.node.clone(), 1, self.pods_here)
         };
-        let ns = format!("{}-{name}", self.prefix);
+        let ns = format!("{}-pod-{name}", self.prefix);
         self.add_ns(&ns);
         let ip = format!("10.244.{subnet}.{}", 10 + k);
         let gw = format!("10.244.{subnet}.1");

@@ -1,0 +1,123 @@
+//! Prometheus metrics, on kube-proxy's names where they apply, so that existing dashboards and
+//! alerts keep working.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::watch::Changes;
+
+/// Every metric the agent updates.
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub full_sync_duration: Histogram,
+    pub partial_sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub last_queued_timestamp: Gauge<f64, AtomicU64>,
+    pub sync_failures: Counter,
+    pub conntrack_failures: Counter,
+    pub invalid_objects: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new(changes: &Changes) -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            sync_duration: seconds_histogram(),
+            full_sync_duration: seconds_histogram(),
+            partial_sync_duration: seconds_histogram(),
+            network_programming: seconds_histogram(),
+            last_sync_timestamp: Gauge::default(),
+            last_queued_timestamp: Gauge::default(),
+            sync_failures: Counter::default(),
+            conntrack_failures: Counter::default(),
+            invalid_objects: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds (full and partial)",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.full_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.partial_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From a change arriving from the apiserver to the rules for it in the kernel",
+            m.network_programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time rules were successfully synced",
+            m.last_sync_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of rules was queued",
+            m.last_queued_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative Service changes",
+            changes.service_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative EndpointSlice changes",
+            changes.endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+            "nftables transactions the kernel refused (or nft could not be run)",
+            m.sync_failures.clone(),
+        );
+        registry.register(
+            "svcproxy_conntrack_cleanup_failures",
+            "Failed deletions of stale UDP conntrack entries",
+            m.conntrack_failures.clone(),
+        );
+        registry.register(
+            "svcproxy_watch_errors",
+            "Errors from the apiserver watches (each is retried with backoff)",
+            changes.watch_errors.clone(),
+        );
+        registry.register(
+            "svcproxy_node_changes",
+            "Changes to this node's Node object",
+            changes.node_changes.clone(),
+        );
+        registry.register(
+            "svcproxy_invalid_objects",
+            "Objects skipped in the last sync because they are invalid, by kind",
+            m.invalid_objects.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

@@ -1,0 +1,400 @@
+//! The live agent: watches the apiserver and keeps the kernel's ruleset equal to what the
+//! compiler says.
+//!
+//! It owns no Service semantics: it wires the watch source ([`watch`]) to the compiler and the
+//! nftables backend over time. Nothing is written until the first complete lists of Services and
+//! EndpointSlices have arrived (a restarting agent never applies a half-empty ruleset; the rules
+//! already in the kernel keep serving meanwhile). Changes are coalesced to at most one sync per
+//! `min_sync_period`; a full resync every `sync_period` repairs drift; a failed sync is retried
+//! with backoff, as a full one. Stopping leaves the rules in place.
+
+pub mod metrics;
+pub mod serve;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch as signal};
+
+use crate::conntrack::{Conntrack, stale_udp};
+use crate::convert::{self, Converted, ObjectKind, Rejected};
+use crate::model::{NodeInfo, ProxyConfig, Snapshot};
+use crate::nft::apply::{ApplyReport, NftCommand, Nftables, SyncKind};
+use crate::plan::{Plan, Route};
+use metrics::Metrics;
+use serve::{Health, HealthCheckServers};
+use watch::{Changes, Stores};
+
+/// Everything the agent is configured with.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub kube: kube::Config,
+    pub node_name: String,
+    /// The node's addresses, overriding the Node object's (empty: use the Node's).
+    pub node_ips: Vec<IpAddr>,
+    pub proxy: ProxyConfig,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub healthz_address: Option<SocketAddr>,
+    pub metrics_address: Option<SocketAddr>,
+    /// Where health check node ports listen (all addresses by default).
+    pub health_check_address: IpAddr,
+    pub nft: NftCommand,
+    pub conntrack: Conntrack,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("cannot listen on {address} for {what}: {source}")]
+    Listen {
+        what: &'static str,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One sync, as the agent reports it (to tests and to the log).
+#[derive(Debug, Clone)]
+pub struct SyncRecord {
+    pub kind: SyncKind,
+    pub services: usize,
+    pub slices: usize,
+    pub report: ApplyReport,
+}
+
+/// Runs the agent until `stop` turns true. `observer`, if given, hears of every sync.
+pub async fn run(
+    config: AgentConfig,
+    stop: signal::Receiver<bool>,
+    observer: Option<mpsc::UnboundedSender<SyncRecord>>,
+) -> Result<(), AgentError> {
+    let client = kube::Client::try_from(config.kube.clone())?;
+    let changes = Arc::new(Changes::default());
+    let metrics = Arc::new(Metrics::new(&changes));
+    let health = Arc::new(Health::new(config.sync_period * 2));
+    if let Some(address) = config.healthz_address {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| AgentError::Listen {
+                what: "healthz",
+                address,
+                source,
+            })?;
+        tokio::spawn(serve::serve_health(listener, health.clone(), stop.clone()));
+    }
+    if let Some(address) = config.metrics_address {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| AgentError::Listen {
+                what: "metrics",
+                address,
+                source,
+            })?;
+        tokio::spawn(serve::serve_metrics(
+            listener,
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
+    let stores = watch::start(client, &config.node_name, changes.clone());
+    let syncer = Syncer {
+        health_checks: HealthCheckServers::new(config.health_check_address),
+        config,
+        stores,
+        changes,
+        metrics,
+        health,
+        observer,
+        rejected: BTreeSet::new(),
+        conflicts: BTreeSet::new(),
+    };
+    syncer.run(stop).await;
+    Ok(())
+}
+
+struct Syncer {
+    config: AgentConfig,
+    stores: Stores,
+    changes: Arc<Changes>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    health_checks: HealthCheckServers,
+    observer: Option<mpsc::UnboundedSender<SyncRecord>>,
+    /// The problems reported at the last sync, so that each is logged once, not every sync.
+    rejected: BTreeSet<String>,
+    conflicts: BTreeSet<String>,
+}
+
+/// Waits for `stop` to turn true.
+async fn stopped(stop: &mut signal::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Syncer {
+    async fn run(mut self, mut stop: signal::Receiver<bool>) {
+        tokio::select! {
+            _ = async {
+                let _ = self.stores.services.wait_until_ready().await;
+                let _ = self.stores.slices.wait_until_ready().await;
+            } => {}
+            _ = stopped(&mut stop) => return,
+        }
+        tracing::info!("initial lists of Services and EndpointSlices complete");
+        let mut backend = Some(Nftables::new(self.config.nft.clone()));
+        let mut last_plan: Option<Plan> = None;
+        let mut last_start: Option<Instant> = None;
+        let mut next_full = Instant::now() + self.config.sync_period;
+        let mut failures = 0u32;
+        let mut retry_at: Option<Instant> = None;
+        // The first sync is due now.
+        let mut pending: Option<Instant> = Some(Instant::now());
+        self.health.queued(SystemTime::now());
+        loop {
+            if pending.is_none() {
+                tokio::select! {
+                    _ = self.changes.notify.notified() => {
+                        if !self.changes.dirty.load(Ordering::Acquire) {
+                            continue;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(next_full.into()) => {
+                        backend.as_mut().expect("backend").invalidate();
+                    }
+                    _ = stopped(&mut stop) => return,
+                }
+                pending = Some(Instant::now());
+                let now = SystemTime::now();
+                self.health.queued(now);
+                self.metrics.last_queued_timestamp.set(unix_seconds(now));
+            }
+            // Coalesce: at most one sync per min_sync_period, and wait out a retry backoff.
+            let mut earliest =
+                last_start.map_or_else(Instant::now, |t| t + self.config.min_sync_period);
+            if let Some(r) = retry_at {
+                earliest = earliest.max(r);
+            }
+            if earliest > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(earliest.into()) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+            let start = Instant::now();
+            last_start = Some(start);
+            self.changes.dirty.store(false, Ordering::Release);
+
+            let snapshot = self.snapshot();
+            let (plan, ruleset) = crate::compile(&snapshot, &self.config.proxy);
+            let conflicts: BTreeSet<String> =
+                plan.conflicts.iter().map(ToString::to_string).collect();
+            for c in conflicts.difference(&self.conflicts) {
+                tracing::warn!("skipped: {c}");
+            }
+            self.conflicts = conflicts;
+            let mut nft = backend.take().expect("backend");
+            let (nft, result) = tokio::task::spawn_blocking(move || {
+                let r = nft.apply(ruleset);
+                (nft, r)
+            })
+            .await
+            .expect("apply task");
+            backend = Some(nft);
+            match result {
+                Ok(report) => {
+                    failures = 0;
+                    retry_at = None;
+                    if report.kind == SyncKind::Full {
+                        next_full = start + self.config.sync_period;
+                    }
+                    self.after_sync(
+                        &snapshot,
+                        &plan,
+                        last_plan.as_ref(),
+                        &report,
+                        start,
+                        pending.take(),
+                    )
+                    .await;
+                    last_plan = Some(plan);
+                }
+                Err(e) => {
+                    failures += 1;
+                    let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
+                        .min(Duration::from_secs(30));
+                    retry_at = Some(Instant::now() + backoff);
+                    self.metrics.sync_failures.inc();
+                    tracing::error!(
+                        "sync failed (the kernel keeps its previous rules), retrying as a full sync in {backoff:?}: {e}"
+                    );
+                    // `pending` stays set: the change is still waiting.
+                }
+            }
+        }
+    }
+
+    /// Everything after a successful apply: stale UDP flows, health, metrics, health check
+    /// servers, the log line.
+    async fn after_sync(
+        &mut self,
+        snapshot: &Snapshot,
+        plan: &Plan,
+        last_plan: Option<&Plan>,
+        report: &ApplyReport,
+        start: Instant,
+        pending: Option<Instant>,
+    ) {
+        if let Some(old) = last_plan {
+            let stale = stale_udp(old, plan);
+            if !stale.is_empty() {
+                let conntrack = self.config.conntrack.clone();
+                let result = tokio::task::spawn_blocking(move || conntrack.flush(&stale))
+                    .await
+                    .expect("conntrack task");
+                if let Err(e) = result {
+                    self.metrics.conntrack_failures.inc();
+                    tracing::warn!("deleting stale UDP conntrack entries: {e}");
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        let now = SystemTime::now();
+        self.health.updated(now);
+        self.metrics.last_sync_timestamp.set(unix_seconds(now));
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+        match report.kind {
+            SyncKind::Full => self
+                .metrics
+                .full_sync_duration
+                .observe(elapsed.as_secs_f64()),
+            SyncKind::Partial => self
+                .metrics
+                .partial_sync_duration
+                .observe(elapsed.as_secs_f64()),
+        }
+        if let Some(since) = pending {
+            self.metrics
+                .network_programming
+                .observe(since.elapsed().as_secs_f64());
+        }
+        self.health_checks
+            .update(&health_check_ports(snapshot, plan))
+            .await;
+        tracing::info!(
+            kind = report.kind.as_str(),
+            services = snapshot.services.len(),
+            endpoint_slices = snapshot.slices.len(),
+            elements_added = report.elements_added,
+            elements_deleted = report.elements_deleted,
+            chains = report.chains_changed,
+            duration_ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0,
+            full_because = report.full_because.as_deref().unwrap_or(""),
+            "synced"
+        );
+        if let Some(tx) = &self.observer {
+            let _ = tx.send(SyncRecord {
+                kind: report.kind,
+                services: snapshot.services.len(),
+                slices: snapshot.slices.len(),
+                report: report.clone(),
+            });
+        }
+    }
+
+    /// The cluster as the stores see it now.
+    fn snapshot(&mut self) -> Snapshot {
+        let mut converted = Converted::default();
+        let mut problems: Vec<Rejected> = Vec::new();
+        for svc in self.stores.services.state() {
+            if let Err(e) = converted.add_service(&svc) {
+                problems.push(e);
+            }
+        }
+        for slice in self.stores.slices.state() {
+            if let Err(e) = converted.add_slice(&slice) {
+                problems.push(e);
+            }
+        }
+        let mut node = NodeInfo {
+            name: self.config.node_name.clone(),
+            ..NodeInfo::default()
+        };
+        if let Some(n) = self
+            .stores
+            .node
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&node.name))
+        {
+            let (info, node_problems) = convert::node(&n);
+            node = info;
+            problems.extend(node_problems);
+        }
+        if !self.config.node_ips.is_empty() {
+            node.addresses = self.config.node_ips.clone();
+        }
+        // Each problem logged once; the gauge says how many there are now.
+        let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+        for p in &current {
+            if !self.rejected.contains(p) {
+                tracing::warn!("skipped: {p}");
+            }
+        }
+        self.rejected = current;
+        for kind in [
+            ObjectKind::Service,
+            ObjectKind::EndpointSlice,
+            ObjectKind::Node,
+        ] {
+            let n = problems.iter().filter(|p| p.kind == kind).count();
+            self.metrics
+                .invalid_objects
+                .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+                .set(n as i64);
+        }
+        Snapshot {
+            services: converted.services,
+            slices: converted.slices,
+            node,
+        }
+    }
+}
+
+/// The health check node ports this node must answer, with each Service's local endpoint count.
+fn health_check_ports(
+    snapshot: &Snapshot,
+    plan: &Plan,
+) -> BTreeMap<u16, (crate::model::ObjectRef, usize)> {
+    let mut local: BTreeMap<&crate::model::ObjectRef, BTreeSet<IpAddr>> = BTreeMap::new();
+    for d in plan.families.iter().flat_map(|f| &f.destinations) {
+        if let Route::ExternalLocal { local: Some(b), .. } = &d.route {
+            local
+                .entry(&d.service)
+                .or_default()
+                .extend(b.endpoints.iter().map(|e| e.ip()));
+        }
+    }
+    snapshot
+        .services
+        .values()
+        .filter_map(|s| {
+            let port = s.health_check_node_port?;
+            let n = local.get(&s.id).map_or(0, BTreeSet::len);
+            Some((port, (s.id.clone(), n)))
+        })
+        .collect()
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}

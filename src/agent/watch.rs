@@ -1,0 +1,114 @@
+//! The apiserver side of the agent: kube-rs watchers feeding reflector stores.
+//!
+//! Each watcher lists, then watches, and on any break (apiserver restart, network cut, a 410
+//! for an expired resourceVersion) lists again with backoff. The reflector stores swap their
+//! content atomically when a re-list completes, so objects deleted while the watch was away
+//! disappear, and a half-done list is never seen. Every change wakes the sync loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+
+/// The stores the sync loop reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub node: Store<Node>,
+}
+
+/// What the watchers tell the sync loop and the metrics.
+#[derive(Default)]
+pub struct Changes {
+    /// Wakes the sync loop.
+    pub notify: Notify,
+    /// Set with every change, cleared by the sync loop when it reads the stores: a wake-up with
+    /// nothing new (a permit left from changes the last sync already saw) is ignored.
+    pub dirty: AtomicBool,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    pub node_changes: Counter,
+    pub watch_errors: Counter,
+}
+
+/// Starts the three watchers on the current tokio runtime; returns their stores.
+pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
+    let (services, w) = reflector::store();
+    let stream = reflector::reflector(
+        w,
+        watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    );
+    tokio::spawn(drive("Service", stream, changes.clone(), |c| {
+        &c.service_changes
+    }));
+
+    let (slices, w) = reflector::store();
+    let stream = reflector::reflector(
+        w,
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    );
+    tokio::spawn(drive("EndpointSlice", stream, changes.clone(), |c| {
+        &c.endpoint_changes
+    }));
+
+    let (node, w) = reflector::store();
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let stream = reflector::reflector(
+        w,
+        watcher(Api::<Node>::all(client), config).default_backoff(),
+    );
+    tokio::spawn(drive("Node", stream, changes, |c| &c.node_changes));
+
+    Stores {
+        services,
+        slices,
+        node,
+    }
+}
+
+/// Polls one reflector stream forever, counting changes and waking the sync loop.
+async fn drive<K, S>(
+    kind: &'static str,
+    stream: S,
+    changes: Arc<Changes>,
+    counter: fn(&Changes) -> &Counter,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                counter(&changes).inc();
+                changes.dirty.store(true, Ordering::Release);
+                changes.notify.notify_one();
+            }
+            Ok(watcher::Event::InitDone) => {
+                tracing::debug!(kind, "list complete");
+                changes.dirty.store(true, Ordering::Release);
+                changes.notify.notify_one();
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(e) => {
+                changes.watch_errors.inc();
+                tracing::warn!(kind, "watch failed, retrying with backoff: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The live agent against an in-process apiserver (tests/common/apiserver.rs) through the real
+//! kube-rs client, applying to a private network namespace's kernel.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::apiserver::FakeApiServer;
+use serde_json::{Value, json};
+use svcproxy::agent::{AgentConfig, SyncRecord};
+use svcproxy::conntrack::Conntrack;
+use svcproxy::nft::apply::{NftCommand, SyncKind};
+use tokio::sync::{mpsc, watch};
+
+/// A network namespace for the agent's rules, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Netns> {
+        if !common::have_nft() || !common::can_unshare_net() {
+            common::skip_or_fail("the agent tests need root and nft");
+            return None;
+        }
+        let name = format!("sp{}-agent-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        Some(Netns(name))
+    }
+
+    /// `nft list ruleset` in the namespace.
+    fn ruleset(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn service(name: &str, ip: &str, extra: Value) -> Value {
+    let mut spec = json!({"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]});
+    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+        s.extend(e);
+    }
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a"}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    })
+}
+
+fn node() -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+           "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]}})
+}
+
+struct Agent {
+    syncs: mpsc::UnboundedReceiver<SyncRecord>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    fn start(api: &FakeApiServer, ns: &Netns, tweak: impl FnOnce(&mut AgentConfig)) -> Agent {
+        let mut config = AgentConfig {
+            kube: api.kube_config(),
+            node_name: "node-a".into(),
+            node_ips: vec![],
+            proxy: Default::default(),
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_secs(3600),
+            healthz_address: None,
+            metrics_address: None,
+            health_check_address: "127.0.0.1".parse().unwrap(),
+            nft: NftCommand::in_netns(&ns.0),
+            conntrack: Conntrack::in_netns(&ns.0),
+        };
+        tweak(&mut config);
+        let (tx, syncs) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            svcproxy::agent::run(config, stop_rx, Some(tx))
+                .await
+                .unwrap();
+        });
+        Agent { syncs, stop, task }
+    }
+
+    /// The next sync, within `limit`.
+    async fn next_sync(&mut self, limit: Duration) -> Option<SyncRecord> {
+        tokio::time::timeout(limit, self.syncs.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// Waits until `f` holds, polling, for at most `limit`.
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    f()
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_appear_only_after_both_lists_and_follow_changes() {
+    let Some(ns) = Netns::new("follow") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.11", "10.244.1.12"]));
+    api.hold_lists("EndpointSlice", true);
+    let mut agent = Agent::start(&api, &ns, |_| {});
+
+    // Services listed, EndpointSlices not yet: nothing may be written.
+    assert!(
+        agent.next_sync(Duration::from_millis(1500)).await.is_none(),
+        "a sync before the lists were complete"
+    );
+    assert!(!ns.ruleset().contains("svcproxy"));
+
+    api.hold_lists("EndpointSlice", false);
+    let first = agent.next_sync(5 * SECOND).await.expect("the first sync");
+    assert_eq!(first.kind, SyncKind::Full);
+    assert_eq!((first.services, first.slices), (1, 1));
+    assert!(
+        ns.ruleset().contains("10.96.0.10 . tcp . 80"),
+        "{}",
+        ns.ruleset()
+    );
+
+    // Add, modify, delete: the kernel follows, with partial syncs.
+    api.apply(service("api", "10.96.0.20", json!({})));
+    api.apply(slice("api-1", "api", &["10.244.1.21"]));
+    assert!(eventually(3 * SECOND, || ns.ruleset().contains("10.244.1.21 . 8080")).await);
+    api.apply(slice("web-1", "web", &["10.244.1.11", "10.244.1.13"]));
+    assert!(
+        eventually(3 * SECOND, || ns.ruleset().contains("10.244.1.13 . 8080")
+            && !ns.ruleset().contains("10.244.1.12"))
+        .await
+    );
+    api.delete("Service", "default", "api");
+    assert!(eventually(3 * SECOND, || !ns.ruleset().contains("10.96.0.20")).await);
+    while let Ok(Some(s)) =
+        tokio::time::timeout(Duration::from_millis(300), agent.syncs.recv()).await
+    {
+        assert_eq!(s.kind, SyncKind::Partial, "{s:?}");
+    }
+    agent.stop().await;
+    // Stopping leaves the rules in place.
+    assert!(ns.ruleset().contains("10.96.0.10 . tcp . 80"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
+    let Some(ns) = Netns::new("outage") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.11"]));
+    api.apply(service("gone", "10.96.0.30", json!({})));
+    api.apply(slice("gone-1", "gone", &["10.244.1.31"]));
+    let mut agent = Agent::start(&api, &ns, |_| {});
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    assert!(ns.ruleset().contains("10.96.0.30"));
+
+    // The apiserver goes away: the rules stay as they are.
+    api.set_available(false);
+    api.drop_watches();
+    tokio::time::sleep(2 * SECOND).await;
+    assert!(ns.ruleset().contains("10.96.0.30") && ns.ruleset().contains("10.96.0.10"));
+
+    // Meanwhile a Service is deleted and history is compacted: the watch must re-list (410).
+    api.delete("Service", "default", "gone");
+    api.delete("EndpointSlice", "default", "gone-1");
+    api.apply(slice("web-1", "web", &["10.244.1.12"]));
+    api.compact();
+    let (lists_before, _) = api.requests("Service");
+    api.set_available(true);
+    assert!(
+        eventually(15 * SECOND, || {
+            let r = ns.ruleset();
+            !r.contains("10.96.0.30") && r.contains("10.244.1.12 . 8080")
+        })
+        .await,
+        "{}",
+        ns.ruleset()
+    );
+    assert!(
+        api.requests("Service").0 > lists_before,
+        "the Service watch listed again"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_coalesced() {
+    let Some(ns) = Netns::new("burst") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    let mut agent = Agent::start(&api, &ns, |c| c.min_sync_period = SECOND);
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    let start = Instant::now();
+    for i in 0..500 {
+        let ip = format!("10.97.{}.{}", i / 250, i % 250 + 1);
+        api.apply(service(&format!("s{i}"), &ip, json!({})));
+        api.apply(slice(
+            &format!("s{i}-1"),
+            &format!("s{i}"),
+            &[&format!("10.245.{}.{}", i / 250, i % 250 + 1)],
+        ));
+    }
+    let mut syncs = 0;
+    let mut services = 0;
+    while services < 500 {
+        let s = agent
+            .next_sync(10 * SECOND)
+            .await
+            .expect("syncs until all 500 Services are in");
+        syncs += 1;
+        services = s.services;
+    }
+    assert!(
+        syncs <= 6,
+        "1,000 changes in {:?} took {syncs} syncs",
+        start.elapsed()
+    );
+    assert!(ns.ruleset().contains("10.97.1.250 . tcp . 80"));
+    agent.stop().await;
+}
+
+/// A plain HTTP/1.0 GET: (status, headers and body).
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, SECOND).expect("connect");
+    s.set_read_timeout(Some(2 * SECOND)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_health_check_node_ports() {
+    let Some(ns) = Netns::new("health") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    let hcnp = free_port();
+    api.apply(node());
+    api.apply(service(
+        "lb",
+        "10.96.0.40",
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": hcnp,
+               "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30040, "protocol": "TCP"}]}),
+    ));
+    let mut lb_slice = slice("lb-1", "lb", &["10.244.1.41"]);
+    lb_slice["ports"] = json!([{"port": 8080, "protocol": "TCP"}]);
+    api.apply(lb_slice.clone());
+    let (healthz, metrics) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let mut agent = Agent::start(&api, &ns, |c| {
+        c.healthz_address = Some(healthz);
+        c.metrics_address = Some(metrics);
+    });
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(healthz, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"lastUpdated\":\"20") && body.contains("\"currentTime\""),
+        "{body}"
+    );
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(healthz, "/livez"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 0",
+    ] {
+        assert!(body.contains(name), "missing {name} in\n{body}");
+    }
+
+    // The health check node port: 200 with one local endpoint...
+    let hc = SocketAddr::from(([127, 0, 0, 1], hcnp));
+    assert!(eventually(3 * SECOND, || std::net::TcpStream::connect(hc).is_ok()).await);
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(hc, "/"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("X-Load-Balancing-Endpoint-Weight: 1")
+            || body.contains("x-load-balancing-endpoint-weight: 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"lb\""),
+        "{body}"
+    );
+    // ...503 once the endpoint is on another node...
+    lb_slice["endpoints"][0]["nodeName"] = json!("node-b");
+    api.apply(lb_slice);
+    let mut last = (0, String::new());
+    assert!(
+        eventually(3 * SECOND, || {
+            last = http_get(hc, "/");
+            last.0 == 503
+        })
+        .await,
+        "{last:?}"
+    );
+    // ...and closed with the Service.
+    api.delete("Service", "default", "lb");
+    assert!(eventually(3 * SECOND, || std::net::TcpStream::connect(hc).is_err()).await);
+    agent.stop().await;
+}
+
+/// End to end: the agent against the apiserver, its rules in a node namespace with real pods,
+/// a client connecting through a Service while the Service's EndpointSlice changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_endpoint_slice_changes() {
+    use common::netns::{Pod, World, tcp};
+    let Some(mut w) = World::new() else { return };
+    let pods: Vec<Pod> = (1..=3).map(|i| w.pod(&format!("p{i}"), false)).collect();
+    let client = w.pod("client", false);
+    for p in &pods {
+        w.serve(p, 8080);
+    }
+    let ips: Vec<String> = pods.iter().map(|p| p.ip.to_string()).collect();
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service("web", "10.96.0.50", json!({})));
+    api.apply(slice("web-1", "web", &[&ips[0]]));
+    let (tx, mut syncs) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+    let config = AgentConfig {
+        kube: api.kube_config(),
+        node_name: "node-a".into(),
+        node_ips: vec![],
+        proxy: Default::default(),
+        min_sync_period: Duration::from_millis(100),
+        sync_period: Duration::from_secs(3600),
+        healthz_address: None,
+        metrics_address: None,
+        health_check_address: "127.0.0.1".parse().unwrap(),
+        nft: NftCommand::in_netns(&w.node),
+        conntrack: Conntrack::in_netns(&w.node),
+    };
+    let task = tokio::spawn(svcproxy::agent::run(config, stop_rx, Some(tx)));
+    tokio::time::timeout(5 * SECOND, syncs.recv())
+        .await
+        .expect("the first sync");
+
+    let to: SocketAddr = "10.96.0.50:80".parse().unwrap();
+    let ns = client.ns.clone();
+    let who = move || tcp(&ns, to, 2 * SECOND).map(|r| r.pod);
+    assert_eq!(
+        tokio::task::spawn_blocking(who.clone())
+            .await
+            .unwrap()
+            .unwrap(),
+        "p1"
+    );
+
+    // Scale out, then move: the answers follow, and no connection fails on the way.
+    let load = {
+        let who = who.clone();
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(4);
+            let mut seen = std::collections::BTreeMap::<String, usize>::new();
+            let mut failures = Vec::new();
+            while Instant::now() < deadline {
+                match who() {
+                    Ok(p) => *seen.entry(p).or_default() += 1,
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (seen, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    api.apply(slice("web-1", "web", &[&ips[0], &ips[1], &ips[2]]));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    api.apply(slice("web-1", "web", &[&ips[2]]));
+    let (seen, failures) = load.await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        seen.len() == 3,
+        "every pod answered at some point: {seen:?}"
+    );
+    assert!(
+        eventually(2 * SECOND, || who().is_ok_and(|p| p == "p3")).await,
+        "after the last change only p3 answers"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            tokio::task::spawn_blocking(who.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+            "p3"
+        );
+    }
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(5 * SECOND, task).await;
+}
+
+/// `svcproxy dump --kubeconfig`: read the cluster once and print the ruleset, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_reads_the_cluster_once() {
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service("web", "10.96.0.60", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.61"]));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: nobody}}\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["dump", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--node", "node-a"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("10.96.0.60 . tcp . 80 comment \"default/web:http/tcp\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("10.96.0.60 . tcp . 80 : 10.244.1.61 . 8080"),
+        "{stdout}"
+    );
+    assert_eq!(api.requests("Service").1, 0, "no watch: one read");
+}
