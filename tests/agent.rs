@@ -512,3 +512,135 @@ async fn dump_reads_the_cluster_once() {
     );
     assert_eq!(api.requests("Service").1, 0, "no watch: one read");
 }
+
+/// A full resync every sync period repairs drift: someone deleting svcproxy's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_full_sync_repairs_drift() {
+    let Some(ns) = Netns::new("drift") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(service("web", "10.96.0.70", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.71"]));
+    let mut agent = Agent::start(&api, &ns, |c| c.sync_period = Duration::from_secs(2));
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    let ok = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.0, "nft", "delete", "table", "ip", "svcproxy",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(!ns.ruleset().contains("10.96.0.70"));
+    // Other syncs (the Node watch completing its list) may come first; the resync is a full one.
+    loop {
+        let s = agent
+            .next_sync(5 * SECOND)
+            .await
+            .expect("the periodic resync");
+        if s.kind == SyncKind::Full {
+            break;
+        }
+    }
+    assert!(
+        ns.ruleset().contains("10.96.0.70 . tcp . 80"),
+        "{}",
+        ns.ruleset()
+    );
+    agent.stop().await;
+}
+
+/// The binary: `svcproxy run` in a network namespace, against an apiserver listening inside that
+/// namespace; SIGTERM stops it and leaves the rules in place.
+#[test]
+fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
+    let Some(ns) = Netns::new("binary") else {
+        return;
+    };
+    Command::new("ip")
+        .args(["-n", &ns.0, "link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    // The apiserver's socket is created inside the namespace, so the agent there can reach it.
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let ns_name = ns.0.clone();
+    let server = std::thread::spawn(move || {
+        common::netns::in_ns(&ns_name, move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let api = FakeApiServer::start().await;
+                api.apply(node());
+                api.apply(service("web", "10.96.0.80", json!({})));
+                api.apply(slice("web-1", "web", &["10.244.1.81"]));
+                url_tx.send(api.url()).unwrap();
+                let _ = tokio::task::spawn_blocking(move || done_rx.recv()).await;
+            });
+        })
+    });
+    let url = url_rx.recv_timeout(5 * SECOND).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{server: \"{url}\"}}\ncontexts:\n- name: f\n  context: {{cluster: f, user: u}}\ncurrent-context: f\nusers:\n- name: u\n  user: {{}}\n"),
+    )
+    .unwrap();
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            env!("CARGO_BIN_EXE_svcproxy"),
+            "run",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .args([
+            "--hostname-override",
+            "node-a",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ns.ruleset().contains("10.96.0.80 . tcp . 80") {
+        assert!(
+            start.elapsed() < 10 * SECOND,
+            "no rules from the agent: {}",
+            ns.ruleset()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(
+        ns.ruleset().contains("10.96.0.80 . tcp . 80"),
+        "the rules stay after SIGTERM"
+    );
+    // JSON logs, one sync line with its kind.
+    let synced: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "synced")
+        .collect();
+    assert!(!synced.is_empty(), "{logs}");
+    assert_eq!(synced[0]["fields"]["kind"], "full", "{logs}");
+    let _ = done_tx.send(());
+    let _ = server.join();
+}

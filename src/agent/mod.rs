@@ -288,17 +288,27 @@ impl Syncer {
         self.health_checks
             .update(&health_check_ports(snapshot, plan))
             .await;
-        tracing::info!(
-            kind = report.kind.as_str(),
-            services = snapshot.services.len(),
-            endpoint_slices = snapshot.slices.len(),
-            elements_added = report.elements_added,
-            elements_deleted = report.elements_deleted,
-            chains = report.chains_changed,
-            duration_ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0,
-            full_because = report.full_because.as_deref().unwrap_or(""),
-            "synced"
-        );
+        // A sync that found nothing to change (a Node heartbeat, say) is logged quietly.
+        macro_rules! synced {
+            ($level:ident) => {
+                tracing::$level!(
+                    kind = report.kind.as_str(),
+                    services = snapshot.services.len(),
+                    endpoint_slices = snapshot.slices.len(),
+                    elements_added = report.elements_added,
+                    elements_deleted = report.elements_deleted,
+                    chains = report.chains_changed,
+                    duration_ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0,
+                    full_because = report.full_because.as_deref().unwrap_or(""),
+                    "synced"
+                )
+            };
+        }
+        if report.commands > 0 {
+            synced!(info);
+        } else {
+            synced!(debug);
+        }
         if let Some(tx) = &self.observer {
             let _ = tx.send(SyncRecord {
                 kind: report.kind,
