@@ -1,8 +1,8 @@
 //! The command line: arguments (clap) and the commands behind them.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -20,6 +20,10 @@ pub struct Cli {
     /// Log format: human-readable text, or one JSON object per line for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log verbosity, as kube-proxy's `--v`: up to 2 info, 3-4 debug, 5 and more trace
+    /// ($SVCPROXY_LOG, a tracing filter, wins).
+    #[arg(long = "v", global = true, value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +41,9 @@ pub enum Command {
     Dump(DumpArgs),
     /// Run the node agent: watch the apiserver and keep the kernel's rules in sync.
     Run(RunArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Compile manifest files and apply the ruleset to this network namespace's kernel, once
     /// (a full sync: svcproxy's tables are replaced in one transaction).
     Apply(ApplyArgs),
@@ -231,36 +238,109 @@ impl FromStr for GoDuration {
     }
 }
 
+/// `svcproxy run`: kube-proxy's flags (by kube-proxy's names), over kube-proxy's configuration
+/// file; a flag given wins over the file.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kubeconfig to reach the apiserver (default: $KUBECONFIG, else the in-cluster service
-    /// account, else ~/.kube/config).
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), e.g. kube-proxy's
+    /// ConfigMap.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to reach the apiserver (default: the file's clientConnection.kubeconfig, else
+    /// $KUBECONFIG, else the in-cluster service account, else ~/.kube/config).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
-    #[command(flatten)]
-    pub node: NodeArgs,
-    /// At most one sync per this period: changes arriving meanwhile are coalesced (0: at once).
-    #[arg(long, default_value = "1s", value_name = "DURATION")]
-    pub min_sync_period: GoDuration,
-    /// A full resync this often, which repairs any drift of the kernel's rules.
-    #[arg(long, default_value = "1h", value_name = "DURATION")]
-    pub sync_period: GoDuration,
-    /// Where `/healthz` and `/livez` are served (empty: nowhere).
-    #[arg(long, default_value = "0.0.0.0:10256", value_name = "IP:PORT")]
-    pub healthz_bind_address: String,
-    /// Where Prometheus `/metrics` are served (empty: nowhere).
-    #[arg(long, default_value = "127.0.0.1:10249", value_name = "IP:PORT")]
-    pub metrics_bind_address: String,
+    /// The node the proxy runs on (default: $NODE_NAME, else the host name).
+    #[arg(long, visible_alias = "node", value_name = "NAME")]
+    pub hostname_override: Option<String>,
+    /// The node's addresses, primary first (default: the Node object's).
+    #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+    /// `nftables` (the only backend built so far).
+    #[arg(long, value_name = "MODE")]
+    pub proxy_mode: Option<String>,
+    /// The cluster's pod network(s), comma-separated.
+    #[arg(long, value_name = "CIDRS")]
+    pub cluster_cidr: Option<String>,
+    /// Which local addresses answer NodePorts: `primary`, or comma-separated CIDRs.
+    #[arg(long, value_name = "CIDRS|primary", value_delimiter = ',')]
+    pub nodeport_addresses: Option<Vec<String>>,
+    /// Masquerade all traffic sent to ClusterIPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// The packet mark bit (0-31) that flags packets for masquerading (default 14).
+    #[arg(long, value_name = "BIT", allow_hyphen_values = true)]
+    pub masquerade_bit: Option<i32>,
+    /// At most one sync per this period (default 1s; 0: at once).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub min_sync_period: Option<String>,
+    /// A full resync this often, repairing any drift (default 1h).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub sync_period: Option<String>,
+    /// Where `/healthz` and `/livez` are served (default 0.0.0.0:10256; empty: nowhere).
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_bind_address: Option<String>,
+    /// Where Prometheus `/metrics` are served (default 127.0.0.1:10249; empty: nowhere).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_bind_address: Option<String>,
+    /// Delete svcproxy's tables and exit (as `kube-proxy --cleanup`).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Write the effective configuration to this file and exit.
+    #[arg(long, value_name = "FILE")]
+    pub write_config_to: Option<PathBuf>,
 }
 
-fn bind_address(flag: &str, value: &str) -> Result<Option<SocketAddr>, String> {
-    if value.is_empty() {
-        return Ok(None);
+impl RunArgs {
+    /// The file (if any) and the flags, resolved; an error names the value and the reason.
+    pub fn settings(&self) -> Result<crate::config::Settings, crate::config::ConfigError> {
+        let file = match &self.config {
+            Some(p) => crate::config::read(p)?,
+            None => Default::default(),
+        };
+        let flags = crate::config::FlagOverrides {
+            mode: self.proxy_mode.clone(),
+            hostname_override: self.hostname_override.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            cluster_cidr: self.cluster_cidr.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            masquerade_all: self.masquerade_all.then_some(true),
+            masquerade_bit: self.masquerade_bit,
+            healthz_bind_address: self.healthz_bind_address.clone(),
+            metrics_bind_address: self.metrics_bind_address.clone(),
+            sync_period: self.sync_period.clone(),
+            min_sync_period: self.min_sync_period.clone(),
+        };
+        crate::config::resolve(&file, &flags)
     }
-    value
-        .parse()
-        .map(Some)
-        .map_err(|_| format!("--{flag} {value:?}: expected IP:PORT"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a KubeProxyConfiguration file and print the effective settings.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+/// `svcproxy config check FILE`.
+pub fn config_check(file: &Path) -> u8 {
+    let settings =
+        crate::config::read(file).and_then(|c| crate::config::resolve(&c, &Default::default()));
+    match settings {
+        Ok(s) => {
+            for w in &s.warnings {
+                tracing::warn!("{}: {w}", file.display());
+            }
+            print!("{}", crate::config::effective_yaml(&s));
+            EXIT_OK
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            EXIT_NOTHING
+        }
+    }
 }
 
 /// The kube client configuration: `--kubeconfig`, else `$KUBECONFIG`/in-cluster/~/.kube.
@@ -289,18 +369,46 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// `svcproxy run`.
 pub fn run_agent(args: &RunArgs) -> u8 {
-    let rt = runtime();
-    rt.block_on(async {
-        let healthz = bind_address("healthz-bind-address", &args.healthz_bind_address);
-        let metrics = bind_address("metrics-bind-address", &args.metrics_bind_address);
-        let (healthz, metrics) = match (healthz, metrics) {
-            (Ok(h), Ok(m)) => (h, m),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!("{e}");
-                return EXIT_NOTHING;
+    // Everything is validated before anything touches the kernel.
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            return EXIT_NOTHING;
+        }
+    };
+    for w in &settings.warnings {
+        tracing::warn!("configuration: {w}");
+    }
+    if let Some(path) = &args.write_config_to {
+        return match std::fs::write(path, crate::config::effective_yaml(&settings)) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                tracing::error!("{}: {e}", path.display());
+                EXIT_NOTHING
             }
         };
-        let kube = match kube_config(args.kubeconfig.as_ref()).await {
+    }
+    if args.cleanup {
+        return cleanup();
+    }
+    for problem in crate::config::apply_sysctls(&settings.conntrack) {
+        tracing::warn!("conntrack setting not applied: {problem}");
+    }
+    let node_name = settings
+        .hostname_override
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(hostname);
+    let mut node_ips = args.node_ips.clone();
+    if node_ips.is_empty()
+        && let Some(ip) = settings.node_ip
+    {
+        node_ips.push(ip);
+    }
+    let rt = runtime();
+    rt.block_on(async {
+        let kube = match kube_config(settings.kubeconfig.as_ref()).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::error!("{e}");
@@ -309,13 +417,13 @@ pub fn run_agent(args: &RunArgs) -> u8 {
         };
         let config = crate::agent::AgentConfig {
             kube,
-            node_name: args.node.node_name(),
-            node_ips: args.node.node_ips.clone(),
-            proxy: args.node.proxy_config(),
-            min_sync_period: args.min_sync_period.0,
-            sync_period: args.sync_period.0,
-            healthz_address: healthz,
-            metrics_address: metrics,
+            node_name,
+            node_ips,
+            proxy: settings.proxy.clone(),
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+            healthz_address: settings.healthz_bind_address,
+            metrics_address: settings.metrics_bind_address,
             health_check_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
             nft: Default::default(),
             conntrack: Default::default(),
@@ -386,6 +494,7 @@ pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Dump(args) => dump(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => run_agent(&args),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Apply(args) => apply(&args),
         Command::Cleanup => cleanup(),
     }

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod conntrack;
 pub mod convert;
 pub mod manifests;

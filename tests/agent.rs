@@ -552,7 +552,8 @@ async fn the_periodic_full_sync_repairs_drift() {
 }
 
 /// The binary: `svcproxy run` in a network namespace, against an apiserver listening inside that
-/// namespace; SIGTERM stops it and leaves the rules in place.
+/// namespace. It tells systemd READY only once its first ruleset is in the kernel, logs JSON,
+/// and SIGTERM stops it and leaves the rules in place.
 #[test]
 fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
     let Some(ns) = Netns::new("binary") else {
@@ -563,7 +564,7 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
         .status()
         .unwrap();
     // The apiserver's socket is created inside the namespace, so the agent there can reach it.
-    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let (api_tx, api_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let ns_name = ns.0.clone();
     let server = std::thread::spawn(move || {
@@ -578,19 +579,26 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
                 api.apply(node());
                 api.apply(service("web", "10.96.0.80", json!({})));
                 api.apply(slice("web-1", "web", &["10.244.1.81"]));
-                url_tx.send(api.url()).unwrap();
+                api.hold_lists("EndpointSlice", true);
+                api_tx.send(api.clone()).unwrap();
                 let _ = tokio::task::spawn_blocking(move || done_rx.recv()).await;
             });
         })
     });
-    let url = url_rx.recv_timeout(5 * SECOND).unwrap();
+    let api = api_rx.recv_timeout(5 * SECOND).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{server: \"{url}\"}}\ncontexts:\n- name: f\n  context: {{cluster: f, user: u}}\ncurrent-context: f\nusers:\n- name: u\n  user: {{}}\n"),
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{server: \"{}\"}}\ncontexts:\n- name: f\n  context: {{cluster: f, user: u}}\ncurrent-context: f\nusers:\n- name: u\n  user: {{}}\n", api.url()),
     )
     .unwrap();
+    // systemd's notification socket, played by the test.
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
     let mut child = Command::new("ip")
         .args([
             "netns",
@@ -611,18 +619,25 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
             "--log-format",
             "json",
         ])
+        .env("NOTIFY_SOCKET", &notify_path)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !ns.ruleset().contains("10.96.0.80 . tcp . 80") {
-        assert!(
-            start.elapsed() < 10 * SECOND,
-            "no rules from the agent: {}",
-            ns.ruleset()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut buf = [0u8; 64];
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "READY before the EndpointSlices were listed"
+    );
+    assert!(!ns.ruleset().contains("svcproxy"));
+    api.hold_lists("EndpointSlice", false);
+    notify.set_read_timeout(Some(10 * SECOND)).unwrap();
+    let n = notify.recv(&mut buf).expect("READY=1");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        ns.ruleset().contains("10.96.0.80 . tcp . 80"),
+        "READY only with the rules in place: {}",
+        ns.ruleset()
+    );
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
@@ -641,6 +656,24 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
         .collect();
     assert!(!synced.is_empty(), "{logs}");
     assert_eq!(synced[0]["fields"]["kind"], "full", "{logs}");
+    // `--cleanup`, as `kube-proxy --cleanup`: the tables go, and nothing else happens.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            env!("CARGO_BIN_EXE_svcproxy"),
+            "run",
+            "--cleanup",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ns.ruleset().contains("svcproxy"));
     let _ = done_tx.send(());
     let _ = server.join();
 }

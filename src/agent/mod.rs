@@ -116,6 +116,7 @@ pub async fn run(
         observer,
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
+        notified_ready: false,
     };
     syncer.run(stop).await;
     Ok(())
@@ -132,6 +133,7 @@ struct Syncer {
     /// The problems reported at the last sync, so that each is logged once, not every sync.
     rejected: BTreeSet<String>,
     conflicts: BTreeSet<String>,
+    notified_ready: bool,
 }
 
 /// Waits for `stop` to turn true.
@@ -214,6 +216,11 @@ impl Syncer {
                     retry_at = None;
                     if report.kind == SyncKind::Full {
                         next_full = start + self.config.sync_period;
+                    }
+                    if !self.notified_ready {
+                        // systemd (Type=notify): ready once the first ruleset is in the kernel.
+                        sd_notify("READY=1");
+                        self.notified_ready = true;
                     }
                     self.after_sync(
                         &snapshot,
@@ -407,4 +414,26 @@ fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()
+}
+
+/// Sends a state line to systemd's notification socket (`$NOTIFY_SOCKET`), if there is one.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = path.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(abstract_name) => UnixAddr::from_abstract_name(abstract_name)?,
+            None => UnixAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    match sent {
+        Ok(_) => tracing::debug!("told systemd {state}"),
+        Err(e) => tracing::warn!("cannot notify systemd ({state}): {e}"),
+    }
 }

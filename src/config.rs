@@ -1,0 +1,727 @@
+//! kube-proxy's own configuration file, `KubeProxyConfiguration`
+//! (`kubeproxy.config.k8s.io/v1alpha1`), so that an operator can point svcproxy at the
+//! ConfigMap kube-proxy used.
+//!
+//! Every field kube-proxy has is known here: the ones that apply are honoured, the ones that do
+//! not (IPVS, Windows, profiling, …) are accepted with one warning each, and a field that is not
+//! kube-proxy's at all (a misspelling) is an error naming it and its line. Values are validated
+//! before anything touches the kernel.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::{NodePortAddresses, ProxyConfig};
+
+pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub const KIND: &str = "KubeProxyConfiguration";
+
+/// A configuration problem: the file cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax errors and unknown (misspelled) fields, with their line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {value:?}: {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(field: &str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The file, as kube-proxy's v1alpha1 schema has it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubeProxyConfiguration {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    pub feature_gates: Option<BTreeMap<String, bool>>,
+    pub client_connection: Option<ClientConnection>,
+    pub hostname_override: Option<String>,
+    pub bind_address: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    pub bind_address_hard_fail: Option<bool>,
+    pub enable_profiling: Option<bool>,
+    pub show_hidden_metrics_for_version: Option<String>,
+    pub mode: Option<String>,
+    pub iptables: Option<IptablesConfig>,
+    pub ipvs: Option<Value>,
+    pub nftables: Option<NftablesConfig>,
+    pub winkernel: Option<Value>,
+    pub windows: Option<Value>,
+    pub linux: Option<LinuxConfig>,
+    pub detect_local_mode: Option<String>,
+    pub detect_local: Option<Value>,
+    #[serde(rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    pub node_port_addresses: Option<Vec<String>>,
+    pub oom_score_adj: Option<i32>,
+    pub conntrack: Option<ConntrackConfig>,
+    pub config_sync_period: Option<String>,
+    pub port_range: Option<String>,
+    pub logging: Option<Value>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientConnection {
+    pub kubeconfig: Option<String>,
+    pub accept_content_types: Option<String>,
+    pub content_type: Option<String>,
+    pub qps: Option<f64>,
+    pub burst: Option<i64>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NftablesConfig {
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<i32>,
+    pub sync_period: Option<String>,
+    pub min_sync_period: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IptablesConfig {
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<i32>,
+    pub localhost_node_ports: Option<bool>,
+    pub sync_period: Option<String>,
+    pub min_sync_period: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LinuxConfig {
+    pub conntrack: Option<ConntrackConfig>,
+    pub masquerade_all: Option<bool>,
+    pub oom_score_adj: Option<i32>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConntrackConfig {
+    pub max_per_core: Option<i64>,
+    pub min: Option<i64>,
+    pub tcp_established_timeout: Option<String>,
+    pub tcp_close_wait_timeout: Option<String>,
+    pub tcp_be_liberal: Option<bool>,
+    pub udp_timeout: Option<String>,
+    pub udp_stream_timeout: Option<String>,
+}
+
+/// Reads and parses a configuration file (without resolving it).
+pub fn read(path: &Path) -> Result<KubeProxyConfiguration, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses a configuration text; `path` names it in messages.
+pub fn parse(path: &Path, text: &str) -> Result<KubeProxyConfiguration, ConfigError> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.with_snippet = false;
+    let cfg: KubeProxyConfiguration =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if let Some(v) = &cfg.api_version
+        && v != API_VERSION
+    {
+        return Err(invalid("apiVersion", v, format!("expected {API_VERSION}")));
+    }
+    if let Some(k) = &cfg.kind
+        && k != KIND
+    {
+        return Err(invalid("kind", k, format!("expected {KIND}")));
+    }
+    Ok(cfg)
+}
+
+/// Which backend programs the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    Nftables,
+}
+
+/// A conntrack sysctl kube-proxy sets, and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sysctl {
+    pub name: &'static str,
+    pub value: u64,
+}
+
+/// The settings the agent runs with, resolved from the file and the flags (flags win).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub mode: ProxyMode,
+    pub hostname_override: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub proxy: ProxyConfig,
+    /// `bindAddress`, when it names one address: the node's primary IP.
+    pub node_ip: Option<IpAddr>,
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub conntrack: Vec<Sysctl>,
+    pub feature_gates: BTreeMap<String, bool>,
+    /// One line per accepted-but-ignored field, unknown feature gate, or unsupported mode.
+    pub warnings: Vec<String>,
+}
+
+/// What the command line says, each `None` when not given (so that the file's value stands).
+#[derive(Debug, Clone, Default)]
+pub struct FlagOverrides {
+    pub mode: Option<String>,
+    pub hostname_override: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub cluster_cidr: Option<String>,
+    pub nodeport_addresses: Option<Vec<String>>,
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<i32>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    pub sync_period: Option<String>,
+    pub min_sync_period: Option<String>,
+}
+
+/// Feature gates of kube-proxy that svcproxy knows of (accepted; none changes its behaviour).
+const KNOWN_FEATURE_GATES: &[&str] = &[
+    "NFTablesProxyMode",
+    "MultiCIDRServiceAllocator",
+    "ServiceTrafficDistribution",
+    "TopologyAwareHints",
+    "ProxyTerminatingEndpoints",
+    "LoadBalancerIPMode",
+    "KubeProxyDrainingTerminatingNodes",
+    "AllAlpha",
+    "AllBeta",
+];
+
+/// Parses a Go duration (`1h0m0s`, `500ms`); negative durations are refused.
+pub fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    text.parse::<crate::cli::GoDuration>()
+        .map(|d| d.0)
+        .map_err(|reason| invalid(field, text, reason))
+}
+
+fn bind(field: &str, text: &str, default_port: u16) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(Some(SocketAddr::new(ip, default_port)));
+    }
+    // Port numbers out of range, or not numbers, fail here with the value named.
+    text.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| invalid(field, text, "expected IP:PORT with a port from 0 to 65535"))
+}
+
+fn cidrs(field: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| invalid(field, p, "not a CIDR (e.g. 10.244.0.0/16)"))
+        })
+        .collect()
+}
+
+/// Resolves a configuration (the file's, or the default when there is none) and the flags
+/// into the settings the agent runs with.
+pub fn resolve(
+    file: &KubeProxyConfiguration,
+    flags: &FlagOverrides,
+) -> Result<Settings, ConfigError> {
+    let mut warnings = Vec::new();
+    let mut ignored = |field: &str, present: bool| {
+        if present {
+            warnings.push(format!("{field}: accepted but not used by svcproxy"));
+        }
+    };
+    ignored("ipvs", file.ipvs.is_some());
+    ignored("winkernel", file.winkernel.is_some());
+    ignored("windows", file.windows.is_some());
+    ignored("logging", file.logging.is_some());
+    ignored("enableProfiling", file.enable_profiling.is_some());
+    ignored(
+        "showHiddenMetricsForVersion",
+        file.show_hidden_metrics_for_version.is_some(),
+    );
+    ignored("bindAddressHardFail", file.bind_address_hard_fail.is_some());
+    ignored("oomScoreAdj", file.oom_score_adj.is_some());
+    ignored(
+        "linux.oomScoreAdj",
+        file.linux
+            .as_ref()
+            .is_some_and(|l| l.oom_score_adj.is_some()),
+    );
+    ignored("configSyncPeriod", file.config_sync_period.is_some());
+    ignored(
+        "portRange",
+        file.port_range.as_deref().is_some_and(|p| !p.is_empty()),
+    );
+    ignored("detectLocal", file.detect_local.is_some());
+    if let Some(cc) = &file.client_connection {
+        ignored(
+            "clientConnection.acceptContentTypes",
+            cc.accept_content_types.is_some(),
+        );
+        ignored("clientConnection.contentType", cc.content_type.is_some());
+        ignored("clientConnection.qps", cc.qps.is_some());
+        ignored("clientConnection.burst", cc.burst.is_some());
+    }
+    ignored("iptables", file.iptables.is_some());
+
+    let mode_text = flags
+        .mode
+        .clone()
+        .or_else(|| file.mode.clone())
+        .unwrap_or_default();
+    let mode = match mode_text.as_str() {
+        "" | "nftables" => ProxyMode::Nftables,
+        "iptables" => {
+            return Err(invalid(
+                "mode",
+                &mode_text,
+                "the iptables backend is not built yet; use nftables (kernel 5.13 or later)",
+            ));
+        }
+        other => return Err(invalid("mode", other, "svcproxy supports nftables")),
+    };
+
+    match file.detect_local_mode.as_deref() {
+        None | Some("") | Some("ClusterCIDR") => {}
+        Some(other) => warnings.push(format!(
+            "detectLocalMode: {other:?} is not supported; pods are told apart by clusterCIDR"
+        )),
+    }
+
+    let nft = file.nftables.clone().unwrap_or_default();
+    let linux = file.linux.clone().unwrap_or_default();
+    let cluster_cidrs = match flags.cluster_cidr.as_ref().or(file.cluster_cidr.as_ref()) {
+        Some(text) => cidrs("clusterCIDR", text)?,
+        None => Vec::new(),
+    };
+    let nodeport_addresses = match flags
+        .nodeport_addresses
+        .as_ref()
+        .or(file.node_port_addresses.as_ref())
+    {
+        None => NodePortAddresses::All,
+        Some(list) if list.is_empty() => NodePortAddresses::All,
+        Some(list) if list.len() == 1 && list[0] == "primary" => NodePortAddresses::Primary,
+        Some(list) => {
+            let mut nets = Vec::new();
+            for item in list {
+                if item == "primary" {
+                    return Err(invalid(
+                        "nodePortAddresses",
+                        item,
+                        "`primary` must be the only entry",
+                    ));
+                }
+                nets.extend(cidrs("nodePortAddresses", item)?);
+            }
+            NodePortAddresses::Cidrs(nets)
+        }
+    };
+    let masquerade_bit = flags.masquerade_bit.or(nft.masquerade_bit).unwrap_or(14);
+    if !(0..=31).contains(&masquerade_bit) {
+        return Err(invalid(
+            "nftables.masqueradeBit",
+            masquerade_bit,
+            "must be from 0 to 31",
+        ));
+    }
+    let masquerade_all = flags
+        .masquerade_all
+        .or(nft.masquerade_all)
+        .or(linux.masquerade_all)
+        .unwrap_or(false);
+
+    let node_ip = match file.bind_address.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => {
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| invalid("bindAddress", text, "not an IP address"))?;
+            (!ip.is_unspecified()).then_some(ip)
+        }
+    };
+    let healthz = flags
+        .healthz_bind_address
+        .clone()
+        .or(file.healthz_bind_address.clone())
+        .unwrap_or_else(|| "0.0.0.0:10256".into());
+    let metrics = flags
+        .metrics_bind_address
+        .clone()
+        .or(file.metrics_bind_address.clone())
+        .unwrap_or_else(|| "127.0.0.1:10249".into());
+    let sync_period = match flags.sync_period.as_ref().or(nft.sync_period.as_ref()) {
+        Some(t) => duration("nftables.syncPeriod", t)?,
+        None => Duration::from_secs(3600),
+    };
+    let min_sync_period = match flags
+        .min_sync_period
+        .as_ref()
+        .or(nft.min_sync_period.as_ref())
+    {
+        Some(t) => duration("nftables.minSyncPeriod", t)?,
+        None => Duration::from_secs(1),
+    };
+    if sync_period.is_zero() {
+        return Err(invalid(
+            "nftables.syncPeriod",
+            "0",
+            "must be greater than zero",
+        ));
+    }
+
+    let conntrack_cfg = file
+        .conntrack
+        .clone()
+        .or(linux.conntrack)
+        .unwrap_or_default();
+    let conntrack = conntrack_sysctls(
+        &conntrack_cfg,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )?;
+
+    let feature_gates = file.feature_gates.clone().unwrap_or_default();
+    for gate in feature_gates.keys() {
+        if !KNOWN_FEATURE_GATES.contains(&gate.as_str()) {
+            warnings.push(format!("featureGates.{gate}: unknown to svcproxy, ignored"));
+        }
+    }
+
+    Ok(Settings {
+        mode,
+        hostname_override: flags
+            .hostname_override
+            .clone()
+            .or(file.hostname_override.clone())
+            .filter(|h| !h.is_empty()),
+        kubeconfig: flags.kubeconfig.clone().or_else(|| {
+            file.client_connection
+                .as_ref()
+                .and_then(|c| c.kubeconfig.clone())
+                .filter(|k| !k.is_empty())
+                .map(PathBuf::from)
+        }),
+        proxy: ProxyConfig {
+            cluster_cidrs,
+            nodeport_addresses,
+            masquerade_all,
+            masquerade_bit: masquerade_bit as u8,
+        },
+        node_ip,
+        healthz_bind_address: bind("healthzBindAddress", &healthz, 10256)?,
+        metrics_bind_address: bind("metricsBindAddress", &metrics, 10249)?,
+        sync_period,
+        min_sync_period,
+        conntrack,
+        feature_gates,
+        warnings,
+    })
+}
+
+/// The sysctls kube-proxy sets from `conntrack`: the table size and TCP/UDP timeouts.
+fn conntrack_sysctls(c: &ConntrackConfig, cores: usize) -> Result<Vec<Sysctl>, ConfigError> {
+    let mut out = Vec::new();
+    let nonneg = |field: &str, v: i64| {
+        u64::try_from(v).map_err(|_| invalid(field, v, "must not be negative"))
+    };
+    let per_core = c
+        .max_per_core
+        .map(|v| nonneg("conntrack.maxPerCore", v))
+        .transpose()?
+        .unwrap_or(0);
+    let min = c
+        .min
+        .map(|v| nonneg("conntrack.min", v))
+        .transpose()?
+        .unwrap_or(0);
+    // kube-proxy: max(maxPerCore × cores, min); 0 for maxPerCore leaves the limit alone.
+    if per_core > 0 {
+        out.push(Sysctl {
+            name: "net/netfilter/nf_conntrack_max",
+            value: (per_core * cores as u64).max(min),
+        });
+    }
+    let secs = |field: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(t) => {
+                let d = duration(field, t)?;
+                Ok((!d.is_zero()).then_some(d.as_secs()))
+            }
+        }
+    };
+    for (name, field, value) in [
+        (
+            "net/netfilter/nf_conntrack_tcp_timeout_established",
+            "conntrack.tcpEstablishedTimeout",
+            &c.tcp_established_timeout,
+        ),
+        (
+            "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+            "conntrack.tcpCloseWaitTimeout",
+            &c.tcp_close_wait_timeout,
+        ),
+        (
+            "net/netfilter/nf_conntrack_udp_timeout",
+            "conntrack.udpTimeout",
+            &c.udp_timeout,
+        ),
+        (
+            "net/netfilter/nf_conntrack_udp_timeout_stream",
+            "conntrack.udpStreamTimeout",
+            &c.udp_stream_timeout,
+        ),
+    ] {
+        if let Some(v) = secs(field, value)? {
+            out.push(Sysctl { name, value: v });
+        }
+    }
+    if c.tcp_be_liberal == Some(true) {
+        out.push(Sysctl {
+            name: "net/netfilter/nf_conntrack_tcp_be_liberal",
+            value: 1,
+        });
+    }
+    Ok(out)
+}
+
+/// Applies the conntrack sysctls (in this network namespace; `nf_conntrack_max` is global and
+/// writable only from the host's). A failure is reported, not fatal: kube-proxy does the same.
+pub fn apply_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in sysctls {
+        let path = Path::new("/proc/sys").join(s.name);
+        let current = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if current == Some(s.value) {
+            continue;
+        }
+        match std::fs::write(&path, s.value.to_string()) {
+            Ok(()) => tracing::info!(sysctl = s.name, value = s.value, "set"),
+            Err(e) => problems.push(format!("{}: setting {}: {e}", path.display(), s.value)),
+        }
+    }
+    problems
+}
+
+fn go_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, s % 3600 / 60, s % 60);
+    let ms = d.subsec_millis();
+    if ms > 0 && s == 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{h}h{m}m{sec}s")
+    }
+}
+
+/// The effective settings written back as a KubeProxyConfiguration (`config check`,
+/// `--write-config-to`).
+pub fn effective_yaml(s: &Settings) -> String {
+    let nodeport: Vec<String> = match &s.proxy.nodeport_addresses {
+        NodePortAddresses::All => vec![],
+        NodePortAddresses::Primary => vec!["primary".into()],
+        NodePortAddresses::Cidrs(c) => c.iter().map(ToString::to_string).collect(),
+    };
+    let addr = |a: &Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    let v = json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "mode": "nftables",
+        "hostnameOverride": s.hostname_override.clone().unwrap_or_default(),
+        "bindAddress": s.node_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
+        "healthzBindAddress": addr(&s.healthz_bind_address),
+        "metricsBindAddress": addr(&s.metrics_bind_address),
+        "clusterCIDR": s.proxy.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "detectLocalMode": "ClusterCIDR",
+        "nodePortAddresses": nodeport,
+        "clientConnection": {"kubeconfig": s.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default()},
+        "nftables": {
+            "masqueradeAll": s.proxy.masquerade_all,
+            "masqueradeBit": s.proxy.masquerade_bit,
+            "syncPeriod": go_duration(s.sync_period),
+            "minSyncPeriod": go_duration(s.min_sync_period),
+        },
+        "featureGates": s.feature_gates,
+    });
+    serde_saphyr::to_string(&v).unwrap_or_else(|_| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<KubeProxyConfiguration, ConfigError> {
+        parse(Path::new("config.yaml"), text)
+    }
+
+    const FULL: &str = r#"
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+bindAddress: 0.0.0.0
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: 127.0.0.1:10249
+nodePortAddresses: ["192.168.0.0/16"]
+detectLocalMode: ClusterCIDR
+clientConnection: {kubeconfig: /etc/svcproxy/kubeconfig, qps: 5}
+nftables: {masqueradeAll: true, masqueradeBit: 15, syncPeriod: 30m0s, minSyncPeriod: 500ms}
+iptables: {masqueradeBit: 14, syncPeriod: 30s}
+ipvs: {scheduler: rr}
+conntrack: {maxPerCore: 32768, min: 131072, tcpEstablishedTimeout: 24h0m0s, tcpCloseWaitTimeout: 1h0m0s}
+featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
+"#;
+
+    #[test]
+    fn kube_proxy_configuration_is_honoured() {
+        let s = resolve(&cfg(FULL).unwrap(), &FlagOverrides::default()).unwrap();
+        assert_eq!(s.proxy.cluster_cidrs.len(), 2);
+        assert!(s.proxy.masquerade_all);
+        assert_eq!(s.proxy.masquerade_bit, 15);
+        assert_eq!(s.sync_period, Duration::from_secs(1800));
+        assert_eq!(s.min_sync_period, Duration::from_millis(500));
+        assert_eq!(
+            s.kubeconfig.as_deref(),
+            Some(Path::new("/etc/svcproxy/kubeconfig"))
+        );
+        assert_eq!(
+            s.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert!(
+            matches!(s.proxy.nodeport_addresses, NodePortAddresses::Cidrs(ref c) if c.len() == 1)
+        );
+        assert_eq!(
+            s.conntrack[1],
+            Sysctl {
+                name: "net/netfilter/nf_conntrack_tcp_timeout_established",
+                value: 86400
+            }
+        );
+        for w in [
+            "ipvs",
+            "iptables",
+            "clientConnection.qps",
+            "featureGates.MadeUpGate",
+        ] {
+            assert!(
+                s.warnings.iter().any(|x| x.starts_with(w)),
+                "no warning for {w}: {:?}",
+                s.warnings
+            );
+        }
+        assert_eq!(s.warnings.len(), 4, "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let flags = FlagOverrides {
+            cluster_cidr: Some("10.0.0.0/8".into()),
+            masquerade_all: Some(false),
+            healthz_bind_address: Some("127.0.0.1:9999".into()),
+            min_sync_period: Some("0".into()),
+            ..FlagOverrides::default()
+        };
+        let s = resolve(&cfg(FULL).unwrap(), &flags).unwrap();
+        assert_eq!(
+            s.proxy.cluster_cidrs,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert!(!s.proxy.masquerade_all);
+        assert_eq!(
+            s.healthz_bind_address,
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
+        assert_eq!(s.min_sync_period, Duration::ZERO);
+    }
+
+    #[test]
+    fn misspelled_fields_are_errors_with_their_line() {
+        let e = cfg("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCidr: 10.0.0.0/8\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("unknown field `clusterCidr`") && msg.contains("line 3"),
+            "{msg}"
+        );
+        let e = cfg("nftables:\n  masqueradeAll: true\n  syncPeriods: 1h\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`syncPeriods`") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_value() {
+        let bad = |text: &str| {
+            resolve(&cfg(text).unwrap(), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            bad("clusterCIDR: 10.0.0.0/33\n"),
+            "clusterCIDR: \"10.0.0.0/33\": not a CIDR (e.g. 10.244.0.0/16)"
+        );
+        assert!(
+            bad("healthzBindAddress: 0.0.0.0:70000\n")
+                .starts_with("healthzBindAddress: \"0.0.0.0:70000\"")
+        );
+        assert!(bad("nftables: {syncPeriod: -1s}\n").contains("negative"));
+        assert!(bad("mode: ipvs\n").starts_with("mode: \"ipvs\""));
+        assert!(bad("mode: iptables\n").contains("not built yet"));
+        assert!(bad("nftables: {masqueradeBit: 40}\n").contains("0 to 31"));
+        assert!(bad("conntrack: {min: -1}\n").contains("negative"));
+        let e = cfg("kind: KubeletConfiguration\n").unwrap_err().to_string();
+        assert!(e.contains("expected KubeProxyConfiguration"), "{e}");
+    }
+
+    #[test]
+    fn effective_configuration_reads_back() {
+        let s = resolve(&cfg(FULL).unwrap(), &FlagOverrides::default()).unwrap();
+        let yaml = effective_yaml(&s);
+        let again = resolve(&cfg(&yaml).unwrap(), &FlagOverrides::default()).unwrap();
+        assert_eq!(again.proxy, s.proxy);
+        assert_eq!(again.sync_period, s.sync_period);
+        assert_eq!(again.min_sync_period, s.min_sync_period);
+    }
+}
