@@ -120,24 +120,44 @@ pub struct LinuxConfig {
     pub oom_score_adj: Option<i32>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConntrackConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_per_core: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_established_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_close_wait_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_be_liberal: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_stream_timeout: Option<String>,
 }
 
-/// Reads and parses a configuration file (without resolving it).
+/// Reads and parses a configuration file (without resolving it). The file may also be
+/// kube-proxy's ConfigMap itself: its `config.conf` is read then.
 pub fn read(path: &Path) -> Result<KubeProxyConfiguration, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    if let Ok(cm) = serde_saphyr::from_str::<k8s_openapi::api::core::v1::ConfigMap>(&text)
+        && text.contains("kind: ConfigMap")
+    {
+        let Some(conf) = cm.data.as_ref().and_then(|d| d.get("config.conf")) else {
+            return Err(invalid(
+                "data",
+                "config.conf",
+                "a ConfigMap holding no `config.conf` key",
+            ));
+        };
+        return parse(&path.join("data/config.conf"), conf);
+    }
     parse(path, &text)
 }
 
@@ -191,6 +211,8 @@ pub struct Settings {
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     pub conntrack: Vec<Sysctl>,
+    /// The `conntrack` section as given (for the effective configuration).
+    pub conntrack_config: ConntrackConfig,
     pub feature_gates: BTreeMap<String, bool>,
     /// One line per accepted-but-ignored field, unknown feature gate, or unsupported mode.
     pub warnings: Vec<String>,
@@ -453,6 +475,7 @@ pub fn resolve(
         sync_period,
         min_sync_period,
         conntrack,
+        conntrack_config: conntrack_cfg,
         feature_gates,
         warnings,
     })
@@ -545,14 +568,26 @@ pub fn apply_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
     problems
 }
 
+/// A duration as Go prints one (`1h0m0s`, `1m30s`, `1s`, `500ms`), as kube-proxy writes them.
 fn go_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (h, m, sec) = (s / 3600, s % 3600 / 60, s % 60);
-    let ms = d.subsec_millis();
-    if ms > 0 && s == 0 {
-        format!("{ms}ms")
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64() % 60.0;
+    let secs = if secs.fract() == 0.0 {
+        format!("{}s", secs as u64)
     } else {
-        format!("{h}h{m}m{sec}s")
+        format!("{secs}s")
+    };
+    let (h, m) = (d.as_secs() / 3600, d.as_secs() % 3600 / 60);
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
     }
 }
 
@@ -583,6 +618,7 @@ pub fn effective_yaml(s: &Settings) -> String {
             "syncPeriod": go_duration(s.sync_period),
             "minSyncPeriod": go_duration(s.min_sync_period),
         },
+        "conntrack": s.conntrack_config,
         "featureGates": s.feature_gates,
     });
     serde_saphyr::to_string(&v).unwrap_or_else(|_| v.to_string())
@@ -713,6 +749,20 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
         assert!(bad("conntrack: {min: -1}\n").contains("negative"));
         let e = cfg("kind: KubeletConfiguration\n").unwrap_err().to_string();
         assert!(e.contains("expected KubeProxyConfiguration"), "{e}");
+    }
+
+    #[test]
+    fn durations_print_as_go_does() {
+        for (secs, text) in [
+            (3600.0, "1h0m0s"),
+            (1.0, "1s"),
+            (0.5, "500ms"),
+            (90.0, "1m30s"),
+            (1.5, "1.5s"),
+            (0.0, "0s"),
+        ] {
+            assert_eq!(go_duration(Duration::from_secs_f64(secs)), text);
+        }
     }
 
     #[test]
