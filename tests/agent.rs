@@ -677,3 +677,159 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
     let _ = done_tx.send(());
     let _ = server.join();
 }
+
+/// NodePorts follow the node's addresses while the agent runs: an address added to an interface
+/// answers at once, a removed one stops, one outside `--nodeport-addresses` never answers; with
+/// `primary`, the Node object's address (changed through the apiserver) is the one that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ports_follow_the_node_addresses() {
+    use common::netns::{World, sh, tcp};
+    use svcproxy::model::NodePortAddresses;
+    let Some(mut w) = World::new() else { return };
+    let pod = w.pod("p1", false);
+    w.serve(&pod, 8080);
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service(
+        "np",
+        "10.96.0.90",
+        json!({"type": "NodePort", "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30090, "protocol": "TCP"}]}),
+    ));
+    let mut s = slice("np-1", "np", &[&pod.ip.to_string()]);
+    s["ports"] = json!([{"port": 8080, "protocol": "TCP"}]);
+    api.apply(s);
+    let start_agent = |addresses: NodePortAddresses| {
+        let (tx, syncs) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let config = AgentConfig {
+            kube: api.kube_config(),
+            node_name: "node-a".into(),
+            node_ips: vec![],
+            proxy: svcproxy::model::ProxyConfig {
+                nodeport_addresses: addresses,
+                ..Default::default()
+            },
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_secs(3600),
+            healthz_address: None,
+            metrics_address: None,
+            health_check_address: "127.0.0.1".parse().unwrap(),
+            nft: NftCommand::in_netns(&w.node),
+            conntrack: Conntrack::in_netns(&w.node),
+        };
+        let task = tokio::spawn(async move {
+            svcproxy::agent::run(config, stop_rx, Some(tx))
+                .await
+                .unwrap();
+        });
+        Agent { syncs, stop, task }
+    };
+    let client = w.client.clone();
+    let answers = move |ip: &str| {
+        let to: SocketAddr = format!("{ip}:30090").parse().unwrap();
+        tcp(&client, to, Duration::from_millis(300)).is_ok_and(|r| r.pod == "p1")
+    };
+    let answers_within = |ip: &'static str, secs: u64| {
+        let answers = answers.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(secs) {
+                if answers(ip) {
+                    return Some(start.elapsed());
+                }
+            }
+            None
+        })
+    };
+
+    // Only local addresses in 198.18.0.0/24 answer NodePorts.
+    let mut agent = start_agent(NodePortAddresses::Cidrs(vec![
+        "198.18.0.0/24".parse().unwrap(),
+    ]));
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    let node_ip_answers = tokio::task::spawn_blocking({
+        let answers = answers.clone();
+        move || answers("203.0.113.1")
+    });
+    assert!(
+        !node_ip_answers.await.unwrap(),
+        "203.0.113.1 is outside the allowed CIDRs"
+    );
+    sh(&[
+        "ip",
+        "-n",
+        &w.node,
+        "addr",
+        "add",
+        "198.18.0.5/32",
+        "dev",
+        "eth-x",
+    ]);
+    let took = answers_within("198.18.0.5", 3)
+        .await
+        .unwrap()
+        .expect("the new address answers");
+    assert!(took < SECOND, "took {took:?}");
+    sh(&[
+        "ip",
+        "-n",
+        &w.node,
+        "addr",
+        "del",
+        "198.18.0.5/32",
+        "dev",
+        "eth-x",
+    ]);
+    let still = tokio::task::spawn_blocking({
+        let answers = answers.clone();
+        move || answers("198.18.0.5")
+    });
+    assert!(!still.await.unwrap(), "a removed address stops answering");
+    // An address outside the CIDRs never answers, even while local.
+    sh(&[
+        "ip",
+        "-n",
+        &w.node,
+        "addr",
+        "add",
+        "198.19.0.5/32",
+        "dev",
+        "eth-x",
+    ]);
+    assert!(answers_within("198.19.0.5", 1).await.unwrap().is_none());
+    agent.stop().await;
+
+    // `primary`: the Node object's address; it moves when the Node does.
+    let mut agent = start_agent(NodePortAddresses::Primary);
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    sh(&[
+        "ip",
+        "-n",
+        &w.node,
+        "addr",
+        "add",
+        "192.168.1.10/32",
+        "dev",
+        "eth-x",
+    ]);
+    assert!(
+        answers_within("192.168.1.10", 3).await.unwrap().is_some(),
+        "the Node's InternalIP answers"
+    );
+    assert!(
+        answers_within("198.19.0.5", 1).await.unwrap().is_none(),
+        "another local address does not"
+    );
+    let mut moved = node();
+    moved["status"]["addresses"][0]["address"] = json!("198.19.0.5");
+    api.apply(moved);
+    assert!(
+        answers_within("198.19.0.5", 3).await.unwrap().is_some(),
+        "the new InternalIP answers"
+    );
+    assert!(
+        answers_within("192.168.1.10", 1).await.unwrap().is_none(),
+        "the old one no longer does"
+    );
+    agent.stop().await;
+}

@@ -548,7 +548,13 @@ fn chains(b: &Builder, mark: u32) -> Vec<Chain> {
     };
     let local_daddr = || Stmt::eq(Expr::FibType("daddr"), Expr::Keyword("local"));
     let local_saddr = || Stmt::eq(Expr::FibType("saddr"), Expr::Keyword("local"));
-    // Which destination addresses are NodePort addresses.
+    // Which destination addresses are NodePort addresses. The kernel answers "is this one of
+    // my addresses" itself (`fib daddr type local`), at the moment the packet arrives: an address
+    // added to or removed from an interface (DHCP, a VIP moved by keepalived, a new interface)
+    // counts at once, with no sync, no address list to keep up to date, and no window in which
+    // that list is stale. `--nodeport-addresses CIDRS` narrows it with an interval set of the
+    // CIDRs (constant until the configuration changes); loopback never answers. Only `primary`
+    // names addresses, the Node object's, which change through the apiserver like any object.
     let nodeport_match: Option<Vec<Stmt>> = match &plan.nodeports {
         NodePortMatch::AnyLocal => Some(vec![local_daddr(), not_loopback()]),
         NodePortMatch::LocalIn(_) => Some(vec![
