@@ -5,7 +5,7 @@
 //! `cargo bench --bench dataplane -- [--services 10,10000,30000] [--seconds 3] [--runs 3]`
 //! (as root). Each run is a bounded loop of connect + read reply from one client.
 
-#[allow(dead_code)]
+// tests/common/mod.rs allows dead code itself.
 #[path = "../tests/common/mod.rs"]
 mod common;
 

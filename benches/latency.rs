@@ -61,9 +61,9 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| Services | endpoints each | EndpointSlice change → rules in the kernel: median | p90 | first full sync |"
+        "| Services | endpoints each | EndpointSlice change → rules in the kernel: median | p90 | first full sync | a partial sync's parts (medians): convert / compile / diff + nft |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for n in sizes {
         let ns = format!("svcproxy-latency-{}", std::process::id());
         assert!(
@@ -100,6 +100,7 @@ fn main() {
             syncs.recv().await.expect("first sync");
             let first = start.elapsed();
             let mut times = Vec::new();
+            let mut phases = Vec::new();
             for c in 1..=changes {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while syncs.try_recv().is_ok() {}
@@ -108,14 +109,23 @@ fn main() {
                 let record = syncs.recv().await.expect("a sync");
                 assert!(record.report.elements_added > 0, "{record:?}");
                 times.push(t.elapsed());
+                phases.push(record.phases);
             }
             times.sort();
             let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+            let median_of = |f: fn(&svcproxy::agent::Phases) -> Duration| {
+                let mut v: Vec<Duration> = phases.iter().map(f).collect();
+                v.sort();
+                ms(v[v.len() / 2])
+            };
             println!(
-                "| {n} | {endpoints} | {} | {} | {} |",
+                "| {n} | {endpoints} | {} | {} | {} | {} / {} / {} |",
                 ms(times[times.len() / 2]),
                 ms(times[times.len() * 9 / 10]),
-                ms(first)
+                ms(first),
+                median_of(|p| p.convert),
+                median_of(|p| p.compile),
+                median_of(|p| p.apply),
             );
             let _ = stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -69,6 +69,26 @@ pub struct SyncRecord {
     pub services: usize,
     pub slices: usize,
     pub report: ApplyReport,
+    /// Where the sync's time went.
+    pub phases: Phases,
+}
+
+/// When a sync started, since when its change had waited, and where its time went.
+struct Timing {
+    start: Instant,
+    pending: Option<Instant>,
+    phases: Phases,
+}
+
+/// The parts of one sync, timed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Reading the stores and converting the objects into the model.
+    pub convert: Duration,
+    /// Plan and render.
+    pub compile: Duration,
+    /// Diff and the nft transaction (the apply report's duration).
+    pub apply: Duration,
 }
 
 /// Runs the agent until `stop` turns true. `observer`, if given, hears of every sync.
@@ -195,7 +215,13 @@ impl Syncer {
             self.changes.dirty.store(false, Ordering::Release);
 
             let snapshot = self.snapshot();
+            let converted = Instant::now();
             let (plan, ruleset) = crate::compile(&snapshot, &self.config.proxy);
+            let phases = Phases {
+                convert: converted - start,
+                compile: converted.elapsed(),
+                apply: Duration::ZERO,
+            };
             let conflicts: BTreeSet<String> =
                 plan.conflicts.iter().map(ToString::to_string).collect();
             for c in conflicts.difference(&self.conflicts) {
@@ -222,15 +248,17 @@ impl Syncer {
                         sd_notify("READY=1");
                         self.notified_ready = true;
                     }
-                    self.after_sync(
-                        &snapshot,
-                        &plan,
-                        last_plan.as_ref(),
-                        &report,
+                    let phases = Phases {
+                        apply: report.duration,
+                        ..phases
+                    };
+                    let timing = Timing {
                         start,
-                        pending.take(),
-                    )
-                    .await;
+                        pending: pending.take(),
+                        phases,
+                    };
+                    self.after_sync(&snapshot, &plan, last_plan.as_ref(), &report, timing)
+                        .await;
                     last_plan = Some(plan);
                 }
                 Err(e) => {
@@ -256,9 +284,13 @@ impl Syncer {
         plan: &Plan,
         last_plan: Option<&Plan>,
         report: &ApplyReport,
-        start: Instant,
-        pending: Option<Instant>,
+        timing: Timing,
     ) {
+        let Timing {
+            start,
+            pending,
+            phases,
+        } = timing;
         if let Some(old) = last_plan {
             let stale = stale_udp(old, plan);
             if !stale.is_empty() {
@@ -306,6 +338,9 @@ impl Syncer {
                     elements_deleted = report.elements_deleted,
                     chains = report.chains_changed,
                     duration_ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0,
+                    convert_ms = (phases.convert.as_secs_f64() * 1e4).round() / 10.0,
+                    compile_ms = (phases.compile.as_secs_f64() * 1e4).round() / 10.0,
+                    apply_ms = (phases.apply.as_secs_f64() * 1e4).round() / 10.0,
                     full_because = report.full_because.as_deref().unwrap_or(""),
                     "synced"
                 )
@@ -322,6 +357,7 @@ impl Syncer {
                 services: snapshot.services.len(),
                 slices: snapshot.slices.len(),
                 report: report.clone(),
+                phases,
             });
         }
     }
