@@ -12,7 +12,7 @@ pub mod metrics;
 pub mod serve;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -137,6 +137,8 @@ pub async fn run(
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
         notified_ready: false,
+        service_cache: HashMap::new(),
+        slice_cache: HashMap::new(),
     };
     syncer.run(stop).await;
     Ok(())
@@ -154,6 +156,40 @@ struct Syncer {
     rejected: BTreeSet<String>,
     conflicts: BTreeSet<String>,
     notified_ready: bool,
+    service_cache: ConversionCache<crate::model::Service>,
+    slice_cache: ConversionCache<crate::model::EndpointSlice>,
+}
+
+/// Conversions of the stores' objects, kept from one sync to the next by namespace/name with
+/// the resourceVersion they were made from: an unchanged object is not converted again (at 10k
+/// Services, converting everything was the largest part of a partial sync).
+type ConversionCache<T> = HashMap<(String, String), (String, Result<Option<T>, Rejected>)>;
+
+/// Converts `objects`, reusing the cache for objects whose resourceVersion it already has; the
+/// cache then holds exactly these objects.
+fn cached<K: kube::Resource, T: Clone>(
+    cache: &mut ConversionCache<T>,
+    objects: Vec<Arc<K>>,
+    convert: impl Fn(&K) -> Result<Option<T>, Rejected>,
+) -> Vec<Result<Option<T>, Rejected>> {
+    let mut next = HashMap::with_capacity(objects.len());
+    let mut out = Vec::with_capacity(objects.len());
+    for object in objects {
+        let meta = object.meta();
+        let key = (
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        let version = meta.resource_version.clone().unwrap_or_default();
+        let result = match cache.remove(&key) {
+            Some((seen, result)) if seen == version && !version.is_empty() => result,
+            _ => convert(&object),
+        };
+        out.push(result.clone());
+        next.insert(key, (version, result));
+    }
+    *cache = next;
+    out
 }
 
 /// Waits for `stop` to turn true.
@@ -366,14 +402,30 @@ impl Syncer {
     fn snapshot(&mut self) -> Snapshot {
         let mut converted = Converted::default();
         let mut problems: Vec<Rejected> = Vec::new();
-        for svc in self.stores.services.state() {
-            if let Err(e) = converted.add_service(&svc) {
-                problems.push(e);
+        for result in cached(
+            &mut self.service_cache,
+            self.stores.services.state(),
+            convert::service,
+        ) {
+            match result {
+                Ok(Some(s)) => {
+                    converted.services.insert(s.id.clone(), s);
+                }
+                Ok(None) => {}
+                Err(e) => problems.push(e),
             }
         }
-        for slice in self.stores.slices.state() {
-            if let Err(e) = converted.add_slice(&slice) {
-                problems.push(e);
+        for result in cached(
+            &mut self.slice_cache,
+            self.stores.slices.state(),
+            convert::endpoint_slice,
+        ) {
+            match result {
+                Ok(Some(s)) => {
+                    converted.slices.insert(s.id.clone(), s);
+                }
+                Ok(None) => {}
+                Err(e) => problems.push(e),
             }
         }
         let mut node = NodeInfo {
@@ -471,5 +523,41 @@ fn sd_notify(state: &str) {
     match sent {
         Ok(_) => tracing::debug!("told systemd {state}"),
         Err(e) => tracing::warn!("cannot notify systemd ({state}): {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn svc(name: &str, rv: &str) -> Arc<k8s_openapi::api::core::v1::Service> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
+                "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn unchanged_objects_are_not_converted_again() {
+        let mut cache = ConversionCache::new();
+        let calls = Cell::new(0);
+        let convert = |s: &k8s_openapi::api::core::v1::Service| {
+            calls.set(calls.get() + 1);
+            convert::service(s)
+        };
+        let out = cached(&mut cache, vec![svc("a", "1"), svc("b", "1")], convert);
+        assert_eq!((out.len(), calls.get()), (2, 2));
+        let out = cached(&mut cache, vec![svc("a", "1"), svc("b", "2")], convert);
+        assert_eq!((out.len(), calls.get()), (2, 3), "only b changed");
+        let out = cached(&mut cache, vec![svc("a", "1")], convert);
+        assert_eq!(
+            (out.len(), calls.get(), cache.len()),
+            (1, 3, 1),
+            "b is gone from the cache too"
+        );
     }
 }
