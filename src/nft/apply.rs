@@ -5,12 +5,13 @@
 //! table takes seconds). A full sync replaces svcproxy's tables in one transaction
 //! (`table …; delete table …; table … { … }`), so traffic never sees a missing table. A partial
 //! sync is element adds and deletes (a changed endpoint set), plus chain rewrites only for the
-//! rare chains that changed (session affinity). Any failure leaves the kernel as it was (the
-//! transaction is atomic) and makes the next sync a full one.
+//! few chains that changed (a new endpoint count, a session-affinity Service). Any failure
+//! leaves the kernel as it was (the transaction is atomic) and makes the next sync a full one.
 //!
 //! svcproxy talks to the kernel through the `nft` program rather than the `nftables` crate: the
-//! crate speaks JSON, and nft 1.0.6's JSON parser cannot declare the `typeof` maps this ruleset
-//! needs; running `nft` ourselves also lets us return nft's own error message.
+//! crate speaks JSON, and nft 1.0.6's JSON parser cannot declare maps whose data is a
+//! concatenation (`ipv4_addr . inet_service`), which the endpoint maps are; running `nft`
+//! ourselves also lets us return nft's own error message.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
