@@ -82,22 +82,33 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft and
+/// conntrack in network namespace `netns`.
+fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
+    AgentConfig {
+        kube: api.kube_config(),
+        node_name: "node-a".into(),
+        node_ips: vec![],
+        proxy: Default::default(),
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(3600),
+        healthz_address: None,
+        metrics_address: None,
+        health_check_address: "127.0.0.1".parse().unwrap(),
+        nft: NftCommand::in_netns(netns),
+        conntrack: Conntrack::in_netns(netns),
+    }
+}
+
 impl Agent {
     fn start(api: &FakeApiServer, ns: &Netns, tweak: impl FnOnce(&mut AgentConfig)) -> Agent {
-        let mut config = AgentConfig {
-            kube: api.kube_config(),
-            node_name: "node-a".into(),
-            node_ips: vec![],
-            proxy: Default::default(),
-            min_sync_period: Duration::ZERO,
-            sync_period: Duration::from_secs(3600),
-            healthz_address: None,
-            metrics_address: None,
-            health_check_address: "127.0.0.1".parse().unwrap(),
-            nft: NftCommand::in_netns(&ns.0),
-            conntrack: Conntrack::in_netns(&ns.0),
-        };
-        tweak(&mut config);
+        let mut c = config(api, &ns.0);
+        tweak(&mut c);
+        Agent::spawn(c)
+    }
+
+    /// Runs the agent with `config` on the current runtime.
+    fn spawn(config: AgentConfig) -> Agent {
         let (tx, syncs) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -395,25 +406,11 @@ async fn traffic_follows_endpoint_slice_changes() {
     api.apply(node());
     api.apply(service("web", "10.96.0.50", json!({})));
     api.apply(slice("web-1", "web", &[&ips[0]]));
-    let (tx, mut syncs) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = watch::channel(false);
-    let config = AgentConfig {
-        kube: api.kube_config(),
-        node_name: "node-a".into(),
-        node_ips: vec![],
-        proxy: Default::default(),
+    let mut agent = Agent::spawn(AgentConfig {
         min_sync_period: Duration::from_millis(100),
-        sync_period: Duration::from_secs(3600),
-        healthz_address: None,
-        metrics_address: None,
-        health_check_address: "127.0.0.1".parse().unwrap(),
-        nft: NftCommand::in_netns(&w.node),
-        conntrack: Conntrack::in_netns(&w.node),
-    };
-    let task = tokio::spawn(svcproxy::agent::run(config, stop_rx, Some(tx)));
-    tokio::time::timeout(5 * SECOND, syncs.recv())
-        .await
-        .expect("the first sync");
+        ..config(&api, &w.node)
+    });
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
 
     let to: SocketAddr = "10.96.0.50:80".parse().unwrap();
     let ns = client.ns.clone();
@@ -465,8 +462,7 @@ async fn traffic_follows_endpoint_slice_changes() {
             "p3"
         );
     }
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(5 * SECOND, task).await;
+    agent.stop().await;
 }
 
 /// `svcproxy dump --kubeconfig`: read the cluster once and print the ruleset, writing nothing.
@@ -699,30 +695,9 @@ async fn node_ports_follow_the_node_addresses() {
     s["ports"] = json!([{"port": 8080, "protocol": "TCP"}]);
     api.apply(s);
     let start_agent = |addresses: NodePortAddresses| {
-        let (tx, syncs) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = watch::channel(false);
-        let config = AgentConfig {
-            kube: api.kube_config(),
-            node_name: "node-a".into(),
-            node_ips: vec![],
-            proxy: svcproxy::model::ProxyConfig {
-                nodeport_addresses: addresses,
-                ..Default::default()
-            },
-            min_sync_period: Duration::ZERO,
-            sync_period: Duration::from_secs(3600),
-            healthz_address: None,
-            metrics_address: None,
-            health_check_address: "127.0.0.1".parse().unwrap(),
-            nft: NftCommand::in_netns(&w.node),
-            conntrack: Conntrack::in_netns(&w.node),
-        };
-        let task = tokio::spawn(async move {
-            svcproxy::agent::run(config, stop_rx, Some(tx))
-                .await
-                .unwrap();
-        });
-        Agent { syncs, stop, task }
+        let mut c = config(&api, &w.node);
+        c.proxy.nodeport_addresses = addresses;
+        Agent::spawn(c)
     };
     let client = w.client.clone();
     let answers = move |ip: &str| {
