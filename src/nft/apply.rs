@@ -399,17 +399,33 @@ fn add_elements<'a>(
 ) {
     let elements: Vec<&Element> = elements.collect();
     parts.elements_added += elements.len();
-    for chunk in elements.chunks(ELEMENTS_PER_COMMAND) {
-        let mut cmd = format!("add element {prefix} {} {{ ", set.name);
-        for (i, e) in chunk.iter().enumerate() {
-            if i > 0 {
-                cmd.push_str(", ");
+    let commands = element_commands("add", prefix, set, &elements, Element::write_text);
+    parts.add_elements.extend(commands);
+}
+
+/// `VERB element PREFIX SET { … }` commands for `elements`, in batches, each element written by
+/// `write` (the whole element to add, the key alone to delete).
+fn element_commands(
+    verb: &str,
+    prefix: &str,
+    set: &Set,
+    elements: &[&Element],
+    write: fn(&Element, &mut String),
+) -> Vec<String> {
+    elements
+        .chunks(ELEMENTS_PER_COMMAND)
+        .map(|chunk| {
+            let mut cmd = format!("{verb} element {prefix} {} {{ ", set.name);
+            for (i, e) in chunk.iter().enumerate() {
+                if i > 0 {
+                    cmd.push_str(", ");
+                }
+                write(e, &mut cmd);
             }
-            e.write_text(&mut cmd);
-        }
-        cmd.push_str(" }");
-        parts.add_elements.push(cmd);
-    }
+            cmd.push_str(" }");
+            cmd
+        })
+        .collect()
 }
 
 fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
@@ -475,17 +491,8 @@ fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
             .collect();
     }
     parts.elements_deleted += deleted.len();
-    for chunk in deleted.chunks(ELEMENTS_PER_COMMAND) {
-        let mut cmd = format!("delete element {prefix} {} {{ ", new.name);
-        for (i, e) in chunk.iter().enumerate() {
-            if i > 0 {
-                cmd.push_str(", ");
-            }
-            e.write_key(&mut cmd);
-        }
-        cmd.push_str(" }");
-        parts.delete_elements.push(cmd);
-    }
+    let commands = element_commands("delete", prefix, new, &deleted, Element::write_key);
+    parts.delete_elements.extend(commands);
     add_elements(prefix, new, added.into_iter(), parts);
 }
 
