@@ -1,7 +1,12 @@
-//! The pure part of a sync: snapshot → plan → nftables script, at 1k, 10k and 50k Services.
+//! The pure part of a sync: snapshot → plan → nftables script, at 1k, 10k and 50k Services;
+//! and the incremental compile of a one-endpoint change at 10k (snapshot → the commands to send).
+
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use svcproxy::model::ProxyConfig;
+use svcproxy::nft::apply::NftCommand;
+use svcproxy::nft::incremental::Incremental;
 use svcproxy::synthetic;
 
 fn compile(c: &mut Criterion) {
@@ -24,5 +29,37 @@ fn compile(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, compile);
+/// Two snapshots that differ by one endpoint, synced alternately: each sync compiles one
+/// Service. Timed: `Outcome::compile`, everything before nft runs (nft is replaced by a program
+/// that reads the script and discards it).
+fn incremental(c: &mut Criterion) {
+    let mut group = c.benchmark_group("incremental");
+    group.sample_size(20);
+    let a = synthetic::cluster(10_000, 10);
+    let mut b = a.clone();
+    std::sync::Arc::make_mut(b.slices.values_mut().nth(5000).unwrap()).endpoints[3].address =
+        "10.255.0.1".parse().unwrap();
+    let discard = NftCommand {
+        program: vec!["sh".into(), "-c".into(), "cat >/dev/null".into()],
+    };
+    let mut backend = Incremental::new(discard, ProxyConfig::default());
+    backend.sync(a.clone()).unwrap();
+    let mut flip = false;
+    group.bench_function("one endpoint changed, 10000x10", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                flip = !flip;
+                let next = if flip { b.clone() } else { a.clone() };
+                let outcome = backend.sync(next).unwrap();
+                assert_eq!(outcome.services_compiled, 1);
+                total += outcome.compile;
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, compile, incremental);
 criterion_main!(benches);

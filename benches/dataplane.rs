@@ -87,7 +87,7 @@ fn main() {
         let mut svc = svcproxy::synthetic::service(100_000);
         svc.id = ObjectRef::new("bench", "target");
         svc.cluster_ips = vec!["10.99.0.1".parse().unwrap()];
-        snapshot.services.insert(svc.id.clone(), svc.clone());
+        snapshot.services.insert(svc.id.clone(), svc.clone().into());
         let slice = EndpointSlice {
             id: ObjectRef::new("bench", "target-1"),
             service: svc.id.clone(),
@@ -106,7 +106,7 @@ fn main() {
                 zone: None,
             }],
         };
-        snapshot.slices.insert(slice.id.clone(), slice);
+        snapshot.slices.insert(slice.id.clone(), slice.into());
         let (_, ruleset) = svcproxy::compile(&snapshot, &ProxyConfig::default());
         Nftables::new(NftCommand::in_netns(&w.node))
             .apply(ruleset)

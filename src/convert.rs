@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
@@ -436,8 +437,8 @@ pub fn node(node: &core::Node) -> (NodeInfo, Vec<Rejected>) {
 /// Everything converted from a set of API objects.
 #[derive(Debug, Default)]
 pub struct Converted {
-    pub services: BTreeMap<ObjectRef, Service>,
-    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, NodeInfo>,
 }
 
@@ -445,7 +446,7 @@ impl Converted {
     /// Adds a Service; `Err` names what made it unusable (nothing is added then).
     pub fn add_service(&mut self, svc: &core::Service) -> Result<(), Rejected> {
         if let Some(s) = service(svc)? {
-            self.services.insert(s.id.clone(), s);
+            self.services.insert(s.id.clone(), Arc::new(s));
         }
         Ok(())
     }
@@ -453,7 +454,7 @@ impl Converted {
     /// Adds an EndpointSlice; `Err` names what made it unusable (nothing is added then).
     pub fn add_slice(&mut self, slice: &discovery::EndpointSlice) -> Result<(), Rejected> {
         if let Some(s) = endpoint_slice(slice)? {
-            self.slices.insert(s.id.clone(), s);
+            self.slices.insert(s.id.clone(), Arc::new(s));
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -217,7 +218,10 @@ impl ProxyConfig {
 /// The whole state the compiler works from: the cluster as this node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Snapshot {
-    pub services: BTreeMap<ObjectRef, Service>,
-    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// Shared, not owned: the agent's snapshots share unchanged objects with the previous one
+    /// (and with its conversion cache), so building a snapshot is cheap and an unchanged object
+    /// is recognised by its address without comparing it.
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub node: NodeInfo,
 }

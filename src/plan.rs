@@ -5,15 +5,15 @@
 //! masqueraded, rejected or dropped. It is pure and deterministic (no I/O, no clock, ordered
 //! collections only): the same snapshot always gives the same plan. Backends only render it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
 use crate::model::{
-    EndpointSlice, IpFamily, NodePortAddresses, ObjectRef, Protocol, ProxyConfig, Service,
-    ServicePort, Snapshot, TrafficPolicy,
+    EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef, Protocol, ProxyConfig,
+    Service, ServicePort, Snapshot, TrafficPolicy,
 };
 
 /// The whole plan: one part per IP family, IPv4 first.
@@ -261,6 +261,20 @@ fn candidates(
 
 /// Resolves the Service semantics of a snapshot into a plan.
 pub fn plan(snapshot: &Snapshot, config: &ProxyConfig) -> Plan {
+    plan_counted(snapshot, config).0
+}
+
+/// How many Services contribute each shared entry of a family's plan: a ClusterIP or a hairpin
+/// address stays in the plan while any Service still needs it. The incremental compiler
+/// (`nft::incremental`) keeps these to patch a plan one Service at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FamilyRefs {
+    pub cluster_ips: HashMap<IpAddr, u32>,
+    pub hairpin: HashMap<IpAddr, u32>,
+}
+
+/// [`plan`], with the reference counts of each family's shared entries.
+pub fn plan_counted(snapshot: &Snapshot, config: &ProxyConfig) -> (Plan, Vec<FamilyRefs>) {
     let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in snapshot.slices.values() {
         slices_by_service
@@ -269,15 +283,163 @@ pub fn plan(snapshot: &Snapshot, config: &ProxyConfig) -> Plan {
             .push(slice);
     }
     let mut conflicts = Vec::new();
+    let mut refs = Vec::new();
     let families = IpFamily::ALL
         .into_iter()
-        .map(|family| plan_family(snapshot, config, &slices_by_service, family, &mut conflicts))
+        .map(|family| {
+            let (plan, r) =
+                plan_family(snapshot, config, &slices_by_service, family, &mut conflicts);
+            refs.push(r);
+            plan
+        })
         .collect();
-    Plan {
+    let plan = Plan {
         masquerade_mark: config.masquerade_mark(),
         families,
         conflicts,
+    };
+    (plan, refs)
+}
+
+/// What a family's plan holds apart from its Services: it follows from the configuration and
+/// the Node alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyContext {
+    pub family: IpFamily,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub clusterip_masquerade: ClusterIpMasquerade,
+    pub nodeports: NodePortMatch,
+    /// The node's name: endpoints on it are local.
+    pub node_name: String,
+}
+
+impl FamilyContext {
+    pub fn new(node: &NodeInfo, config: &ProxyConfig, family: IpFamily) -> FamilyContext {
+        let cluster_cidrs: Vec<IpNet> = config
+            .cluster_cidrs
+            .iter()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .map(IpNet::trunc)
+            .collect();
+        let clusterip_masquerade = if config.masquerade_all {
+            ClusterIpMasquerade::Always
+        } else if !cluster_cidrs.is_empty() {
+            ClusterIpMasquerade::OutsideClusterCidrs
+        } else {
+            ClusterIpMasquerade::Never
+        };
+        let nodeports = match &config.nodeport_addresses {
+            NodePortAddresses::All => NodePortMatch::AnyLocal,
+            NodePortAddresses::Primary => {
+                match node.primary(family).filter(|ip| !ip.is_loopback()) {
+                    Some(ip) => NodePortMatch::Addresses(vec![ip]),
+                    None => NodePortMatch::Nothing,
+                }
+            }
+            NodePortAddresses::Cidrs(cidrs) => {
+                let mine: Vec<IpNet> = cidrs
+                    .iter()
+                    .filter(|n| IpFamily::of_net(n) == family)
+                    .map(IpNet::trunc)
+                    .collect();
+                if mine.is_empty() {
+                    NodePortMatch::Nothing
+                } else {
+                    NodePortMatch::LocalIn(mine)
+                }
+            }
+        };
+        FamilyContext {
+            family,
+            cluster_cidrs,
+            clusterip_masquerade,
+            nodeports,
+            node_name: node.name.clone(),
+        }
     }
+}
+
+/// What one Service contributes to one family's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePart {
+    pub cluster_ip: IpAddr,
+    /// In the Service's port order; a destination named twice (two ports with one number)
+    /// appears twice: the plan keeps the first.
+    pub destinations: Vec<Destination>,
+    /// Its endpoints on this node.
+    pub hairpin: BTreeSet<IpAddr>,
+}
+
+/// The part of one Service in one family, from its slices (any order, any family); `None` when
+/// the Service has no ClusterIP of the family.
+pub fn plan_service(
+    ctx: &FamilyContext,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+) -> Option<ServicePart> {
+    let family = ctx.family;
+    let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
+    // A Service serves a family only where it has a ClusterIP of that family.
+    let cluster_ip = svc.cluster_ips.iter().copied().find(in_family)?;
+    let mut part = ServicePart {
+        cluster_ip,
+        destinations: Vec::new(),
+        hairpin: BTreeSet::new(),
+    };
+    for port in &svc.ports {
+        let cands = candidates(slices, family, port, &ctx.node_name);
+        part.hairpin.extend(
+            cands
+                .iter()
+                .filter(|c| c.local && (c.ready || c.serving))
+                .map(|c| c.addr.ip()),
+        );
+        let routes = Routes::new(svc, &cands);
+        let mut add = |address: Address, port_no: u16, kind: DestinationKind, route: Route| {
+            part.destinations.push(Destination {
+                address,
+                protocol: port.protocol,
+                port: port_no,
+                kind,
+                service: svc.id.clone(),
+                port_name: port.name.clone(),
+                route,
+            });
+        };
+        add(
+            Address::Ip(cluster_ip),
+            port.port,
+            DestinationKind::ClusterIp,
+            routes.internal.clone(),
+        );
+        for ip in svc.external_ips.iter().filter(|ip| in_family(ip)) {
+            add(
+                Address::Ip(*ip),
+                port.port,
+                DestinationKind::ExternalIp,
+                routes.external.clone(),
+            );
+        }
+        for ip in svc.load_balancer_ips.iter().filter(|ip| in_family(ip)) {
+            add(
+                Address::Ip(*ip),
+                port.port,
+                DestinationKind::LoadBalancer,
+                routes.external.clone(),
+            );
+        }
+        if let Some(np) = port.node_port
+            && ctx.nodeports != NodePortMatch::Nothing
+        {
+            add(
+                Address::NodePort,
+                np,
+                DestinationKind::NodePort,
+                routes.external.clone(),
+            );
+        }
+    }
+    Some(part)
 }
 
 fn plan_family(
@@ -286,127 +448,48 @@ fn plan_family(
     slices_by_service: &BTreeMap<&ObjectRef, Vec<&EndpointSlice>>,
     family: IpFamily,
     conflicts: &mut Vec<Conflict>,
-) -> FamilyPlan {
-    let node = &snapshot.node;
-    let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
-    let cluster_cidrs: Vec<IpNet> = config
-        .cluster_cidrs
-        .iter()
-        .filter(|n| IpFamily::of_net(n) == family)
-        .map(IpNet::trunc)
-        .collect();
-    let clusterip_masquerade = if config.masquerade_all {
-        ClusterIpMasquerade::Always
-    } else if !cluster_cidrs.is_empty() {
-        ClusterIpMasquerade::OutsideClusterCidrs
-    } else {
-        ClusterIpMasquerade::Never
-    };
-    let nodeports = match &config.nodeport_addresses {
-        NodePortAddresses::All => NodePortMatch::AnyLocal,
-        NodePortAddresses::Primary => match node.primary(family).filter(|ip| !ip.is_loopback()) {
-            Some(ip) => NodePortMatch::Addresses(vec![ip]),
-            None => NodePortMatch::Nothing,
-        },
-        NodePortAddresses::Cidrs(cidrs) => {
-            let mine: Vec<IpNet> = cidrs
-                .iter()
-                .filter(|n| IpFamily::of_net(n) == family)
-                .map(IpNet::trunc)
-                .collect();
-            if mine.is_empty() {
-                NodePortMatch::Nothing
-            } else {
-                NodePortMatch::LocalIn(mine)
-            }
-        }
-    };
-
+) -> (FamilyPlan, FamilyRefs) {
+    let ctx = FamilyContext::new(&snapshot.node, config, family);
     let mut destinations: BTreeMap<(Address, Protocol, u16), Destination> = BTreeMap::new();
     let mut cluster_ips = BTreeMap::new();
     let mut hairpin = BTreeSet::new();
+    let mut refs = FamilyRefs::default();
     let no_slices = Vec::new();
     for svc in snapshot.services.values() {
-        // A Service serves a family only where it has a ClusterIP of that family.
-        let Some(cluster_ip) = svc.cluster_ips.iter().copied().find(in_family) else {
+        let slices = slices_by_service.get(&svc.id).unwrap_or(&no_slices);
+        let Some(part) = plan_service(&ctx, svc, slices) else {
             continue;
         };
-        cluster_ips.insert(cluster_ip, svc.id.clone());
-        let slices = slices_by_service.get(&svc.id).unwrap_or(&no_slices);
-        for port in &svc.ports {
-            let cands = candidates(slices, family, port, &node.name);
-            hairpin.extend(
-                cands
-                    .iter()
-                    .filter(|c| c.local && (c.ready || c.serving))
-                    .map(|c| c.addr.ip()),
-            );
-            let routes = Routes::new(svc, &cands);
-            let mut add = |address: Address, port_no: u16, kind: DestinationKind, route: Route| {
-                let d = Destination {
-                    address,
-                    protocol: port.protocol,
-                    port: port_no,
-                    kind,
-                    service: svc.id.clone(),
-                    port_name: port.name.clone(),
-                    route,
-                };
-                match destinations.get(&d.key()) {
-                    Some(existing) => conflicts.push(Conflict {
-                        destination: describe(&d),
-                        kept: existing.service_port(),
-                        dropped: d.service_port(),
-                    }),
-                    None => {
-                        destinations.insert(d.key(), d);
-                    }
+        cluster_ips.insert(part.cluster_ip, svc.id.clone());
+        *refs.cluster_ips.entry(part.cluster_ip).or_default() += 1;
+        for ip in &part.hairpin {
+            *refs.hairpin.entry(*ip).or_default() += 1;
+        }
+        hairpin.extend(part.hairpin);
+        for d in part.destinations {
+            match destinations.get(&d.key()) {
+                Some(existing) => conflicts.push(Conflict {
+                    destination: describe(&d),
+                    kept: existing.service_port(),
+                    dropped: d.service_port(),
+                }),
+                None => {
+                    destinations.insert(d.key(), d);
                 }
-            };
-            add(
-                Address::Ip(cluster_ip),
-                port.port,
-                DestinationKind::ClusterIp,
-                routes.internal.clone(),
-            );
-            for ip in svc.external_ips.iter().filter(|ip| in_family(ip)) {
-                add(
-                    Address::Ip(*ip),
-                    port.port,
-                    DestinationKind::ExternalIp,
-                    routes.external.clone(),
-                );
-            }
-            for ip in svc.load_balancer_ips.iter().filter(|ip| in_family(ip)) {
-                add(
-                    Address::Ip(*ip),
-                    port.port,
-                    DestinationKind::LoadBalancer,
-                    routes.external.clone(),
-                );
-            }
-            if let Some(np) = port.node_port
-                && nodeports != NodePortMatch::Nothing
-            {
-                add(
-                    Address::NodePort,
-                    np,
-                    DestinationKind::NodePort,
-                    routes.external.clone(),
-                );
             }
         }
     }
 
-    FamilyPlan {
+    let plan = FamilyPlan {
         family,
-        cluster_cidrs,
-        clusterip_masquerade,
-        nodeports,
+        cluster_cidrs: ctx.cluster_cidrs,
+        clusterip_masquerade: ctx.clusterip_masquerade,
+        nodeports: ctx.nodeports,
         cluster_ips,
         hairpin,
         destinations: destinations.into_values().collect(),
-    }
+    };
+    (plan, refs)
 }
 
 fn describe(d: &Destination) -> String {
@@ -461,6 +544,7 @@ impl Routes {
 mod tests {
     use super::*;
     use crate::model::{Endpoint, EndpointPort, NodeInfo, Service};
+    use std::sync::Arc;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -528,8 +612,14 @@ mod tests {
 
     fn snapshot(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Snapshot {
         Snapshot {
-            services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
-            slices: slices.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.id.clone(), Arc::new(s)))
+                .collect(),
+            slices: slices
+                .into_iter()
+                .map(|s| (s.id.clone(), Arc::new(s)))
+                .collect(),
             node: NodeInfo {
                 name: "me".into(),
                 addresses: vec![ip("192.168.0.2")],

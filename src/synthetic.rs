@@ -6,6 +6,7 @@
 //! Service i has ClusterIP 10.96.(i/256).(i%256)... in 10.96.0.0/12, endpoints in 10.128.0.0/9.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use crate::model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol, Service,
@@ -84,9 +85,9 @@ pub fn cluster(services: usize, endpoints: usize) -> Snapshot {
     };
     for i in 0..services {
         let svc = service(i);
-        s.services.insert(svc.id.clone(), svc);
+        s.services.insert(svc.id.clone(), Arc::new(svc));
         let sl = slice(i, endpoints);
-        s.slices.insert(sl.id.clone(), sl);
+        s.slices.insert(sl.id.clone(), Arc::new(sl));
     }
     s
 }

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as signal};
 
-use crate::conntrack::{Conntrack, stale_udp};
+use crate::conntrack::{Conntrack, StaleFlows};
 use crate::convert::{self, Converted, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
-use crate::nft::apply::{ApplyReport, NftCommand, Nftables, SyncKind};
+use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
+use crate::nft::incremental::Incremental;
 use crate::plan::{Plan, Route};
 use metrics::Metrics;
 use serve::{Health, HealthCheckServers};
@@ -163,15 +164,17 @@ struct Syncer {
 /// Conversions of the stores' objects, kept from one sync to the next by namespace/name with
 /// the resourceVersion they were made from: an unchanged object is not converted again (at 10k
 /// Services, converting everything was the largest part of a partial sync).
-type ConversionCache<T> = HashMap<(String, String), (String, Result<Option<T>, Rejected>)>;
+/// Conversions are shared (`Arc`) with the snapshots built from them: a snapshot costs a pointer
+/// copy per object, and the compiler tells an unchanged object by its address.
+type ConversionCache<T> = HashMap<(String, String), (String, Result<Option<Arc<T>>, Rejected>)>;
 
 /// Converts `objects`, reusing the cache for objects whose resourceVersion it already has; the
 /// cache then holds exactly these objects.
-fn cached<K: kube::Resource, T: Clone>(
+fn cached<K: kube::Resource, T>(
     cache: &mut ConversionCache<T>,
     objects: Vec<Arc<K>>,
     convert: impl Fn(&K) -> Result<Option<T>, Rejected>,
-) -> Vec<Result<Option<T>, Rejected>> {
+) -> Vec<Result<Option<Arc<T>>, Rejected>> {
     let mut next = HashMap::with_capacity(objects.len());
     let mut out = Vec::with_capacity(objects.len());
     for object in objects {
@@ -183,7 +186,7 @@ fn cached<K: kube::Resource, T: Clone>(
         let version = meta.resource_version.clone().unwrap_or_default();
         let result = match cache.remove(&key) {
             Some((seen, result)) if seen == version && !version.is_empty() => result,
-            _ => convert(&object),
+            _ => convert(&object).map(|c| c.map(Arc::new)),
         };
         out.push(result.clone());
         next.insert(key, (version, result));
@@ -207,8 +210,10 @@ impl Syncer {
             _ = stopped(&mut stop) => return,
         }
         tracing::info!("initial lists of Services and EndpointSlices complete");
-        let mut backend = Some(Nftables::new(self.config.nft.clone()));
-        let mut last_plan: Option<Plan> = None;
+        let mut backend = Some(Incremental::new(
+            self.config.nft.clone(),
+            self.config.proxy.clone(),
+        ));
         let mut last_start: Option<Instant> = None;
         let mut next_full = Instant::now() + self.config.sync_period;
         let mut failures = 0u32;
@@ -251,29 +256,18 @@ impl Syncer {
             self.changes.dirty.store(false, Ordering::Release);
 
             let snapshot = self.snapshot();
-            let converted = Instant::now();
-            let (plan, ruleset) = crate::compile(&snapshot, &self.config.proxy);
-            let phases = Phases {
-                convert: converted - start,
-                compile: converted.elapsed(),
-                apply: Duration::ZERO,
-            };
-            let conflicts: BTreeSet<String> =
-                plan.conflicts.iter().map(ToString::to_string).collect();
-            for c in conflicts.difference(&self.conflicts) {
-                tracing::warn!("skipped: {c}");
-            }
-            self.conflicts = conflicts;
+            let convert = start.elapsed();
             let mut nft = backend.take().expect("backend");
             let (nft, result) = tokio::task::spawn_blocking(move || {
-                let r = nft.apply(ruleset);
+                let r = nft.sync(snapshot);
                 (nft, r)
             })
             .await
             .expect("apply task");
-            backend = Some(nft);
+            let nft = &*backend.insert(nft);
             match result {
-                Ok(report) => {
+                Ok(outcome) => {
+                    let report = outcome.report;
                     failures = 0;
                     retry_at = None;
                     if report.kind == SyncKind::Full {
@@ -285,17 +279,19 @@ impl Syncer {
                         self.notified_ready = true;
                     }
                     let phases = Phases {
+                        convert,
+                        compile: outcome.compile,
                         apply: report.duration,
-                        ..phases
                     };
                     let timing = Timing {
                         start,
                         pending: pending.take(),
                         phases,
                     };
-                    self.after_sync(&snapshot, &plan, last_plan.as_ref(), &report, timing)
+                    let (snapshot, plan) =
+                        (nft.snapshot().expect("synced"), nft.plan().expect("synced"));
+                    self.after_sync(snapshot, plan, outcome.stale_udp, &report, timing)
                         .await;
-                    last_plan = Some(plan);
                 }
                 Err(e) => {
                     failures += 1;
@@ -318,7 +314,7 @@ impl Syncer {
         &mut self,
         snapshot: &Snapshot,
         plan: &Plan,
-        last_plan: Option<&Plan>,
+        stale: Vec<StaleFlows>,
         report: &ApplyReport,
         timing: Timing,
     ) {
@@ -327,17 +323,19 @@ impl Syncer {
             pending,
             phases,
         } = timing;
-        if let Some(old) = last_plan {
-            let stale = stale_udp(old, plan);
-            if !stale.is_empty() {
-                let conntrack = self.config.conntrack.clone();
-                let result = tokio::task::spawn_blocking(move || conntrack.flush(&stale))
-                    .await
-                    .expect("conntrack task");
-                if let Err(e) = result {
-                    self.metrics.conntrack_failures.inc();
-                    tracing::warn!("deleting stale UDP conntrack entries: {e}");
-                }
+        let conflicts: BTreeSet<String> = plan.conflicts.iter().map(ToString::to_string).collect();
+        for c in conflicts.difference(&self.conflicts) {
+            tracing::warn!("skipped: {c}");
+        }
+        self.conflicts = conflicts;
+        if !stale.is_empty() {
+            let conntrack = self.config.conntrack.clone();
+            let result = tokio::task::spawn_blocking(move || conntrack.flush(&stale))
+                .await
+                .expect("conntrack task");
+            if let Err(e) = result {
+                self.metrics.conntrack_failures.inc();
+                tracing::warn!("deleting stale UDP conntrack entries: {e}");
             }
         }
         let elapsed = start.elapsed();

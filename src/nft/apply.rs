@@ -249,7 +249,7 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Result<Diff, String> {
 /// The commands of a partial sync, by phase: the order matters inside one transaction (a chain
 /// must exist before an element points at it, and nothing may point at it when it goes).
 #[derive(Default)]
-struct DiffParts {
+pub(crate) struct DiffParts {
     add_sets: Vec<String>,
     add_chains: Vec<String>,
     rules: Vec<String>,
@@ -264,7 +264,79 @@ struct DiffParts {
 }
 
 impl DiffParts {
-    fn finish(self) -> Diff {
+    /// Declares a new (empty) set or map; its elements come with [`DiffParts::elements`].
+    pub(crate) fn add_set(&mut self, prefix: &str, set: &Set) {
+        self.add_sets.push(format!(
+            "add {} {prefix} {} {{ {}; }}",
+            set.keyword(),
+            set.name,
+            set.declaration()
+        ));
+    }
+
+    /// Deletes a set or map, after everything else (nothing may read it any more).
+    pub(crate) fn delete_set(&mut self, prefix: &str, set: &Set) {
+        self.delete_sets
+            .push(format!("delete {} {prefix} {}", set.keyword(), set.name));
+    }
+
+    /// Creates a regular chain with its rules.
+    pub(crate) fn add_chain(&mut self, prefix: &str, chain: &Chain) {
+        self.chains_changed += 1;
+        let comment = chain
+            .comment
+            .as_ref()
+            .map(|c| format!(" {{ comment {}; }}", quote(c)))
+            .unwrap_or_default();
+        self.add_chains
+            .push(format!("add chain {prefix} {}{comment}", chain.name));
+        add_rules(prefix, chain, self);
+    }
+
+    /// Replaces the rules of an existing chain.
+    pub(crate) fn rewrite_chain(&mut self, prefix: &str, chain: &Chain) {
+        self.chains_changed += 1;
+        self.rules
+            .push(format!("flush chain {prefix} {}", chain.name));
+        add_rules(prefix, chain, self);
+    }
+
+    /// Deletes a regular chain: emptied first, then deleted once no chain jumps to it.
+    pub(crate) fn delete_chain(&mut self, prefix: &str, name: &str) {
+        self.chains_changed += 1;
+        self.flush_old_chains
+            .push(format!("flush chain {prefix} {name}"));
+        self.delete_chains
+            .push(format!("delete chain {prefix} {name}"));
+    }
+
+    /// Element deletes (by key) and adds for set `set`; a changed element is in both.
+    pub(crate) fn elements(
+        &mut self,
+        prefix: &str,
+        set: &str,
+        deleted: &[&Element],
+        added: &[&Element],
+    ) {
+        self.elements_deleted += deleted.len();
+        self.delete_elements.extend(element_commands(
+            "delete",
+            prefix,
+            set,
+            deleted,
+            Element::write_key,
+        ));
+        self.elements_added += added.len();
+        self.add_elements.extend(element_commands(
+            "add",
+            prefix,
+            set,
+            added,
+            Element::write_text,
+        ));
+    }
+
+    pub(crate) fn finish(self) -> Diff {
         let phases = [
             &self.add_sets,
             &self.add_chains,
@@ -306,12 +378,9 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
     for (name, set) in &new_sets {
         match old_sets.get(name) {
             None => {
-                parts.add_sets.push(format!(
-                    "add {} {prefix} {name} {{ {}; }}",
-                    set.keyword(),
-                    set.declaration()
-                ));
-                add_elements(&prefix, set, set.elements.iter(), parts);
+                parts.add_set(&prefix, set);
+                let elements: Vec<&Element> = set.elements.iter().collect();
+                parts.elements(&prefix, name, &[], &elements);
             }
             Some(o) if o.declaration() != set.declaration() || o.keyword() != set.keyword() => {
                 return Err(format!(
@@ -324,9 +393,7 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
     }
     for (name, set) in &old_sets {
         if !new_sets.contains_key(name) {
-            parts
-                .delete_sets
-                .push(format!("delete {} {prefix} {name}", set.keyword()));
+            parts.delete_set(&prefix, set);
         }
     }
 
@@ -341,24 +408,13 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
                 if o.hook != chain.hook || o.comment != chain.comment {
                     return Err(format!("the hook or comment of chain {name} changed"));
                 }
-                parts.chains_changed += 1;
-                parts.rules.push(format!("flush chain {prefix} {name}"));
-                add_rules(&prefix, chain, parts);
+                parts.rewrite_chain(&prefix, chain);
             }
             None => {
                 if chain.hook.is_some() {
                     return Err(format!("new base chain {name}"));
                 }
-                parts.chains_changed += 1;
-                let comment = chain
-                    .comment
-                    .as_ref()
-                    .map(|c| format!(" {{ comment {}; }}", quote(c)))
-                    .unwrap_or_default();
-                parts
-                    .add_chains
-                    .push(format!("add chain {prefix} {name}{comment}"));
-                add_rules(&prefix, chain, parts);
+                parts.add_chain(&prefix, chain);
             }
         }
     }
@@ -367,13 +423,7 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
             if chain.hook.is_some() {
                 return Err(format!("base chain {name} is gone"));
             }
-            parts.chains_changed += 1;
-            parts
-                .flush_old_chains
-                .push(format!("flush chain {prefix} {name}"));
-            parts
-                .delete_chains
-                .push(format!("delete chain {prefix} {name}"));
+            parts.delete_chain(&prefix, name);
         }
     }
     Ok(())
@@ -391,31 +441,19 @@ fn add_rules(prefix: &str, chain: &Chain, parts: &mut DiffParts) {
 /// cheap, short enough to keep error messages readable.
 const ELEMENTS_PER_COMMAND: usize = 1000;
 
-fn add_elements<'a>(
-    prefix: &str,
-    set: &Set,
-    elements: impl Iterator<Item = &'a Element>,
-    parts: &mut DiffParts,
-) {
-    let elements: Vec<&Element> = elements.collect();
-    parts.elements_added += elements.len();
-    let commands = element_commands("add", prefix, set, &elements, Element::write_text);
-    parts.add_elements.extend(commands);
-}
-
 /// `VERB element PREFIX SET { … }` commands for `elements`, in batches, each element written by
 /// `write` (the whole element to add, the key alone to delete).
 fn element_commands(
     verb: &str,
     prefix: &str,
-    set: &Set,
+    set: &str,
     elements: &[&Element],
     write: fn(&Element, &mut String),
 ) -> Vec<String> {
     elements
         .chunks(ELEMENTS_PER_COMMAND)
         .map(|chunk| {
-            let mut cmd = format!("{verb} element {prefix} {} {{ ", set.name);
+            let mut cmd = format!("{verb} element {prefix} {set} {{ ");
             for (i, e) in chunk.iter().enumerate() {
                 if i > 0 {
                     cmd.push_str(", ");
@@ -490,10 +528,7 @@ fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
             .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
             .collect();
     }
-    parts.elements_deleted += deleted.len();
-    let commands = element_commands("delete", prefix, new, &deleted, Element::write_key);
-    parts.delete_elements.extend(commands);
-    add_elements(prefix, new, added.into_iter(), parts);
+    parts.elements(prefix, &new.name, &deleted, &added);
 }
 
 #[cfg(test)]
@@ -505,7 +540,7 @@ mod tests {
     fn with_endpoints(counts: &[usize]) -> Ruleset {
         let mut snapshot = synthetic::cluster(counts.len(), 8);
         for (slice, n) in snapshot.slices.values_mut().zip(counts) {
-            slice.endpoints.truncate(*n);
+            std::sync::Arc::make_mut(slice).endpoints.truncate(*n);
         }
         crate::compile(&snapshot, &ProxyConfig::default()).1
     }
@@ -516,10 +551,10 @@ mod tests {
         // An endpoint replaced: a few element updates, no chain touched.
         let mut snapshot = synthetic::cluster(2, 8);
         for (slice, n) in snapshot.slices.values_mut().zip([2, 3]) {
-            slice.endpoints.truncate(n);
+            std::sync::Arc::make_mut(slice).endpoints.truncate(n);
         }
-        snapshot.slices.values_mut().next().unwrap().endpoints[1].address =
-            "10.200.0.1".parse().unwrap();
+        std::sync::Arc::make_mut(snapshot.slices.values_mut().next().unwrap()).endpoints[1]
+            .address = "10.200.0.1".parse().unwrap();
         let replaced = crate::compile(&snapshot, &ProxyConfig::default()).1;
         let d = diff(&old, &replaced).unwrap();
         assert_eq!(d.report.chains_changed, 0, "{}", d.script);

@@ -1,6 +1,7 @@
 //! The nftables backend: rendering a plan as svcproxy's tables.
 
 pub mod apply;
+pub mod incremental;
 pub mod render;
 pub mod syntax;
 

@@ -83,8 +83,8 @@ pub fn family_of(f: IpFamily) -> Family {
 }
 
 /// Which endpoint map a backend set is written to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Lane {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Lane {
     /// Keyed by `l4proto . dport` (NodePorts) instead of `daddr . l4proto . dport`.
     nodeport: bool,
     /// The node-local endpoints for external clients of a Local-policy destination.
@@ -103,12 +103,12 @@ impl Lane {
 
     /// The map (and the chain reading it) of the endpoint at index `slot` of every destination
     /// in this lane.
-    fn slot(self, slot: usize) -> String {
+    pub(crate) fn slot(self, slot: usize) -> String {
         format!("{}-{slot}", self.name())
     }
 
     /// The chain that picks one of `n` endpoints at random.
-    fn pick(self, n: usize) -> String {
+    pub(crate) fn pick(self, n: usize) -> String {
         format!("{}-of-{n}", self.name())
     }
 }
@@ -130,8 +130,7 @@ struct LaneUse {
 }
 
 /// Everything one family's table is built from, filled in destination by destination.
-struct Builder<'a> {
-    plan: &'a FamilyPlan,
+struct Builder {
     family: Family,
     sets: BTreeMap<&'static str, Vec<Element>>,
     /// What each lane holds.
@@ -141,7 +140,7 @@ struct Builder<'a> {
     affinity_sets: BTreeMap<String, Set>,
 }
 
-impl Builder<'_> {
+impl Builder {
     fn add(&mut self, set: &'static str, e: Element) {
         self.sets.entry(set).or_default().push(e);
     }
@@ -332,16 +331,147 @@ fn addr_type(f: Family) -> &'static str {
     }
 }
 
+impl Builder {
+    fn new(family: Family) -> Builder {
+        Builder {
+            family,
+            sets: BTreeMap::new(),
+            lanes: BTreeMap::new(),
+            affinity_chains: BTreeMap::new(),
+            affinity_sets: BTreeMap::new(),
+        }
+    }
+}
+
+/// The elements, chains and sets that some destinations (one Service's) add to their family's
+/// table, by set or chain name. The incremental compiler renders a changed Service's old and
+/// new destinations this way and sends the difference: the same code as a full render, so the
+/// two cannot disagree.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Fragment {
+    /// Elements by set name (endpoint slot maps included), each list sorted.
+    pub sets: BTreeMap<String, Vec<Element>>,
+    pub affinity_chains: BTreeMap<String, Chain>,
+    pub affinity_sets: BTreeMap<String, Set>,
+}
+
+pub(crate) fn fragment<'a>(
+    family: IpFamily,
+    destinations: impl IntoIterator<Item = &'a Destination>,
+) -> Fragment {
+    let mut b = Builder::new(family_of(family));
+    for d in destinations {
+        b.destination(d);
+    }
+    let mut sets: BTreeMap<String, Vec<Element>> = b
+        .sets
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v))
+        .collect();
+    for (lane, lane_use) in b.lanes {
+        for (k, elements) in lane_use.slots.into_iter().enumerate() {
+            sets.insert(lane.slot(k), elements);
+        }
+    }
+    for v in sets.values_mut() {
+        v.sort();
+    }
+    Fragment {
+        sets,
+        affinity_chains: b.affinity_chains,
+        affinity_sets: b.affinity_sets,
+    }
+}
+
+/// The endpoint counts a destination uses in each lane (none for session affinity, which has
+/// chains of its own): lane `l` needs slot maps `0..n` and, for `n > 1`, the chain picking among
+/// `n`.
+pub(crate) fn lane_sizes(d: &Destination) -> Vec<(Lane, usize)> {
+    let nodeport = d.address == Address::NodePort;
+    let cluster = Lane {
+        nodeport,
+        local: false,
+    };
+    let local = Lane {
+        nodeport,
+        local: true,
+    };
+    let mut out = Vec::new();
+    let mut add = |lane: Lane, b: &Backends| {
+        if b.affinity_timeout.is_none() {
+            out.push((lane, b.endpoints.len()));
+        }
+    };
+    match &d.route {
+        Route::Reject | Route::Drop => {}
+        Route::Internal(b) | Route::ExternalCluster(b) => add(cluster, b),
+        Route::ExternalLocal {
+            cluster: c,
+            local: l,
+        } => {
+            add(cluster, c);
+            if let Some(l) = l {
+                add(local, l);
+            }
+        }
+    }
+    out
+}
+
+/// Map `<lane>-k`: the k-th endpoint of each destination in the lane.
+pub(crate) fn slot_set(family: Family, lane: Lane, k: usize) -> Set {
+    let addr = addr_type(family);
+    let key = if lane.nodeport {
+        vec!["inet_proto", "inet_service"]
+    } else {
+        vec![addr, "inet_proto", "inet_service"]
+    };
+    let mut set = Set::new(lane.slot(k), key, Some(vec![addr, "inet_service"]));
+    set.comment = Some(format!(
+        "endpoint {k} of each {}",
+        if lane.local {
+            "destination, on this node"
+        } else {
+            "destination"
+        }
+    ));
+    set
+}
+
+/// Chain `<lane>-k`: DNAT to the destination's k-th endpoint.
+pub(crate) fn slot_chain(family: Family, lane: Lane, k: usize) -> Chain {
+    let daddr = Expr::ip(family, "daddr");
+    let key = if lane.nodeport {
+        Expr::Concat(vec![Expr::l4proto(), Expr::dport()])
+    } else {
+        Expr::Concat(vec![daddr, Expr::l4proto(), Expr::dport()])
+    };
+    Chain::new(lane.slot(k)).rule(vec![
+        Stmt::eq(Expr::l4proto(), Expr::AnonSet(TRANSPORTS.to_vec())),
+        Stmt::Dnat {
+            family,
+            to: NatTo::Map {
+                key,
+                map: lane.slot(k),
+            },
+        },
+    ])
+}
+
+/// Chain `<lane>-of-n`: one of `n` endpoints, uniformly at random.
+pub(crate) fn pick_chain(lane: Lane, n: usize) -> Chain {
+    let entries = (0..n)
+        .map(|k| (Value::Int(k as u32), Verdict::Goto(lane.slot(k))))
+        .collect();
+    Chain::new(lane.pick(n)).rule(vec![Stmt::VmapInline {
+        key: Expr::Numgen(n as u32),
+        entries,
+    }])
+}
+
 fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
     let family = family_of(plan.family);
-    let mut b = Builder {
-        plan,
-        family,
-        sets: BTreeMap::new(),
-        lanes: BTreeMap::new(),
-        affinity_chains: BTreeMap::new(),
-        affinity_sets: BTreeMap::new(),
-    };
+    let mut b = Builder::new(family);
     for d in &plan.destinations {
         b.destination(d);
     }
@@ -357,7 +487,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
             Element::key(vec![Value::Addr(*ip), Value::Addr(*ip)]),
         );
     }
-    for net in &b.plan.cluster_cidrs {
+    for net in &plan.cluster_cidrs {
         b.sets
             .entry("cluster-cidrs")
             .or_default()
@@ -378,7 +508,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
     }
 
     let sets = declare_sets(&mut b);
-    let chains = chains(&b, mark);
+    let chains = chains(&b, plan, mark);
     Table {
         family,
         name: TABLE.into(),
@@ -503,17 +633,8 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
         sets,
     );
     for (lane, lane_use) in &mut b.lanes {
-        let key = if lane.nodeport { port_key() } else { ip_key() };
         for (k, elements) in lane_use.slots.iter_mut().enumerate() {
-            let mut set = Set::new(lane.slot(k), key.clone(), Some(vec![addr, "inet_service"]));
-            set.comment = Some(format!(
-                "endpoint {k} of each {}",
-                if lane.local {
-                    "destination, on this node"
-                } else {
-                    "destination"
-                }
-            ));
+            let mut set = slot_set(f, *lane, k);
             elements.sort();
             set.elements = std::mem::take(elements);
             out.push(set);
@@ -528,9 +649,8 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
     out
 }
 
-fn chains(b: &Builder, mark: u32) -> Vec<Chain> {
+fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
     let f = b.family;
-    let plan = b.plan;
     let daddr = || Expr::ip(f, "daddr");
     let saddr = || Expr::ip(f, "saddr");
     let ip_key = || Expr::Concat(vec![daddr(), Expr::l4proto(), Expr::dport()]);
@@ -734,26 +854,10 @@ fn chains(b: &Builder, mark: u32) -> Vec<Chain> {
 
     for (lane, lane_use) in &b.lanes {
         for n in &lane_use.counts {
-            let entries = (0..*n)
-                .map(|k| (Value::Int(k as u32), Verdict::Goto(lane.slot(k))))
-                .collect();
-            chains.push(Chain::new(lane.pick(*n)).rule(vec![Stmt::VmapInline {
-                key: Expr::Numgen(*n as u32),
-                entries,
-            }]));
+            chains.push(pick_chain(*lane, *n));
         }
-        let key = || if lane.nodeport { port_key() } else { ip_key() };
         for k in 0..lane_use.slots.len() {
-            chains.push(Chain::new(lane.slot(k)).rule(vec![
-                Stmt::eq(Expr::l4proto(), Expr::AnonSet(TRANSPORTS.to_vec())),
-                Stmt::Dnat {
-                    family: f,
-                    to: NatTo::Map {
-                        key: key(),
-                        map: lane.slot(k),
-                    },
-                },
-            ]));
+            chains.push(slot_chain(f, *lane, k));
         }
     }
     chains.extend(b.affinity_chains.values().cloned());

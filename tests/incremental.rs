@@ -1,0 +1,187 @@
+//! The incremental nftables backend against the real kernel: a sequence of one-Service changes,
+//! each sent as a partial sync that compiled only that Service, must leave the kernel holding
+//! exactly what a full apply of the final cluster gives. Needs root; outside CI it skips, loudly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::Value;
+use svcproxy::model::{EndpointSlice, ObjectRef, ProxyConfig, Service, Snapshot, TrafficPolicy};
+use svcproxy::nft::apply::{NftCommand, SyncKind};
+use svcproxy::nft::incremental::Incremental;
+use svcproxy::synthetic;
+
+/// A network namespace for the duration of a test.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("svcproxy-inc-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// What nft lists for `ip svcproxy`, in a form that does not depend on the order things were
+/// created in: sets with their sorted elements, chains with their rules.
+fn inventory(ns: &str) -> BTreeMap<String, Vec<String>> {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "nft", "-j", "list", "table", "ip", "svcproxy",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut inv: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for item in json["nftables"].as_array().unwrap() {
+        let obj = item.as_object().unwrap();
+        let (kind, body) = obj.iter().next().unwrap();
+        match kind.as_str() {
+            "set" | "map" => {
+                let mut elems: Vec<String> = body["elem"]
+                    .as_array()
+                    .map(|a| a.iter().map(|e| e.to_string()).collect())
+                    .unwrap_or_default();
+                elems.sort();
+                let mut head = body.clone();
+                head.as_object_mut().unwrap().remove("elem");
+                head.as_object_mut().unwrap().remove("handle");
+                elems.insert(0, head.to_string());
+                inv.insert(format!("{kind} {}", body["name"]), elems);
+            }
+            "chain" => {
+                inv.entry(format!("chain {}", body["name"])).or_default();
+            }
+            "rule" => {
+                inv.entry(format!("chain {}", body["chain"]))
+                    .or_default()
+                    .push(body["expr"].to_string());
+            }
+            _ => {}
+        }
+    }
+    inv
+}
+
+fn slice_of(s: &mut Snapshot, i: usize) -> &mut EndpointSlice {
+    let svc = synthetic::service(i).id;
+    let id = s
+        .slices
+        .values()
+        .find(|sl| sl.service == svc)
+        .map(|sl| sl.id.clone())
+        .unwrap();
+    Arc::make_mut(s.slices.get_mut(&id).unwrap())
+}
+
+#[test]
+fn one_service_changes_leave_what_a_full_apply_gives() {
+    if !common::can_unshare_net() || !common::have_nft() {
+        common::skip_or_fail("needs root and nft");
+        return;
+    }
+    let config = ProxyConfig {
+        cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
+        ..ProxyConfig::default()
+    };
+    let ns = Netns::new("a");
+    let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), config.clone());
+    let mut s = synthetic::cluster(40, 3);
+    let first = backend.sync(s.clone()).unwrap();
+    assert_eq!(first.report.kind, SyncKind::Full);
+
+    type Change = Box<dyn Fn(&mut Snapshot)>;
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "an endpoint replaced",
+            Box::new(|s| slice_of(s, 3).endpoints[1].address = "10.255.0.1".parse().unwrap()),
+        ),
+        (
+            "a Service grows to 5 endpoints (new slot maps, a new picking chain)",
+            Box::new(|s| {
+                let sl = slice_of(s, 4);
+                for k in 0..2u8 {
+                    let mut ep = sl.endpoints[0].clone();
+                    ep.address = format!("10.255.1.{k}").parse().unwrap();
+                    sl.endpoints.push(ep);
+                }
+            }),
+        ),
+        (
+            "it shrinks back to 3 (slot maps and the chain go)",
+            Box::new(|s| slice_of(s, 4).endpoints.truncate(3)),
+        ),
+        (
+            "a NodePort Service with Local policy and an endpoint on this node",
+            Box::new(|s| {
+                let mut svc: Service = synthetic::service(500);
+                svc.ports[0].node_port = Some(30500);
+                svc.external_policy = TrafficPolicy::Local;
+                s.services.insert(svc.id.clone(), svc.into());
+                let mut sl = synthetic::slice(500, 2);
+                sl.endpoints[0].node_name = Some("node-0".into());
+                s.slices.insert(sl.id.clone(), sl.into());
+            }),
+        ),
+        (
+            "an endpoint stops being ready",
+            Box::new(|s| slice_of(s, 7).endpoints[0].ready = false),
+        ),
+        (
+            "a Service loses every endpoint (rejected)",
+            Box::new(|s| slice_of(s, 8).endpoints.clear()),
+        ),
+        (
+            "a Service is deleted",
+            Box::new(|s| {
+                let id: ObjectRef = synthetic::service(9).id;
+                s.services.remove(&id);
+                s.slices.retain(|_, sl| sl.service != id);
+            }),
+        ),
+        ("nothing changed", Box::new(|_| {})),
+    ];
+    for (label, change) in changes {
+        change(&mut s);
+        let out = backend
+            .sync(s.clone())
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(
+            out.report.kind,
+            SyncKind::Partial,
+            "{label}: {:?}",
+            out.report
+        );
+        assert!(out.services_compiled <= 1, "{label}: {:?}", out);
+    }
+
+    let fresh = Netns::new("b");
+    Incremental::new(NftCommand::in_netns(&fresh.0), config)
+        .sync(s)
+        .unwrap();
+    let (patched, whole) = (inventory(&ns.0), inventory(&fresh.0));
+    assert!(
+        whole.contains_key("map \"nodeport-local-endpoints-0\""),
+        "{:#?}",
+        whole.keys()
+    );
+    assert_eq!(patched, whole);
+}
