@@ -14,11 +14,24 @@ tmp=$(mktemp)
   echo "Figures are medians of several runs unless a row says otherwise; the machine is shared and"
   echo "noisy, so read them as orders of magnitude."
   echo
+  echo "## Compile (\`cargo bench --bench compile\`, criterion)"
+  echo
+  echo "| benchmark | time (criterion's estimate, with its 95% interval) |"
+  echo "|---|---|"
+  cargo bench -q --bench compile 2>/dev/null | awk '
+    /time:/ { name = ($1 == "time:") ? last : $1; sub(/.*\[/, ""); sub(/\].*/, "");
+              printf "| %s | %s %s (%s %s to %s %s) |\n", name, $3, $4, $1, $2, $5, $6; next }
+    NF { last = $1 }'
+  echo
   echo "## Compile, full and partial syncs (\`cargo bench --bench scale\`)"
   echo
   cargo bench -q --bench scale -- --examples examples/ --services 1000,10000 --endpoints 10 --runs 5 --kube-proxy-layout 2>/dev/null | grep '^|'
   echo
   cargo bench -q --bench scale -- --services 50000 --endpoints 5 --runs 3 2>/dev/null | grep '^|'
+  echo
+  echo "What svcproxy itself holds (a process of its own: \`--memory 10000\`):"
+  echo
+  cargo bench -q --bench scale -- --memory 10000 --endpoints 10 2>/dev/null | grep '^|'
   echo
   echo "## Network programming latency (\`cargo bench --bench latency\`)"
   echo

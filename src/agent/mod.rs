@@ -9,10 +9,11 @@
 //! with backoff, as a full one. Stopping leaves the rules in place.
 
 pub mod metrics;
+mod mirror;
 pub mod serve;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,12 +23,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as signal};
 
 use crate::conntrack::{Conntrack, StaleFlows};
-use crate::convert::{self, Converted, ObjectKind, Rejected};
+use crate::convert::{self, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use crate::nft::incremental::Incremental;
 use crate::plan::{Plan, Route};
 use metrics::Metrics;
+use mirror::Mirror;
 use serve::{Health, HealthCheckServers};
 use watch::{Changes, Stores};
 
@@ -138,8 +140,9 @@ pub async fn run(
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
         notified_ready: false,
-        service_cache: HashMap::new(),
-        slice_cache: HashMap::new(),
+        services: Mirror::default(),
+        slices: Mirror::default(),
+        primed: false,
     };
     syncer.run(stop).await;
     Ok(())
@@ -157,42 +160,10 @@ struct Syncer {
     rejected: BTreeSet<String>,
     conflicts: BTreeSet<String>,
     notified_ready: bool,
-    service_cache: ConversionCache<crate::model::Service>,
-    slice_cache: ConversionCache<crate::model::EndpointSlice>,
-}
-
-/// Conversions of the stores' objects, kept from one sync to the next by namespace/name with
-/// the resourceVersion they were made from: an unchanged object is not converted again (at 10k
-/// Services, converting everything was the largest part of a partial sync).
-/// Conversions are shared (`Arc`) with the snapshots built from them: a snapshot costs a pointer
-/// copy per object, and the compiler tells an unchanged object by its address.
-type ConversionCache<T> = HashMap<(String, String), (String, Result<Option<Arc<T>>, Rejected>)>;
-
-/// Converts `objects`, reusing the cache for objects whose resourceVersion it already has; the
-/// cache then holds exactly these objects.
-fn cached<K: kube::Resource, T>(
-    cache: &mut ConversionCache<T>,
-    objects: Vec<Arc<K>>,
-    convert: impl Fn(&K) -> Result<Option<T>, Rejected>,
-) -> Vec<Result<Option<Arc<T>>, Rejected>> {
-    let mut next = HashMap::with_capacity(objects.len());
-    let mut out = Vec::with_capacity(objects.len());
-    for object in objects {
-        let meta = object.meta();
-        let key = (
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        );
-        let version = meta.resource_version.clone().unwrap_or_default();
-        let result = match cache.remove(&key) {
-            Some((seen, result)) if seen == version && !version.is_empty() => result,
-            _ => convert(&object).map(|c| c.map(Arc::new)),
-        };
-        out.push(result.clone());
-        next.insert(key, (version, result));
-    }
-    *cache = next;
-    out
+    services: Mirror<crate::model::Service>,
+    slices: Mirror<crate::model::EndpointSlice>,
+    /// Whether the mirrors were built from the stores once.
+    primed: bool,
 }
 
 /// Waits for `stop` to turn true.
@@ -397,35 +368,34 @@ impl Syncer {
     }
 
     /// The cluster as the stores see it now.
+    /// Converts what changed since the last sync (everything after a re-list).
     fn snapshot(&mut self) -> Snapshot {
-        let mut converted = Converted::default();
-        let mut problems: Vec<Rejected> = Vec::new();
-        for result in cached(
-            &mut self.service_cache,
-            self.stores.services.state(),
-            convert::service,
-        ) {
-            match result {
-                Ok(Some(s)) => {
-                    converted.services.insert(s.id.clone(), s);
-                }
-                Ok(None) => {}
-                Err(e) => problems.push(e),
-            }
+        let touched = std::mem::take(&mut *self.changes.touched.lock().expect("touched lock"));
+        if touched.relisted_services || !self.primed {
+            self.services
+                .rebuild(&self.stores.services, convert::service);
+        } else {
+            self.services
+                .update(&self.stores.services, &touched.services, convert::service);
         }
-        for result in cached(
-            &mut self.slice_cache,
-            self.stores.slices.state(),
-            convert::endpoint_slice,
-        ) {
-            match result {
-                Ok(Some(s)) => {
-                    converted.slices.insert(s.id.clone(), s);
-                }
-                Ok(None) => {}
-                Err(e) => problems.push(e),
-            }
+        if touched.relisted_slices || !self.primed {
+            self.slices
+                .rebuild(&self.stores.slices, convert::endpoint_slice);
+        } else {
+            self.slices.update(
+                &self.stores.slices,
+                &touched.slices,
+                convert::endpoint_slice,
+            );
         }
+        self.primed = true;
+        let mut problems: Vec<Rejected> = self
+            .services
+            .rejected
+            .values()
+            .chain(self.slices.rejected.values())
+            .cloned()
+            .collect();
         let mut node = NodeInfo {
             name: self.config.node_name.clone(),
             ..NodeInfo::default()
@@ -464,8 +434,8 @@ impl Syncer {
                 .set(n as i64);
         }
         Snapshot {
-            services: converted.services,
-            slices: converted.slices,
+            services: self.services.objects.clone(),
+            slices: self.slices.objects.clone(),
             node,
         }
     }
@@ -521,41 +491,5 @@ fn sd_notify(state: &str) {
     match sent {
         Ok(_) => tracing::debug!("told systemd {state}"),
         Err(e) => tracing::warn!("cannot notify systemd ({state}): {e}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-
-    fn svc(name: &str, rv: &str) -> Arc<k8s_openapi::api::core::v1::Service> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
-                "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}
-            }))
-            .unwrap(),
-        )
-    }
-
-    #[test]
-    fn unchanged_objects_are_not_converted_again() {
-        let mut cache = ConversionCache::new();
-        let calls = Cell::new(0);
-        let convert = |s: &k8s_openapi::api::core::v1::Service| {
-            calls.set(calls.get() + 1);
-            convert::service(s)
-        };
-        let out = cached(&mut cache, vec![svc("a", "1"), svc("b", "1")], convert);
-        assert_eq!((out.len(), calls.get()), (2, 2));
-        let out = cached(&mut cache, vec![svc("a", "1"), svc("b", "2")], convert);
-        assert_eq!((out.len(), calls.get()), (2, 3), "only b changed");
-        let out = cached(&mut cache, vec![svc("a", "1")], convert);
-        assert_eq!(
-            (out.len(), calls.get(), cache.len()),
-            (1, 3, 1),
-            "b is gone from the cache too"
-        );
     }
 }

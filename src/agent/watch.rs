@@ -5,17 +5,20 @@
 //! content atomically when a re-list completes, so objects deleted while the watch was away
 //! disappear, and a half-done list is never seen. Every change wakes the sync loop.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
+
+use crate::model::ObjectRef;
 
 /// The stores the sync loop reads.
 #[derive(Clone)]
@@ -33,11 +36,26 @@ pub struct Changes {
     /// Set with every change, cleared by the sync loop when it reads the stores: a wake-up with
     /// nothing new (a permit left from changes the last sync already saw) is ignored.
     pub dirty: AtomicBool,
+    /// Which objects changed since the sync loop last looked.
+    pub touched: Mutex<Touched>,
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
     pub node_changes: Counter,
     pub watch_errors: Counter,
 }
+
+/// The objects that watch events touched, by namespace/name, for the sync loop to convert
+/// again; a completed re-list asks for the whole store.
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub services: BTreeSet<ObjectRef>,
+    pub slices: BTreeSet<ObjectRef>,
+    pub relisted_services: bool,
+    pub relisted_slices: bool,
+}
+
+/// The part of [`Touched`] that one kind's watcher fills in.
+type TouchedPart = fn(&mut Touched) -> (&mut BTreeSet<ObjectRef>, &mut bool);
 
 /// Starts the three watchers on the current tokio runtime; returns their stores.
 pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
@@ -50,9 +68,13 @@ pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
         )
         .default_backoff(),
     );
-    tokio::spawn(drive("Service", stream, changes.clone(), |c| {
-        &c.service_changes
-    }));
+    tokio::spawn(drive(
+        "Service",
+        stream,
+        changes.clone(),
+        |c| &c.service_changes,
+        Some(|t| (&mut t.services, &mut t.relisted_services)),
+    ));
 
     let (slices, w) = reflector::store();
     let stream = reflector::reflector(
@@ -63,9 +85,13 @@ pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
         )
         .default_backoff(),
     );
-    tokio::spawn(drive("EndpointSlice", stream, changes.clone(), |c| {
-        &c.endpoint_changes
-    }));
+    tokio::spawn(drive(
+        "EndpointSlice",
+        stream,
+        changes.clone(),
+        |c| &c.endpoint_changes,
+        Some(|t| (&mut t.slices, &mut t.relisted_slices)),
+    ));
 
     let (node, w) = reflector::store();
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
@@ -73,7 +99,8 @@ pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
         w,
         watcher(Api::<Node>::all(client), config).default_backoff(),
     );
-    tokio::spawn(drive("Node", stream, changes, |c| &c.node_changes));
+    // The Node is one object, read whole at every sync.
+    tokio::spawn(drive("Node", stream, changes, |c| &c.node_changes, None));
 
     Stores {
         services,
@@ -82,27 +109,42 @@ pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
     }
 }
 
-/// Polls one reflector stream forever, counting changes and waking the sync loop.
+/// Polls one reflector stream forever, counting changes, noting what they touched (the
+/// reflector has already applied each event to its store) and waking the sync loop.
 async fn drive<K, S>(
     kind: &'static str,
     stream: S,
     changes: Arc<Changes>,
     counter: fn(&Changes) -> &Counter,
+    touched: Option<TouchedPart>,
 ) where
+    K: Resource,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
+    let note = |key: Option<ObjectRef>| {
+        if let Some(part) = touched {
+            let mut t = changes.touched.lock().expect("touched lock");
+            let (keys, relisted) = part(&mut t);
+            match key {
+                Some(k) => {
+                    keys.insert(k);
+                }
+                None => *relisted = true,
+            }
+        }
+        changes.dirty.store(true, Ordering::Release);
+        changes.notify.notify_one();
+    };
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
                 counter(&changes).inc();
-                changes.dirty.store(true, Ordering::Release);
-                changes.notify.notify_one();
+                note(Some(super::mirror::key_of(&o)));
             }
             Ok(watcher::Event::InitDone) => {
                 tracing::debug!(kind, "list complete");
-                changes.dirty.store(true, Ordering::Release);
-                changes.notify.notify_one();
+                note(None);
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(e) => {
