@@ -228,12 +228,31 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
         floor.push(t.elapsed());
         assert!(ok);
     }
+    // The periodic full resync of a running agent: every rule and element written anew, in
+    // place (the tables are kept, so session affinity survives).
+    let mut resync = Vec::new();
+    let mut backend = Incremental::new(nft.clone(), config.clone());
+    backend.sync(snapshot.clone()).unwrap();
+    for _ in 0..runs {
+        backend.invalidate();
+        let copy = snapshot.clone();
+        let t = Instant::now();
+        let out = backend.sync(copy).unwrap();
+        resync.push(t.elapsed());
+        let because = out.report.full_because.unwrap_or_default();
+        assert!(because.ends_with("refreshed in place"), "{because}");
+    }
+    drop(backend);
     let (compile, full, floor) = (median(compile), median(full), median(floor));
     println!("| {name} | compile + render + script | {} |", ms(compile));
     println!("| {name} | full sync (compile + apply) | {} |", ms(full));
     println!(
         "| {name} | raw floor: nft -f of the script | {} |",
         ms(floor)
+    );
+    println!(
+        "| {name} | periodic full resync (tables refreshed in place) | {} |",
+        ms(median(resync))
     );
     println!(
         "| {name} | svcproxy's overhead above the floor | {:.0}% of the full sync |",

@@ -185,3 +185,92 @@ fn one_service_changes_leave_what_a_full_apply_gives() {
     );
     assert_eq!(patched, whole);
 }
+
+/// The name of the first dynamic (session affinity) set in `ip svcproxy`.
+fn affinity_set(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-j", "list", "sets", "ip"])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["set"]["name"].as_str())
+        .find(|n| n.starts_with("affinity-"))
+        .expect("an affinity set")
+        .to_string()
+}
+
+fn nft(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
+    if !common::can_unshare_net() || !common::have_nft() {
+        common::skip_or_fail("needs root and nft");
+        return;
+    }
+    let ns = Netns::new("r");
+    let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), ProxyConfig::default());
+    let mut s = synthetic::cluster(5, 3);
+    let mut svc: Service = (*s.services[&synthetic::service(2).id]).clone();
+    svc.affinity_timeout = Some(600);
+    s.services.insert(svc.id.clone(), svc.into());
+    backend.sync(s.clone()).unwrap();
+    // What the kernel learned: a client pinned to an endpoint.
+    let set = affinity_set(&ns.0);
+    nft(
+        &ns.0,
+        &["add", "element", "ip", "svcproxy", &set, "{ 192.0.2.7 }"],
+    );
+
+    // The periodic full resync: every rule and element written anew, in place.
+    backend.invalidate();
+    slice_of(&mut s, 4).endpoints.pop();
+    let out = backend.sync(s.clone()).unwrap();
+    assert_eq!(out.report.kind, SyncKind::Full);
+    let because = out.report.full_because.unwrap();
+    assert!(because.ends_with("refreshed in place"), "{because}");
+    assert!(
+        nft(&ns.0, &["list", "set", "ip", "svcproxy", &set]).contains("192.0.2.7"),
+        "the client's endpoint is still remembered"
+    );
+    let fresh = Netns::new("rf");
+    Incremental::new(NftCommand::in_netns(&fresh.0), ProxyConfig::default())
+        .sync(s.clone())
+        .unwrap();
+    let without = |mut inv: BTreeMap<String, Vec<String>>| {
+        inv.remove(&format!("set {:?}", set));
+        inv
+    };
+    assert_eq!(without(inventory(&ns.0)), without(inventory(&fresh.0)));
+
+    // Drift in the elements and rules: refreshing repairs it.
+    nft(&ns.0, &["flush", "map", "ip", "svcproxy", "service-ips"]);
+    nft(&ns.0, &["flush", "chain", "ip", "svcproxy", "services"]);
+    backend.invalidate();
+    let out = backend.sync(s.clone()).unwrap();
+    assert!(out.report.full_because.unwrap().ends_with("refreshed in place"));
+    assert_eq!(without(inventory(&ns.0)), without(inventory(&fresh.0)));
+
+    // Drift nft refuses to refresh (someone deleted the table): the tables are replaced.
+    nft(&ns.0, &["delete", "table", "ip", "svcproxy"]);
+    backend.invalidate();
+    let out = backend.sync(s.clone()).unwrap();
+    let because = out.report.full_because.unwrap();
+    assert!(!because.ends_with("refreshed in place"), "{because}");
+    assert_eq!(inventory(&ns.0), inventory(&fresh.0));
+}

@@ -172,9 +172,34 @@ impl Incremental {
                 }
             }
             Err(because) => {
-                let script = ruleset.script();
+                // The kernel holds the last ruleset applied (a refused transaction changes
+                // nothing), so it can be refreshed in place, keeping session affinity; if it
+                // drifted, nft refuses that and the tables are replaced.
+                let refresh = self
+                    .state
+                    .as_ref()
+                    .and_then(|old| ruleset.refresh_script(&old.ruleset));
                 let t = Instant::now();
-                self.nft.run_script(&script).map(|()| ApplyReport {
+                let (script, because) = match refresh {
+                    Some(script) => match self.nft.run_script(&script) {
+                        Ok(()) => (script, format!("{because}; refreshed in place")),
+                        Err(e) => {
+                            tracing::info!(
+                                "cannot refresh the tables in place, replacing them: {e}"
+                            );
+                            let script = ruleset.script();
+                            (script, because)
+                        }
+                    },
+                    None => (ruleset.script(), because),
+                };
+                let replace = !because.ends_with("refreshed in place");
+                let run = if replace {
+                    self.nft.run_script(&script)
+                } else {
+                    Ok(())
+                };
+                run.map(|()| ApplyReport {
                     kind: SyncKind::Full,
                     commands: 1,
                     elements_added: ruleset

@@ -793,6 +793,66 @@ impl Ruleset {
         s
     }
 
+    /// A script that turns `old` (what svcproxy applied last; the kernel holds it unless someone
+    /// changed it) into `self` without deleting the tables: every rule and every static element
+    /// is written anew, but the dynamic sets (ClientIP session affinity: which client uses
+    /// which endpoint) keep what the kernel learned. `None` when only a replacing
+    /// [`Ruleset::script`] will do: a table, a set's declaration or a chain's hook or comment
+    /// changed. If the kernel drifted from `old` (a chain or set deleted by someone), nft
+    /// refuses this script, atomically, and the caller falls back to a replacing one.
+    pub fn refresh_script(&self, old: &Ruleset) -> Option<String> {
+        if old.tables.len() != self.tables.len() {
+            return None;
+        }
+        let mut s =
+            String::from("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        for (o, n) in old.tables.iter().zip(&self.tables) {
+            if (o.family, &o.name, &o.comment) != (n.family, &n.name, &n.comment) {
+                return None;
+            }
+            let prefix = format!("{} {}", n.family.as_str(), n.name);
+            let new_sets: std::collections::HashMap<&str, &Set> =
+                n.sets.iter().map(|x| (x.name.as_str(), x)).collect();
+            let new_chains: std::collections::HashMap<&str, &Chain> =
+                n.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+            for c in &o.chains {
+                if let Some(nc) = new_chains.get(c.name.as_str())
+                    && (nc.hook != c.hook || nc.comment != c.comment)
+                {
+                    return None;
+                }
+                writeln!(s, "flush chain {prefix} {}", c.name).unwrap();
+            }
+            for set in &o.sets {
+                if let Some(ns) = new_sets.get(set.name.as_str())
+                    && (ns.keyword() != set.keyword() || ns.declaration() != set.declaration())
+                {
+                    return None;
+                }
+                if !set.flags.contains(&"dynamic") {
+                    writeln!(s, "flush {} {prefix} {}", set.keyword(), set.name).unwrap();
+                }
+            }
+            for c in o
+                .chains
+                .iter()
+                .filter(|c| !new_chains.contains_key(c.name.as_str()))
+            {
+                writeln!(s, "delete chain {prefix} {}", c.name).unwrap();
+            }
+            for set in o
+                .sets
+                .iter()
+                .filter(|x| !new_sets.contains_key(x.name.as_str()))
+            {
+                writeln!(s, "delete {} {prefix} {}", set.keyword(), set.name).unwrap();
+            }
+            s.push('\n');
+            n.write_text(&mut s);
+        }
+        Some(s)
+    }
+
     /// The whole ruleset as libnftables JSON, in the form `nft -j list ruleset` prints it.
     pub fn json(&self) -> Json {
         let mut objects = vec![json!({"metainfo": {"json_schema_version": 1}})];
