@@ -5,7 +5,7 @@
 //! The first apply of a process also removes the other backend's leftovers (a node switched
 //! from one mode to the other), so that only one set of svcproxy rules decides.
 
-use crate::iptables::{self, Iptables, IptablesError};
+use crate::iptables::{self, Iptables, IptablesError, Variant};
 use crate::nft::apply::{ApplyError, ApplyReport, NftCommand, Nftables};
 use crate::plan::Plan;
 
@@ -105,8 +105,15 @@ impl Backend {
 
     fn remove_other_backends_rules(&self) {
         match &self.kind {
-            Kind::Nftables(_) => remove_iptables_leftovers(&self.prefix),
-            Kind::Iptables(_) => {
+            Kind::Nftables(_) => remove_iptables_leftovers(&self.prefix, &Variant::ALL),
+            Kind::Iptables(i) => {
+                // A node switched from one iptables variant to the other: packets go through
+                // both, so the old variant's rules would still catch traffic.
+                let other: Vec<Variant> = Variant::ALL
+                    .into_iter()
+                    .filter(|v| *v != i.command().variant)
+                    .collect();
+                remove_iptables_leftovers(&self.prefix, &other);
                 let mut program = self.prefix.clone();
                 program.push("nft".into());
                 let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
@@ -120,12 +127,12 @@ impl Backend {
     }
 }
 
-fn remove_iptables_leftovers(prefix: &[String]) {
-    match iptables::apply::cleanup(prefix) {
+fn remove_iptables_leftovers(prefix: &[String], variants: &[Variant]) {
+    match iptables::apply::cleanup(prefix, variants) {
         Ok(c) if c.chains + c.jumps > 0 => tracing::info!(
             chains = c.chains,
             jumps = c.jumps,
-            "removed svcproxy's iptables rules left from the iptables mode: {}",
+            "removed svcproxy's iptables rules left from an earlier mode: {}",
             c.places.join(", ")
         ),
         Ok(_) => {}

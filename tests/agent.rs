@@ -96,6 +96,7 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         metrics_address: None,
         health_check_address: "127.0.0.1".parse().unwrap(),
         nft: NftCommand::in_netns(netns),
+        iptables: None,
         conntrack: Conntrack::in_netns(netns),
     }
 }

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as signal};
 
+use crate::backend::Backend;
 use crate::conntrack::{Conntrack, stale_udp};
 use crate::convert::{self, Converted, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
-use crate::nft::apply::{ApplyReport, NftCommand, Nftables, SyncKind};
+use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use crate::plan::{Plan, Route};
 use metrics::Metrics;
 use serve::{Health, HealthCheckServers};
@@ -45,6 +46,8 @@ pub struct AgentConfig {
     /// Where health check node ports listen (all addresses by default).
     pub health_check_address: IpAddr,
     pub nft: NftCommand,
+    /// The iptables mode's programs (`None`: the nftables mode).
+    pub iptables: Option<crate::iptables::IptablesCommand>,
     pub conntrack: Conntrack,
 }
 
@@ -207,7 +210,10 @@ impl Syncer {
             _ = stopped(&mut stop) => return,
         }
         tracing::info!("initial lists of Services and EndpointSlices complete");
-        let mut backend = Some(Nftables::new(self.config.nft.clone()));
+        let mut backend = Some(Backend::new(
+            self.config.nft.clone(),
+            self.config.iptables.clone(),
+        ));
         let mut last_plan: Option<Plan> = None;
         let mut last_start: Option<Instant> = None;
         let mut next_full = Instant::now() + self.config.sync_period;
@@ -265,8 +271,9 @@ impl Syncer {
             }
             self.conflicts = conflicts;
             let mut nft = backend.take().expect("backend");
+            let desired = nft.desired(&plan, ruleset);
             let (nft, result) = tokio::task::spawn_blocking(move || {
-                let r = nft.apply(ruleset);
+                let r = nft.apply(desired);
                 (nft, r)
             })
             .await

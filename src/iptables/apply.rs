@@ -416,12 +416,13 @@ pub struct Cleaned {
     pub places: Vec<String>,
 }
 
-/// Deletes svcproxy's chains and every rule jumping into them, in both variants and both
-/// families, touching nothing else (only `nat` and `filter`, where svcproxy writes). A variant
-/// that is not installed is skipped. `prefix` runs the programs elsewhere (`ip netns exec NS`).
-pub fn cleanup(prefix: &[String]) -> Result<Cleaned, IptablesError> {
+/// Deletes svcproxy's chains and every rule jumping into them, in `variants` (both, for
+/// `svcproxy cleanup`) and both families, touching nothing else (only `nat` and `filter`, where
+/// svcproxy writes). A variant that is not installed is skipped. `prefix` runs the programs
+/// elsewhere (`ip netns exec NS`).
+pub fn cleanup(prefix: &[String], variants: &[Variant]) -> Result<Cleaned, IptablesError> {
     let mut cleaned = Cleaned::default();
-    for variant in Variant::ALL {
+    for &variant in variants {
         let cmd = IptablesCommand {
             prefix: prefix.to_vec(),
             variant,
