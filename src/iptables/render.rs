@@ -451,17 +451,14 @@ impl Builder<'_> {
                     comment("this node reaches every endpoint, masqueraded")
                 ));
                 rules.push(format!("-m addrtype --src-type LOCAL -j {svc}"));
-                match local {
-                    Some(b) => {
-                        let svl = self.backends(d, b);
-                        rules.push(format!(
-                            "{} -j {svl}",
-                            comment("outside clients: this node's endpoints only")
-                        ));
-                    }
-                    // No local endpoint: outside clients fall through, undNATed, and are
-                    // dropped in filter (nat cannot drop).
-                    None => {}
+                // Without a local endpoint, outside clients fall through, unDNATed, and are
+                // dropped in filter (nat cannot drop).
+                if let Some(b) = local {
+                    let svl = self.backends(d, b);
+                    rules.push(format!(
+                        "{} -j {svl}",
+                        comment("outside clients: this node's endpoints only")
+                    ));
                 }
             }
             _ => unreachable!("external() is for external routes"),
