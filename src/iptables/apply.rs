@@ -302,41 +302,9 @@ impl Iptables {
             return self.full(desired, "the set of families changed");
         }
         let start = Instant::now();
-        let mut report = report(SyncKind::Partial, None);
-        for (o, n) in old.families.iter().zip(&desired.families) {
-            let mut input = String::new();
-            for t in &n.tables {
-                let before = o.table(t.table);
-                let old_chains: BTreeMap<&str, &Chain> = before
-                    .map(|b| b.chains.iter().map(|c| (c.name.as_str(), c)).collect())
-                    .unwrap_or_default();
-                let new_names: BTreeSet<&str> = t.chains.iter().map(|c| c.name.as_str()).collect();
-                let changed: Vec<&Chain> = t
-                    .chains
-                    .iter()
-                    .filter(|c| old_chains.get(c.name.as_str()) != Some(c))
-                    .collect();
-                let gone: Vec<String> = old_chains
-                    .keys()
-                    .filter(|name| !new_names.contains(*name))
-                    .map(|s| s.to_string())
-                    .collect();
-                report.chains_changed += changed.len() + gone.len();
-                report.elements_added += changed.iter().map(|c| c.rules.len()).sum::<usize>();
-                report.elements_deleted += changed
-                    .iter()
-                    .filter_map(|c| old_chains.get(c.name.as_str()))
-                    .chain(gone.iter().filter_map(|g| old_chains.get(g.as_str())))
-                    .map(|c| c.rules.len())
-                    .sum::<usize>();
-                write_table(&mut input, t.table, &changed, &gone);
-            }
-            if input.is_empty() {
-                continue;
-            }
-            report.commands += 1;
-            report.script_bytes += input.len();
-            self.cmd.restore(n.family, &input)?;
+        let (inputs, mut report) = diff(&old, &desired);
+        for (family, input) in inputs {
+            self.cmd.restore(family, &input)?;
         }
         self.applied = Some(desired);
         report.duration = start.elapsed();
@@ -392,6 +360,50 @@ impl Iptables {
         }
         Ok(stale)
     }
+}
+
+/// The restore inputs of an incremental sync from `old` to `new` (same families): per family,
+/// the chains whose rules changed or that are new (declared and refilled) and the chains that
+/// are gone (flushed and deleted); families with no change have no input. In the report,
+/// `elements_added` counts rules written and `elements_deleted` rules removed.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> (Vec<(IpFamily, String)>, ApplyReport) {
+    let mut report = report(SyncKind::Partial, None);
+    let mut inputs = Vec::new();
+    for (o, n) in old.families.iter().zip(&new.families) {
+        let mut input = String::new();
+        for t in &n.tables {
+            let old_chains: BTreeMap<&str, &Chain> = o
+                .table(t.table)
+                .map(|b| b.chains.iter().map(|c| (c.name.as_str(), c)).collect())
+                .unwrap_or_default();
+            let new_names: BTreeSet<&str> = t.chains.iter().map(|c| c.name.as_str()).collect();
+            let changed: Vec<&Chain> = t
+                .chains
+                .iter()
+                .filter(|c| old_chains.get(c.name.as_str()) != Some(c))
+                .collect();
+            let gone: Vec<String> = old_chains
+                .keys()
+                .filter(|name| !new_names.contains(*name))
+                .map(|s| s.to_string())
+                .collect();
+            report.chains_changed += changed.len() + gone.len();
+            report.elements_added += changed.iter().map(|c| c.rules.len()).sum::<usize>();
+            report.elements_deleted += changed
+                .iter()
+                .filter_map(|c| old_chains.get(c.name.as_str()))
+                .chain(gone.iter().filter_map(|g| old_chains.get(g.as_str())))
+                .map(|c| c.rules.len())
+                .sum::<usize>();
+            write_table(&mut input, t.table, &changed, &gone);
+        }
+        if !input.is_empty() {
+            report.commands += 1;
+            report.script_bytes += input.len();
+            inputs.push((n.family, input));
+        }
+    }
+    (inputs, report)
 }
 
 fn report(kind: SyncKind, full_because: Option<String>) -> ApplyReport {
@@ -476,6 +488,44 @@ pub fn cleanup(prefix: &[String], variants: &[Variant]) -> Result<Cleaned, Iptab
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rendered(snapshot: &crate::model::Snapshot) -> Ruleset {
+        let config = crate::model::ProxyConfig::default();
+        crate::iptables::render(&crate::plan::plan(snapshot, &config))
+    }
+
+    #[test]
+    fn an_incremental_sync_rewrites_only_the_changed_service() {
+        let mut snapshot = crate::synthetic::cluster(20, 3);
+        let old = rendered(&snapshot);
+        assert_eq!(
+            diff(&old, &old).0,
+            vec![],
+            "nothing changed, nothing to run"
+        );
+        // Service 5's remote endpoint replaced: its endpoint chain only.
+        let slice = snapshot.slices.values_mut().nth(5).unwrap();
+        slice.endpoints[1].address = "10.127.0.1".parse().unwrap();
+        let (inputs, report) = diff(&old, &rendered(&snapshot));
+        assert_eq!(report.chains_changed, 1, "{inputs:?}");
+        let (family, input) = &inputs[0];
+        assert_eq!(*family, IpFamily::V4);
+        assert!(input.starts_with("*nat\n:SVCP-SVC-"), "{input}");
+        assert!(
+            !input.contains("SVCP-SERVICES") && !input.contains("*filter"),
+            "{input}"
+        );
+        // A Service removed: the dispatch chains change, its chains are deleted.
+        let gone = snapshot.services.keys().nth(3).unwrap().clone();
+        snapshot.services.remove(&gone);
+        let (inputs, _) = diff(&old, &rendered(&snapshot));
+        let input = &inputs[0].1;
+        assert!(
+            input.contains(":SVCP-SERVICES - [0:0]") && input.contains("*filter\n:SVCP-FILTER"),
+            "{input}"
+        );
+        assert!(input.contains("\n-X SVCP-SVC-"), "{input}");
+    }
 
     #[test]
     fn parse_save_finds_svcproxy_chains_and_jumps_only() {
