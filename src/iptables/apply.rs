@@ -442,8 +442,16 @@ pub fn cleanup(prefix: &[String], variants: &[Variant]) -> Result<Cleaned, Iptab
         for family in IpFamily::ALL {
             // No `-t`: iptables-legacy-save then only reads tables that exist, and does not
             // load kernel modules on a node that never used legacy iptables.
-            let Some(text) = cmd.save(family, None)? else {
-                continue;
+            let text = match cmd.save(family, None) {
+                Ok(Some(text)) => text,
+                Ok(None) => continue,
+                // A variant the kernel has no tables for (its modules never loaded) may make
+                // `*-save` fail: then it holds nothing of svcproxy's either.
+                Err(e @ IptablesError::Failed { .. }) => {
+                    tracing::debug!("cleanup: skipping iptables-{variant}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             let found = parse_save(&text);
             let mut input = String::new();
