@@ -879,3 +879,63 @@ fn switching_modes_removes_the_other_modes_rules(mut p: Proxy) {
     p.apply(&std::fs::read_to_string(&file).unwrap());
     assert_eq!(tcp(&c.ns, sa("10.96.0.130:80"), T).unwrap().pod, "a1");
 }
+
+/// `--iptables-variant auto` in a namespace: the kubelet's marker chain wins, else the variant
+/// holding more rules.
+#[test]
+fn variant_detection_follows_what_the_node_uses() {
+    use svcproxy::iptables::detect;
+    if !have_tools(Mode::Iptables(Variant::Legacy)) || !have_tools(Mode::Iptables(Variant::Nft)) {
+        return common::skip_or_fail("variant detection needs both iptables variants");
+    }
+    let Some(p) = Proxy::new(Mode::Nftables) else {
+        return;
+    };
+    let prefix: Vec<String> = ["ip", "netns", "exec", &p.w.node]
+        .map(String::from)
+        .to_vec();
+    let chosen = || detect::decide(&detect::evidence(&prefix)).unwrap();
+    // Two rules in legacy's filter table: legacy holds more.
+    for port in ["1", "2"] {
+        p.node_sh(&[
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Legacy, "{why}");
+    // Three in nft's: nft holds more.
+    for port in ["1", "2", "3"] {
+        p.node_sh(&[
+            "iptables-nft",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Nft, "{why}");
+    // The kubelet's marker chain in legacy's mangle table decides, whatever the counts.
+    p.node_sh(&[
+        "iptables-legacy",
+        "-t",
+        "mangle",
+        "-N",
+        "KUBE-IPTABLES-HINT",
+    ]);
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Legacy, "{why}");
+    assert!(why.contains("kubelet"), "{why}");
+}
