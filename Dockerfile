@@ -8,11 +8,12 @@ COPY . .
 RUN cargo build --release --locked --bin svcproxy
 
 # Runtime: the same Debian release as the build stage (same glibc), plus the tools svcproxy runs:
-# nft (nftables) to apply rulesets, conntrack (conntrack-tools) to delete stale UDP flows.
+# nft (nftables) to apply rulesets, iptables (both variants) for `mode: iptables`, conntrack
+# (conntrack-tools) to delete stale UDP flows.
 # ca-certificates only matters for a kubeconfig without a CA (in-cluster always has one).
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nftables conntrack ca-certificates \
+    && apt-get install -y --no-install-recommends nftables iptables conntrack ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/svcproxy /usr/local/bin/svcproxy
 ENTRYPOINT ["/usr/local/bin/svcproxy"]

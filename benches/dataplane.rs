@@ -2,8 +2,11 @@
 //! ClusterIP while 10, 10k and 30k Services (10 endpoints each) are loaded, in the namespace
 //! world of the real-packet tests (a client pod and a server pod on one node).
 //!
-//! `cargo bench --bench dataplane -- [--services 10,10000,30000] [--seconds 3] [--runs 3]`
-//! (as root). Each run is a bounded loop of connect + read reply from one client.
+//! `cargo bench --bench dataplane -- [--services 10,10000,30000] [--seconds 3] [--runs 3]
+//! [--backends nftables,iptables-legacy,iptables-nft]` (as root). Each run is a bounded loop of
+//! connect + read reply from one client. With iptables, the measured ClusterIP (10.99.0.1) sorts
+//! after every generated one, so its rule is the last of the Service rules: the worst case of
+//! iptables' linear search (nftables finds every Service with one map lookup).
 
 // tests/common/mod.rs allows dead code itself.
 #[path = "../tests/common/mod.rs"]
@@ -16,10 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::netns::{World, in_ns};
+use svcproxy::backend::Backend;
+use svcproxy::iptables::{IptablesCommand, Variant};
 use svcproxy::model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, ObjectRef, Protocol, ProxyConfig,
 };
-use svcproxy::nft::apply::{NftCommand, Nftables};
+use svcproxy::nft::apply::NftCommand;
 
 fn arg(name: &str, default: &str) -> String {
     let argv: Vec<String> = std::env::args().collect();
@@ -52,11 +57,23 @@ fn main() {
         .collect();
     let seconds: u64 = arg("--seconds", "3").parse().unwrap();
     let runs: usize = arg("--runs", "3").parse().unwrap();
+    let backends: Vec<String> = arg("--backends", "nftables")
+        .split(',')
+        .map(String::from)
+        .collect();
     println!(
-        "| Services loaded | new TCP connections per second through one ClusterIP (median of {runs} runs of {seconds} s) |"
+        "| Services loaded | backend | time to load the rules | new TCP connections per second through one ClusterIP (median of {runs} runs of {seconds} s) |"
     );
-    println!("|---|---|");
+    println!("|---|---|---|---|");
     for n in sizes {
+        for backend in &backends {
+            measure(n, backend, seconds, runs);
+        }
+    }
+}
+
+fn measure(n: usize, backend_name: &str, seconds: u64, runs: usize) {
+    {
         let Some(mut w) = World::new() else { return };
         let server = w.pod("server", false);
         let client = w.pod("client", false);
@@ -107,10 +124,18 @@ fn main() {
             }],
         };
         snapshot.slices.insert(slice.id.clone(), slice.into());
-        let (_, ruleset) = svcproxy::compile(&snapshot, &ProxyConfig::default());
-        Nftables::new(NftCommand::in_netns(&w.node))
-            .apply(ruleset)
-            .expect("apply");
+        let (plan, ruleset) = svcproxy::compile(&snapshot, &ProxyConfig::default());
+        let iptables = match backend_name {
+            "nftables" => None,
+            "iptables-legacy" => Some(IptablesCommand::in_netns(&w.node, Variant::Legacy)),
+            "iptables-nft" => Some(IptablesCommand::in_netns(&w.node, Variant::Nft)),
+            other => panic!("--backends: unknown backend {other:?}"),
+        };
+        let mut backend = Backend::new(NftCommand::in_netns(&w.node), iptables);
+        let desired = backend.desired(&plan, ruleset);
+        let loaded = Instant::now();
+        backend.apply(desired).expect("apply");
+        let load = loaded.elapsed();
 
         let to: SocketAddr = "10.99.0.1:80".parse().unwrap();
         let mut rates = Vec::new();
@@ -132,7 +157,11 @@ fn main() {
             rates.push(count as f64 / seconds as f64);
         }
         rates.sort_by(f64::total_cmp);
-        println!("| {n} | {:.0} |", rates[rates.len() / 2]);
+        println!(
+            "| {n} | {backend_name} | {:.2} s | {:.0} |",
+            load.as_secs_f64(),
+            rates[rates.len() / 2]
+        );
         stop.store(true, Ordering::Relaxed);
         let _ = in_ns(&server.ns, move || {
             TcpStream::connect(("127.0.0.1", 8080)).ok()

@@ -93,6 +93,7 @@ fn main() {
                 metrics_address: None,
                 health_check_address: "127.0.0.1".parse().unwrap(),
                 nft: NftCommand::in_netns(&ns),
+                iptables: None,
                 conntrack: Conntrack::in_netns(&ns),
             };
             let start = Instant::now();

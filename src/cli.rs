@@ -13,7 +13,7 @@ use crate::convert::Converted;
 use crate::manifests;
 use crate::model::{NodeInfo, NodePortAddresses, ProxyConfig, Snapshot};
 
-/// svcproxy: Kubernetes Services on this node, programmed into nftables.
+/// svcproxy: Kubernetes Services on this node, programmed into nftables (or iptables).
 #[derive(Debug, Parser)]
 #[command(name = "svcproxy", version, about)]
 pub struct Cli {
@@ -47,7 +47,8 @@ pub enum Command {
     /// Compile manifest files and apply the ruleset to this network namespace's kernel, once
     /// (a full sync: svcproxy's tables are replaced in one transaction).
     Apply(ApplyArgs),
-    /// Delete svcproxy's tables (and nothing else).
+    /// Delete svcproxy's nftables tables and its iptables chains and jump rules (both
+    /// variants, both families), and nothing else.
     Cleanup,
 }
 
@@ -58,6 +59,44 @@ pub enum Format {
     Nft,
     /// libnftables JSON, as `nft -j list ruleset` prints it.
     Json,
+}
+
+/// `--proxy-mode` of `dump` and `apply`: which backend's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProxyModeArg {
+    Nftables,
+    Iptables,
+}
+
+/// `--iptables-variant`: which iptables implementation the iptables mode uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    /// The one the node already uses (see src/iptables/detect.rs).
+    Auto,
+    Legacy,
+    Nft,
+}
+
+/// The iptables programs to use: the variant given, or the one detected (logged with why).
+pub fn iptables_command(
+    variant: VariantArg,
+    prefix: &[String],
+) -> Result<crate::iptables::IptablesCommand, String> {
+    use crate::iptables::{Variant, detect};
+    let variant = match variant {
+        VariantArg::Legacy => Variant::Legacy,
+        VariantArg::Nft => Variant::Nft,
+        VariantArg::Auto => {
+            let (v, why) = detect::decide(&detect::evidence(prefix))
+                .ok_or("iptables mode: neither iptables-legacy nor iptables-nft is installed")?;
+            tracing::info!("using iptables-{v}: {why}");
+            v
+        }
+    };
+    Ok(crate::iptables::IptablesCommand {
+        prefix: prefix.to_vec(),
+        variant,
+    })
 }
 
 /// `--nodeport-addresses`: `primary`, or a comma-separated list of CIDRs.
@@ -176,9 +215,13 @@ pub struct DumpArgs {
     pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Output format.
+    /// Output format (nftables mode).
     #[arg(long, value_enum, default_value_t = Format::Nft)]
     pub format: Format,
+    /// Which backend's rules to print: an `nft -f` script, or (iptables) each family's exact
+    /// `iptables-restore --noflush` input.
+    #[arg(long, value_enum, default_value_t = ProxyModeArg::Nftables)]
+    pub proxy_mode: ProxyModeArg,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +231,12 @@ pub struct ApplyArgs {
     pub from: Vec<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
+    /// Which backend programs the kernel.
+    #[arg(long, value_enum, default_value_t = ProxyModeArg::Nftables)]
+    pub proxy_mode: ProxyModeArg,
+    /// iptables mode: iptables-legacy, iptables-nft, or the one the node uses (auto).
+    #[arg(long, value_enum, default_value_t = VariantArg::Auto)]
+    pub iptables_variant: VariantArg,
 }
 
 /// `--min-sync-period 1s`, `--sync-period 1h`: Go-style durations, as kube-proxy takes them.
@@ -256,9 +305,12 @@ pub struct RunArgs {
     /// The node's addresses, primary first (default: the Node object's).
     #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
     pub node_ips: Vec<IpAddr>,
-    /// `nftables` (the only backend built so far).
+    /// `nftables` (default) or `iptables`.
     #[arg(long, value_name = "MODE")]
     pub proxy_mode: Option<String>,
+    /// iptables mode: iptables-legacy, iptables-nft, or the one the node uses (auto).
+    #[arg(long, value_enum, default_value_t = VariantArg::Auto)]
+    pub iptables_variant: VariantArg,
     /// The cluster's pod network(s), comma-separated.
     #[arg(long, value_name = "CIDRS")]
     pub cluster_cidr: Option<String>,
@@ -283,7 +335,7 @@ pub struct RunArgs {
     /// Where Prometheus `/metrics` are served (default 127.0.0.1:10249; empty: nowhere).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_bind_address: Option<String>,
-    /// Delete svcproxy's tables and exit (as `kube-proxy --cleanup`).
+    /// Delete svcproxy's tables and chains (both modes) and exit (as `kube-proxy --cleanup`).
     #[arg(long)]
     pub cleanup: bool,
     /// Write the effective configuration to this file and exit.
@@ -406,6 +458,16 @@ pub fn run_agent(args: &RunArgs) -> u8 {
     {
         node_ips.push(ip);
     }
+    let iptables = match settings.mode {
+        crate::config::ProxyMode::Nftables => None,
+        crate::config::ProxyMode::Iptables => match iptables_command(args.iptables_variant, &[]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!("{e}");
+                return EXIT_NOTHING;
+            }
+        },
+    };
     let rt = runtime();
     rt.block_on(async {
         let kube = match kube_config(settings.kubeconfig.as_ref()).await {
@@ -426,9 +488,10 @@ pub fn run_agent(args: &RunArgs) -> u8 {
             metrics_address: settings.metrics_bind_address,
             health_check_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
             nft: Default::default(),
+            iptables,
             conntrack: Default::default(),
         };
-        tracing::info!(node = %config.node_name, "starting");
+        tracing::info!(node = %config.node_name, mode = settings.mode.as_str(), "starting");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut term =
@@ -531,11 +594,23 @@ pub fn apply(args: &ApplyArgs) -> u8 {
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }
-    let mut backend = crate::nft::apply::Nftables::new(Default::default());
-    match backend.apply_full(ruleset) {
+    let iptables = match args.proxy_mode {
+        ProxyModeArg::Nftables => None,
+        ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!("{e}");
+                return EXIT_NOTHING;
+            }
+        },
+    };
+    let mut backend = crate::backend::Backend::new(Default::default(), iptables);
+    let desired = backend.desired(&plan, ruleset);
+    match backend.apply_full(desired) {
         Ok(report) => {
             tracing::info!(
                 kind = report.kind.as_str(),
+                backend = backend.name(),
                 services = snapshot.services.len(),
                 elements = report.elements_added,
                 chains = report.chains_changed,
@@ -556,19 +631,39 @@ pub fn apply(args: &ApplyArgs) -> u8 {
     }
 }
 
-/// `svcproxy cleanup`: delete svcproxy's tables.
+/// `svcproxy cleanup`: delete svcproxy's nftables tables, and its iptables chains and jump
+/// rules in both variants and both families. A tool that is not installed has nothing to clean.
 pub fn cleanup() -> u8 {
+    let mut code = EXIT_OK;
     let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
-    match crate::nft::apply::cleanup(&Default::default(), &tables) {
-        Ok(()) => {
-            tracing::info!("deleted tables ip {0} and ip6 {0}", crate::nft::TABLE);
-            EXIT_OK
-        }
-        Err(e) => {
-            tracing::error!("cleanup failed: {e}");
-            EXIT_NOTHING
+    let nft = crate::nft::apply::NftCommand::default();
+    let nft_installed = std::process::Command::new(&nft.program[0])
+        .arg("--version")
+        .output()
+        .is_ok();
+    if nft_installed {
+        match crate::nft::apply::cleanup(&nft, &tables) {
+            Ok(()) => tracing::info!("deleted tables ip {0} and ip6 {0}", crate::nft::TABLE),
+            Err(e) => {
+                tracing::error!("cleanup of the nftables tables failed: {e}");
+                code = EXIT_NOTHING;
+            }
         }
     }
+    match crate::iptables::apply::cleanup(&[], &crate::iptables::Variant::ALL) {
+        Ok(c) if c.chains + c.jumps > 0 => tracing::info!(
+            chains = c.chains,
+            jump_rules = c.jumps,
+            "deleted svcproxy's iptables chains: {}",
+            c.places.join(", ")
+        ),
+        Ok(_) => tracing::info!("no svcproxy iptables chains"),
+        Err(e) => {
+            tracing::error!("cleanup of the iptables chains failed: {e}");
+            code = EXIT_NOTHING;
+        }
+    }
+    code
 }
 
 /// `svcproxy dump`: manifests → model → plan → nftables, printed to `out`. Problems go to the
@@ -607,9 +702,14 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }
-    let text = match args.format {
-        Format::Nft => ruleset.script(),
-        Format::Json => {
+    let text = match (args.proxy_mode, args.format) {
+        (ProxyModeArg::Iptables, Format::Nft) => crate::iptables::render(&plan).dump(),
+        (ProxyModeArg::Iptables, Format::Json) => {
+            tracing::error!("--format json is for the nftables mode");
+            return EXIT_NOTHING;
+        }
+        (ProxyModeArg::Nftables, Format::Nft) => ruleset.script(),
+        (ProxyModeArg::Nftables, Format::Json) => {
             let mut s =
                 serde_json::to_string_pretty(&ruleset.json()).expect("JSON values serialize");
             s.push('\n');

@@ -188,6 +188,17 @@ pub fn parse(path: &Path, text: &str) -> Result<KubeProxyConfiguration, ConfigEr
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyMode {
     Nftables,
+    /// iptables (legacy or nft variant, detected), for nodes where nftables cannot be used.
+    Iptables,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+        }
+    }
 }
 
 /// A conntrack sysctl kube-proxy sets, and the value.
@@ -324,8 +335,6 @@ pub fn resolve(
         ignored("clientConnection.qps", cc.qps.is_some());
         ignored("clientConnection.burst", cc.burst.is_some());
     }
-    ignored("iptables", file.iptables.is_some());
-
     let mode_text = flags
         .mode
         .clone()
@@ -333,14 +342,38 @@ pub fn resolve(
         .unwrap_or_default();
     let mode = match mode_text.as_str() {
         "" | "nftables" => ProxyMode::Nftables,
-        "iptables" => {
+        "iptables" => ProxyMode::Iptables,
+        other => {
             return Err(invalid(
                 "mode",
-                &mode_text,
-                "the iptables backend is not built yet; use nftables (kernel 5.13 or later)",
+                other,
+                "svcproxy supports nftables and iptables",
             ));
         }
-        other => return Err(invalid("mode", other, "svcproxy supports nftables")),
+    };
+    // Each mode reads its own section, as kube-proxy does; the other one is accepted and unused.
+    let section = mode.as_str();
+    let nft = match mode {
+        ProxyMode::Nftables => {
+            ignored("iptables", file.iptables.is_some());
+            file.nftables.clone().unwrap_or_default()
+        }
+        ProxyMode::Iptables => {
+            ignored("nftables", file.nftables.is_some());
+            let ipt = file.iptables.clone().unwrap_or_default();
+            if ipt.localhost_node_ports == Some(true) {
+                warnings.push(
+                    "iptables.localhostNodePorts: NodePorts never answer on loopback in svcproxy"
+                        .into(),
+                );
+            }
+            NftablesConfig {
+                masquerade_all: ipt.masquerade_all,
+                masquerade_bit: ipt.masquerade_bit,
+                sync_period: ipt.sync_period,
+                min_sync_period: ipt.min_sync_period,
+            }
+        }
     };
 
     match file.detect_local_mode.as_deref() {
@@ -350,7 +383,6 @@ pub fn resolve(
         )),
     }
 
-    let nft = file.nftables.clone().unwrap_or_default();
     let linux = file.linux.clone().unwrap_or_default();
     let cluster_cidrs = match flags.cluster_cidr.as_ref().or(file.cluster_cidr.as_ref()) {
         Some(text) => cidrs("clusterCIDR", text)?,
@@ -382,7 +414,7 @@ pub fn resolve(
     let masquerade_bit = flags.masquerade_bit.or(nft.masquerade_bit).unwrap_or(14);
     if !(0..=31).contains(&masquerade_bit) {
         return Err(invalid(
-            "nftables.masqueradeBit",
+            &format!("{section}.masqueradeBit"),
             masquerade_bit,
             "must be from 0 to 31",
         ));
@@ -413,7 +445,7 @@ pub fn resolve(
         .or(file.metrics_bind_address.clone())
         .unwrap_or_else(|| "127.0.0.1:10249".into());
     let sync_period = match flags.sync_period.as_ref().or(nft.sync_period.as_ref()) {
-        Some(t) => duration("nftables.syncPeriod", t)?,
+        Some(t) => duration(&format!("{section}.syncPeriod"), t)?,
         None => Duration::from_secs(3600),
     };
     let min_sync_period = match flags
@@ -421,12 +453,12 @@ pub fn resolve(
         .as_ref()
         .or(nft.min_sync_period.as_ref())
     {
-        Some(t) => duration("nftables.minSyncPeriod", t)?,
+        Some(t) => duration(&format!("{section}.minSyncPeriod"), t)?,
         None => Duration::from_secs(1),
     };
     if sync_period.is_zero() {
         return Err(invalid(
-            "nftables.syncPeriod",
+            &format!("{section}.syncPeriod"),
             "0",
             "must be greater than zero",
         ));
@@ -603,7 +635,7 @@ pub fn effective_yaml(s: &Settings) -> String {
     let v = json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "mode": "nftables",
+        "mode": s.mode.as_str(),
         "hostnameOverride": s.hostname_override.clone().unwrap_or_default(),
         "bindAddress": s.node_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
         "healthzBindAddress": addr(&s.healthz_bind_address),
@@ -612,7 +644,7 @@ pub fn effective_yaml(s: &Settings) -> String {
         "detectLocalMode": "ClusterCIDR",
         "nodePortAddresses": nodeport,
         "clientConnection": {"kubeconfig": s.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default()},
-        "nftables": {
+        s.mode.as_str(): {
             "masqueradeAll": s.proxy.masquerade_all,
             "masqueradeBit": s.proxy.masquerade_bit,
             "syncPeriod": go_duration(s.sync_period),
@@ -744,7 +776,26 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
         );
         assert!(bad("nftables: {syncPeriod: -1s}\n").contains("negative"));
         assert!(bad("mode: ipvs\n").starts_with("mode: \"ipvs\""));
-        assert!(bad("mode: iptables\n").contains("not built yet"));
+        let s = resolve(
+            &cfg("mode: iptables\niptables: {masqueradeBit: 12, syncPeriod: 30s}\nnftables: {masqueradeBit: 3}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.mode, s.proxy.masquerade_bit, s.sync_period),
+            (ProxyMode::Iptables, 12, Duration::from_secs(30)),
+            "iptables mode reads the iptables section"
+        );
+        assert!(
+            s.warnings.iter().any(|w| w.starts_with("nftables")),
+            "{:?}",
+            s.warnings
+        );
+        assert!(effective_yaml(&s).contains("mode: iptables"));
+        assert!(
+            bad("mode: iptables\niptables: {masqueradeBit: 40}\n")
+                .starts_with("iptables.masqueradeBit")
+        );
         assert!(bad("nftables: {masqueradeBit: 40}\n").contains("0 to 31"));
         assert!(bad("conntrack: {min: -1}\n").contains("negative"));
         let e = cfg("kind: KubeletConfiguration\n").unwrap_err().to_string();

@@ -1,16 +1,18 @@
-//! svcproxy: a node-level Kubernetes Service proxy that programs nftables.
+//! svcproxy: a node-level Kubernetes Service proxy that programs nftables (or iptables).
 //!
 //! The flow goes one way: a source (manifest files, or the apiserver) is converted
 //! ([`convert`]) into the [`model`] of the cluster as this node sees it; [`plan`] resolves the
-//! Service semantics into a backend-independent plan; a backend ([`nft`]) renders it. Everything
+//! Service semantics into a backend-independent plan; a backend ([`nft`], or [`iptables`] where nftables cannot be used) renders it. Everything
 //! up to the rendered ruleset is pure: the dry-run and the live agent give identical rulesets for
 //! the same state.
 
 pub mod agent;
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod convert;
+pub mod iptables;
 pub mod manifests;
 pub mod model;
 pub mod nft;

@@ -96,6 +96,7 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         metrics_address: None,
         health_check_address: "127.0.0.1".parse().unwrap(),
         nft: NftCommand::in_netns(netns),
+        iptables: None,
         conntrack: Conntrack::in_netns(netns),
     }
 }
@@ -805,6 +806,91 @@ async fn node_ports_follow_the_node_addresses() {
     assert!(
         answers_within("192.168.1.10", 1).await.unwrap().is_none(),
         "the old one no longer does"
+    );
+    agent.stop().await;
+}
+
+/// The agent in the iptables mode (`--proxy-mode iptables`): partial syncs follow changes, and
+/// the periodic full sync repairs a flushed chain and a deleted jump rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_mode_follows_changes_and_repairs_drift() {
+    use svcproxy::iptables::{IptablesCommand, Variant};
+    let Some(ns) = Netns::new("iptables") else {
+        return;
+    };
+    if Command::new("iptables-legacy-restore")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return common::skip_or_fail("iptables-legacy is not installed");
+    }
+    let sh = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let nat = || sh(&["iptables-legacy-save", "-t", "nat"]);
+    let api = FakeApiServer::start().await;
+    api.apply(service("web", "10.96.0.90", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.91"]));
+    let mut agent = Agent::start(&api, &ns, |c| {
+        c.iptables = Some(IptablesCommand::in_netns(&ns.0, Variant::Legacy));
+        c.sync_period = Duration::from_secs(3);
+    });
+    let first = agent.next_sync(5 * SECOND).await.expect("the first sync");
+    assert_eq!(first.kind, SyncKind::Full);
+    assert!(
+        nat().contains("--to-destination 10.244.1.91:8080"),
+        "{}",
+        nat()
+    );
+    assert!(!ns.ruleset().contains("table ip svcproxy"));
+
+    api.apply(slice("web-1", "web", &["10.244.1.92"]));
+    assert!(
+        eventually(3 * SECOND, || nat()
+            .contains("--to-destination 10.244.1.92:8080")
+            && !nat().contains("10.244.1.91"))
+        .await,
+        "{}",
+        nat()
+    );
+    // Drift: the dispatch chain flushed, a jump rule deleted.
+    sh(&["iptables-legacy", "-t", "nat", "-F", "SVCP-SERVICES"]);
+    sh(&[
+        "iptables-legacy",
+        "-t",
+        "nat",
+        "-D",
+        "OUTPUT",
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: Kubernetes Services",
+        "-j",
+        "SVCP-SERVICES",
+    ]);
+    loop {
+        let s = agent
+            .next_sync(6 * SECOND)
+            .await
+            .expect("the periodic resync");
+        if s.kind == SyncKind::Full {
+            break;
+        }
+    }
+    let repaired = nat();
+    assert!(
+        repaired.contains("-A SVCP-SERVICES -d 10.96.0.90/32")
+            && repaired.contains(
+                "-A OUTPUT -m comment --comment \"svcproxy: Kubernetes Services\" -j SVCP-SERVICES"
+            ),
+        "{repaired}"
     );
     agent.stop().await;
 }

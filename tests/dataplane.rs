@@ -1,6 +1,10 @@
 //! Real packets through svcproxy's rules: a node namespace with the ruleset loaded, pods on it
 //! and on a second node, and a client outside the cluster (see tests/common/netns.rs). Every
 //! test builds its own world and tears it down. They need root; outside CI they skip, loudly.
+//!
+//! Each scenario is one function run once per backend ([`Mode`]): the test
+//! `SCENARIO::nftables`, `SCENARIO::iptables_legacy` and `SCENARIO::iptables_nft` (see
+//! [`on_every_backend!`]). The same packets, the same expectations: one plan, two renderers.
 
 mod common;
 
@@ -12,34 +16,143 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
+use svcproxy::backend::{Backend, Desired};
 use svcproxy::conntrack::{Conntrack, stale_udp};
-use svcproxy::nft::apply::{ApplyReport, NftCommand, Nftables, SyncKind};
+use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
 use svcproxy::plan::Plan;
 
 const FLAGS: &[&str] = &["--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16"];
 const T: Duration = Duration::from_secs(2);
 
+/// Which backend a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Nftables,
+    Iptables(Variant),
+}
+
+impl Mode {
+    /// The iptables programs in the node namespace, for the iptables modes.
+    fn iptables(self, ns: &str) -> Option<IptablesCommand> {
+        match self {
+            Mode::Nftables => None,
+            Mode::Iptables(v) => Some(IptablesCommand::in_netns(ns, v)),
+        }
+    }
+
+    /// `svcproxy apply`'s flags for this mode.
+    fn flags(self) -> Vec<&'static str> {
+        match self {
+            Mode::Nftables => vec!["--proxy-mode", "nftables"],
+            Mode::Iptables(Variant::Legacy) => {
+                vec!["--proxy-mode", "iptables", "--iptables-variant", "legacy"]
+            }
+            Mode::Iptables(Variant::Nft) => {
+                vec!["--proxy-mode", "iptables", "--iptables-variant", "nft"]
+            }
+        }
+    }
+}
+
+/// Whether this mode's tools are installed (nft is checked by `World::new`).
+fn have_tools(mode: Mode) -> bool {
+    match mode {
+        Mode::Nftables => true,
+        Mode::Iptables(v) => ["iptables", "ip6tables"].iter().all(|f| {
+            std::process::Command::new(format!("{f}-{v}-restore"))
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }),
+    }
+}
+
+/// Runs a scenario once per backend: `mod NAME { nftables, iptables_legacy, iptables_nft }`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn nftables() {
+                run(Mode::Nftables, super::$name);
+            }
+
+            #[test]
+            fn iptables_legacy() {
+                run(Mode::Iptables(Variant::Legacy), super::$name);
+            }
+
+            #[test]
+            fn iptables_nft() {
+                run(Mode::Iptables(Variant::Nft), super::$name);
+            }
+        }
+    )*};
+}
+
+/// Builds the world for `mode` and runs the scenario (or skips, loudly, outside CI).
+fn run(mode: Mode, scenario: fn(Proxy)) {
+    if !have_tools(mode) {
+        common::skip_or_fail(&format!("{mode:?} needs its iptables programs"));
+        return;
+    }
+    if let Some(p) = Proxy::new(mode) {
+        scenario(p);
+    }
+}
+
+on_every_backend!(
+    clusterip_spreads_over_ready_endpoints_only,
+    udp_service_and_named_target_ports_on_several_ports,
+    selector_less_service_and_terminating_fallback,
+    session_affinity_keeps_a_client_on_one_endpoint,
+    nodeport_cluster_and_local_traffic_policy,
+    load_balancer_ip_and_external_ip,
+    no_endpoints_and_unknown_ports_are_refused_at_once,
+    hairpin_a_pod_reaches_itself_through_its_service,
+    live_updates_under_load_lose_no_connection,
+    a_refused_transaction_leaves_the_previous_rules_in_place,
+    stale_udp_flows_move_to_the_new_endpoint,
+    apply_and_cleanup_commands_leave_other_rules_alone,
+    switching_modes_removes_the_other_modes_rules,
+);
+
 /// A world plus svcproxy's backend in its node namespace.
 struct Proxy {
     w: World,
-    nft: Nftables,
+    mode: Mode,
+    backend: Backend,
     plan: Option<Plan>,
 }
 
 impl Proxy {
-    fn new() -> Option<Proxy> {
+    fn new(mode: Mode) -> Option<Proxy> {
         let w = World::new()?;
-        let nft = Nftables::new(NftCommand::in_netns(&w.node));
-        Some(Proxy { w, nft, plan: None })
+        let backend = Backend::new(NftCommand::in_netns(&w.node), mode.iptables(&w.node));
+        Some(Proxy {
+            w,
+            mode,
+            backend,
+            plan: None,
+        })
+    }
+
+    /// The backend's form of the manifests.
+    fn desired(&self, yaml: &str) -> (Plan, Desired) {
+        let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        let desired = self.backend.desired(&plan, ruleset);
+        (plan, desired)
     }
 
     /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
     fn apply(&mut self, yaml: &str) -> ApplyReport {
-        let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        let (plan, desired) = self.desired(yaml);
         let report = self
-            .nft
-            .apply(ruleset)
+            .backend
+            .apply(desired)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         if let Some(old) = &self.plan {
             Conntrack::in_netns(&self.w.node)
@@ -48,6 +161,21 @@ impl Proxy {
         }
         self.plan = Some(plan);
         report
+    }
+
+    /// Runs a program in the node namespace; its stdout.
+    fn node_sh(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.w.node])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 }
 
@@ -94,9 +222,7 @@ fn names(m: &BTreeMap<String, usize>) -> BTreeSet<&str> {
     m.keys().map(String::as_str).collect()
 }
 
-#[test]
-fn clusterip_spreads_over_ready_endpoints_only() {
-    let Some(mut p) = Proxy::new() else { return };
+fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
     let (a1, a2, a3, b1, c) = (
         p.w.pod("a1", false),
         p.w.pod("a2", false),
@@ -141,9 +267,7 @@ fn clusterip_spreads_over_ready_endpoints_only() {
     }
 }
 
-#[test]
-fn udp_service_and_named_target_ports_on_several_ports() {
-    let Some(mut p) = Proxy::new() else { return };
+fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {
     let (a1, b1, c) = (
         p.w.pod("a1", false),
         p.w.pod("b1", true),
@@ -190,9 +314,7 @@ fn udp_service_and_named_target_ports_on_several_ports() {
     assert_eq!((r.pod.as_str(), r.port), ("a1", 5353));
 }
 
-#[test]
-fn selector_less_service_and_terminating_fallback() {
-    let Some(mut p) = Proxy::new() else { return };
+fn selector_less_service_and_terminating_fallback(mut p: Proxy) {
     let (a1, a2, b1, c) = (
         p.w.pod("a1", false),
         p.w.pod("a2", false),
@@ -233,9 +355,7 @@ fn selector_less_service_and_terminating_fallback() {
     );
 }
 
-#[test]
-fn session_affinity_keeps_a_client_on_one_endpoint() {
-    let Some(mut p) = Proxy::new() else { return };
+fn session_affinity_keeps_a_client_on_one_endpoint(mut p: Proxy) {
     let pods: Vec<Pod> = (1..=4).map(|i| p.w.pod(&format!("a{i}"), i > 2)).collect();
     let c = p.w.pod("c", false);
     for pod in &pods {
@@ -273,9 +393,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     );
 }
 
-#[test]
-fn nodeport_cluster_and_local_traffic_policy() {
-    let Some(mut p) = Proxy::new() else { return };
+fn nodeport_cluster_and_local_traffic_policy(mut p: Proxy) {
     let (a1, b1, c) = (
         p.w.pod("a1", false),
         p.w.pod("b1", true),
@@ -343,9 +461,7 @@ fn nodeport_cluster_and_local_traffic_policy() {
     assert_eq!(tcp(&c.ns, node_port(30082), T).unwrap().pod, "b1");
 }
 
-#[test]
-fn load_balancer_ip_and_external_ip() {
-    let Some(mut p) = Proxy::new() else { return };
+fn load_balancer_ip_and_external_ip(mut p: Proxy) {
     let (a1, b1) = (p.w.pod("a1", false), p.w.pod("b1", true));
     p.w.serve(&a1, 8080);
     p.w.serve(&b1, 8080);
@@ -369,9 +485,7 @@ fn load_balancer_ip_and_external_ip() {
     }
 }
 
-#[test]
-fn no_endpoints_and_unknown_ports_are_refused_at_once() {
-    let Some(mut p) = Proxy::new() else { return };
+fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
     let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
     p.w.serve(&a1, 8080);
     let yaml = svc(
@@ -417,9 +531,7 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once() {
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e:?}");
 }
 
-#[test]
-fn hairpin_a_pod_reaches_itself_through_its_service() {
-    let Some(mut p) = Proxy::new() else { return };
+fn hairpin_a_pod_reaches_itself_through_its_service(mut p: Proxy) {
     let a1 = p.w.pod("a1", false);
     p.w.serve(&a1, 8080);
     let yaml = svc(
@@ -435,9 +547,7 @@ fn hairpin_a_pod_reaches_itself_through_its_service() {
     );
 }
 
-#[test]
-fn live_updates_under_load_lose_no_connection() {
-    let Some(mut p) = Proxy::new() else { return };
+fn live_updates_under_load_lose_no_connection(mut p: Proxy) {
     let pods: Vec<Pod> = (1..=4).map(|i| p.w.pod(&format!("a{i}"), i == 4)).collect();
     let c = p.w.pod("c", false);
     for pod in &pods {
@@ -486,10 +596,14 @@ fn live_updates_under_load_lose_no_connection() {
         std::thread::sleep(Duration::from_millis(300));
         let r = p.apply(&config(eps));
         assert_eq!(r.kind, SyncKind::Partial, "{r:?}");
-        assert!(
-            r.elements_added + r.elements_deleted <= 10,
-            "element operations only: {r:?}"
-        );
+        match p.mode {
+            Mode::Nftables => assert!(
+                r.elements_added + r.elements_deleted <= 10,
+                "element operations only: {r:?}"
+            ),
+            // The Service's endpoint chain, and the chain of a local endpoint that came or went.
+            Mode::Iptables(_) => assert!(r.chains_changed <= 3, "only busy's chains: {r:?}"),
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -503,9 +617,7 @@ fn live_updates_under_load_lose_no_connection() {
     );
 }
 
-#[test]
-fn a_refused_transaction_leaves_the_previous_rules_in_place() {
-    let Some(mut p) = Proxy::new() else { return };
+fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
     let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
     p.w.serve(&a1, 8080);
     let yaml = svc(
@@ -513,31 +625,46 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place() {
         "{clusterIP: 10.96.0.100, ports: [{port: 80, targetPort: 8080}]}",
     ) + &slice("keep-1", "keep", "[{port: 8080}]", &[(&a1, READY)]);
     p.apply(&yaml);
-    let (_, good) = common::compile_yaml(&yaml, FLAGS);
-    // A ruleset the kernel refuses: an element pointing at a chain that does not exist, next to a
-    // change (another Service) that would be fine on its own.
-    let (_, mut bad) = common::compile_yaml(
-        &(yaml.clone() + &svc("new", "{clusterIP: 10.96.0.101, ports: [{port: 80}]}")),
-        FLAGS,
-    );
-    let map = bad.tables[0]
-        .sets
-        .iter_mut()
-        .find(|s| s.name == "service-ips")
-        .unwrap();
-    map.elements.push(Element::map(
-        vec![
-            Value::Addr("10.96.0.102".parse().unwrap()),
-            Value::Proto(svcproxy::model::Protocol::Tcp),
-            Value::Port(80),
-        ],
-        Data::Verdict(Verdict::Goto("no-such-chain".into())),
-    ));
+    // A ruleset the kernel refuses (a jump to a chain that does not exist), next to a change
+    // (another Service, refused for lack of endpoints) that would be fine on its own.
+    let with_new = yaml.clone() + &svc("new", "{clusterIP: 10.96.0.101, ports: [{port: 80}]}");
+    let bad = |p: &Proxy| match p.desired(&with_new).1 {
+        Desired::Nftables(mut bad) => {
+            let map = bad.tables[0]
+                .sets
+                .iter_mut()
+                .find(|s| s.name == "service-ips")
+                .unwrap();
+            map.elements.push(Element::map(
+                vec![
+                    Value::Addr("10.96.0.102".parse().unwrap()),
+                    Value::Proto(svcproxy::model::Protocol::Tcp),
+                    Value::Port(80),
+                ],
+                Data::Verdict(Verdict::Goto("no-such-chain".into())),
+            ));
+            Desired::Nftables(bad)
+        }
+        Desired::Iptables(mut bad) => {
+            let nat = &mut bad.families[0].tables[0];
+            let services = nat
+                .chains
+                .iter_mut()
+                .find(|c| c.name == "SVCP-SERVICES")
+                .unwrap();
+            services
+                .rules
+                .push("-d 10.96.0.102/32 -p tcp -m tcp --dport 80 -j SVCP-NO-SUCH-CHAIN".into());
+            Desired::Iptables(bad)
+        }
+    };
     for attempt in ["partial", "full"] {
-        let err = p.nft.apply(bad.clone()).unwrap_err().to_string();
+        let err = p.backend.apply(bad(&p)).unwrap_err().to_string();
         assert!(
-            err.contains("no-such-chain") || err.contains("No such file or directory"),
-            "{attempt}: nft's own message: {err}"
+            err.contains("no-such-chain")
+                || err.contains("No such file or directory")
+                || err.contains("SVCP-NO-SUCH-CHAIN"),
+            "{attempt}: the tool's own message: {err}"
         );
         assert_eq!(
             tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod,
@@ -552,14 +679,12 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place() {
         );
     }
     // After a failure the next apply is a full one, and it works.
-    let r = p.nft.apply(good).unwrap();
+    let r = p.backend.apply(p.desired(&yaml).1).unwrap();
     assert_eq!(r.kind, SyncKind::Full);
     assert_eq!(tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod, "a1");
 }
 
-#[test]
-fn stale_udp_flows_move_to_the_new_endpoint() {
-    let Some(mut p) = Proxy::new() else { return };
+fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
     let (a1, a2, c) = (
         p.w.pod("a1", false),
         p.w.pod("a2", false),
@@ -592,15 +717,93 @@ fn stale_udp_flows_move_to_the_new_endpoint() {
     }
 }
 
-#[test]
-fn apply_and_cleanup_commands_leave_other_tables_alone() {
-    let Some(p) = Proxy::new() else { return };
-    let mut w = p.w;
-    let (a1, c) = (w.pod("a1", false), w.pod("c", false));
-    w.serve(&a1, 8080);
+/// What svcproxy has in the node namespace: (`ip svcproxy` table present, SVCP rule lines in
+/// iptables-legacy, in iptables-nft).
+fn svcproxy_rules(p: &Proxy) -> (bool, usize, usize) {
+    let tables = p.node_sh(&["nft", "list", "tables"]);
+    let count = |v: Variant| {
+        p.node_sh(&[&format!("iptables-{v}-save")])
+            .lines()
+            .filter(|l| l.contains("SVCP-"))
+            .count()
+    };
+    (
+        tables.contains("table ip svcproxy"),
+        count(Variant::Legacy),
+        count(Variant::Nft),
+    )
+}
+
+/// Runs the svcproxy binary in the node namespace; panics with its stderr if it fails.
+fn svcproxy_cmd(p: &Proxy, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &p.w.node, env!("CARGO_BIN_EXE_svcproxy")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `svcproxy apply` of `file` in `mode`.
+fn apply_cmd(p: &Proxy, file: &std::path::Path, mode: Mode) {
+    let mut args = vec![
+        "apply",
+        "--from",
+        file.to_str().unwrap(),
+        "--node",
+        "node-a",
+        "--node-ip",
+        NODE_IP,
+    ];
+    args.extend(mode.flags());
+    svcproxy_cmd(p, &args);
+}
+
+fn apply_and_cleanup_commands_leave_other_rules_alone(mut p: Proxy) {
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
     // A host firewall of someone else's, with a rule and a counter.
     let fw = "table inet hostfw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 9999 counter drop\n }\n}\n";
-    NftCommand::in_netns(&w.node).run_script(fw).unwrap();
+    NftCommand::in_netns(&p.w.node).run_script(fw).unwrap();
+    // Someone else's iptables rules in nat: kube-proxy's chain name, and a jump into it.
+    let variant = match p.mode {
+        Mode::Iptables(v) => v,
+        Mode::Nftables => Variant::Legacy,
+    };
+    let ipt = format!("iptables-{variant}");
+    p.node_sh(&[&ipt, "-t", "nat", "-N", "KUBE-SERVICES"]);
+    p.node_sh(&[
+        &ipt,
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-SERVICES",
+        "-p",
+        "tcp",
+        "--dport",
+        "9999",
+        "-j",
+        "RETURN",
+    ]);
+    p.node_sh(&[&ipt, "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
+    let foreign = |p: &Proxy| {
+        let save = p.node_sh(&[&format!("{ipt}-save"), "-t", "nat"]);
+        let tables = p.node_sh(&["nft", "list", "ruleset"]);
+        assert!(
+            save.contains("-A KUBE-SERVICES -p tcp -m tcp --dport 9999 -j RETURN")
+                && save.contains("-A PREROUTING -j KUBE-SERVICES"),
+            "{save}"
+        );
+        assert!(
+            tables.contains("table inet hostfw") && tables.contains("tcp dport 9999 counter"),
+            "{tables}"
+        );
+        save
+    };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster.yaml");
     std::fs::write(
@@ -611,54 +814,128 @@ fn apply_and_cleanup_commands_leave_other_tables_alone() {
         ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]),
     )
     .unwrap();
-    let svcproxy = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &w.node, env!("CARGO_BIN_EXE_svcproxy")])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let list = |w: &World| {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &w.node, "nft", "list", "ruleset"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
-    svcproxy(&[
-        "apply",
-        "--from",
-        file.to_str().unwrap(),
-        "--node",
-        "node-a",
-        "--node-ip",
-        NODE_IP,
-    ]);
+    apply_cmd(&p, &file, p.mode);
     assert_eq!(tcp(&c.ns, sa("10.96.0.120:80"), T).unwrap().pod, "a1");
-    // Applying again replaces svcproxy's tables, not anyone else's.
-    svcproxy(&[
-        "apply",
-        "--from",
-        file.to_str().unwrap(),
-        "--node",
-        "node-a",
-        "--node-ip",
-        NODE_IP,
-    ]);
-    let rules = list(&w);
-    assert!(
-        rules.contains("table inet hostfw") && rules.contains("tcp dport 9999 counter"),
-        "{rules}"
-    );
-    assert_eq!(rules.matches("table ip svcproxy").count(), 1);
-    svcproxy(&["cleanup"]);
-    let rules = list(&w);
-    assert!(!rules.contains("svcproxy"), "{rules}");
-    assert!(rules.contains("tcp dport 9999 counter"), "{rules}");
+    // Applying again replaces svcproxy's rules, not anyone else's, and adds no second jump.
+    apply_cmd(&p, &file, p.mode);
+    assert_eq!(tcp(&c.ns, sa("10.96.0.120:80"), T).unwrap().pod, "a1");
+    let save = foreign(&p);
+    match p.mode {
+        Mode::Nftables => assert!(p.node_sh(&["nft", "list", "tables"]).contains("table ip svcproxy")),
+        Mode::Iptables(_) => assert_eq!(
+            save.matches("-A PREROUTING -m comment --comment \"svcproxy: Kubernetes Services\" -j SVCP-SERVICES").count(),
+            1,
+            "{save}"
+        ),
+    }
+    svcproxy_cmd(&p, &["cleanup"]);
+    assert_eq!(svcproxy_rules(&p), (false, 0, 0));
+    foreign(&p);
     assert!(tcp(&c.ns, sa("10.96.0.120:80"), Duration::from_millis(500)).is_err());
+}
+
+fn switching_modes_removes_the_other_modes_rules(mut p: Proxy) {
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(
+        &file,
+        svc(
+            "web",
+            "{clusterIP: 10.96.0.130, ports: [{port: 80, targetPort: 8080}]}",
+        ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]),
+    )
+    .unwrap();
+    // Every other mode first, then this test's: each start leaves only its own rules.
+    let mut modes: Vec<Mode> = [
+        Mode::Nftables,
+        Mode::Iptables(Variant::Legacy),
+        Mode::Iptables(Variant::Nft),
+    ]
+    .into_iter()
+    .filter(|m| *m != p.mode)
+    .collect();
+    modes.push(p.mode);
+    for mode in modes {
+        apply_cmd(&p, &file, mode);
+        let (nft, legacy, ipt_nft) = svcproxy_rules(&p);
+        assert_eq!(
+            (nft, legacy > 0, ipt_nft > 0),
+            (
+                mode == Mode::Nftables,
+                mode == Mode::Iptables(Variant::Legacy),
+                mode == Mode::Iptables(Variant::Nft)
+            ),
+            "after applying in {mode:?}"
+        );
+        assert_eq!(
+            tcp(&c.ns, sa("10.96.0.130:80"), T).unwrap().pod,
+            "a1",
+            "{mode:?}"
+        );
+    }
+    // The agent's backend, started in this mode, finds nothing of the others either.
+    p.apply(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(tcp(&c.ns, sa("10.96.0.130:80"), T).unwrap().pod, "a1");
+}
+
+/// `--iptables-variant auto` in a namespace: the kubelet's marker chain wins, else the variant
+/// holding more rules.
+#[test]
+fn variant_detection_follows_what_the_node_uses() {
+    use svcproxy::iptables::detect;
+    if !have_tools(Mode::Iptables(Variant::Legacy)) || !have_tools(Mode::Iptables(Variant::Nft)) {
+        return common::skip_or_fail("variant detection needs both iptables variants");
+    }
+    let Some(p) = Proxy::new(Mode::Nftables) else {
+        return;
+    };
+    let prefix: Vec<String> = ["ip", "netns", "exec", &p.w.node]
+        .map(String::from)
+        .to_vec();
+    let chosen = || detect::decide(&detect::evidence(&prefix)).unwrap();
+    // Two rules in legacy's filter table: legacy holds more.
+    for port in ["1", "2"] {
+        p.node_sh(&[
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Legacy, "{why}");
+    // Three in nft's: nft holds more.
+    for port in ["1", "2", "3"] {
+        p.node_sh(&[
+            "iptables-nft",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Nft, "{why}");
+    // The kubelet's marker chain in legacy's mangle table decides, whatever the counts.
+    p.node_sh(&[
+        "iptables-legacy",
+        "-t",
+        "mangle",
+        "-N",
+        "KUBE-IPTABLES-HINT",
+    ]);
+    let (v, why) = chosen();
+    assert_eq!(v, Variant::Legacy, "{why}");
+    assert!(why.contains("kubelet"), "{why}");
 }

@@ -294,3 +294,138 @@ fn json_output_lists_what_nft_lists() {
         inventory(&String::from_utf8(out.stdout).unwrap())
     );
 }
+
+/// The iptables mode's dry-run: each family's `iptables-restore` input, for every example.
+#[test]
+fn golden_iptables_restore_input_per_example() {
+    let node = examples_dir().join("00-node.yaml").display().to_string();
+    for file in example_files() {
+        let name = Path::new(&file)
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (code, out, err) = svcproxy(&[
+            "dump",
+            "--from",
+            &node,
+            &file,
+            "--node",
+            "node-a",
+            "--proxy-mode",
+            "iptables",
+        ]);
+        assert_eq!(code, 0, "{file}: {err}");
+        insta::assert_snapshot!(format!("iptables-example-{name}"), out);
+    }
+    let dir = examples_dir().display().to_string();
+    let (code, out, err) = svcproxy(&[
+        "dump",
+        "--from",
+        &dir,
+        "--node",
+        "node-a",
+        "--cluster-cidr",
+        "172.17.0.0/16",
+        "--proxy-mode",
+        "iptables",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    insta::assert_snapshot!("iptables-all-examples", out);
+    let (code, _, err) = svcproxy(&[
+        "dump",
+        "--from",
+        &dir,
+        "--proxy-mode",
+        "iptables",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 1, "JSON is the nftables mode's: {err}");
+}
+
+/// Splits the iptables dry-run into (program, input) per family.
+fn restore_inputs(dump: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in dump.lines() {
+        if let Some(rest) = line.strip_prefix("# ")
+            && let Some(program) = rest
+                .strip_suffix(" --noflush (IPv4)")
+                .or_else(|| rest.strip_suffix(" --noflush (IPv6)"))
+        {
+            out.push((program.to_string(), String::new()));
+        }
+        let last = out.last_mut().expect("a family header first");
+        last.1.push_str(line);
+        last.1.push('\n');
+    }
+    out
+}
+
+/// iptables-restore (both variants, both families) loads what the dry-run prints, for every
+/// example and several flag sets, in a private network namespace.
+#[test]
+fn iptables_restore_loads_every_example() {
+    if !can_unshare_net() {
+        return skip_or_fail("cannot create a network namespace for iptables-restore (not root?)");
+    }
+    for v in ["legacy", "nft"] {
+        if Command::new(format!("iptables-{v}-restore"))
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return skip_or_fail(&format!("iptables-{v}-restore is not installed"));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs: Vec<Vec<String>> = example_files().into_iter().map(|f| vec![f]).collect();
+    inputs.push(vec![examples_dir().display().to_string()]);
+    for input in inputs {
+        for extra in [
+            &[][..],
+            &["--cluster-cidr", "172.17.0.0/16,fd00:17::/48"][..],
+            &["--cluster-cidr", "172.17.0.0/16,172.18.0.0/16"][..],
+            &["--masquerade-all", "--nodeport-addresses", "primary"][..],
+            &["--nodeport-addresses", "192.168.64.0/24,fd00::/8"][..],
+        ] {
+            let mut args = vec![
+                "dump",
+                "--node",
+                "node-a",
+                "--proxy-mode",
+                "iptables",
+                "--from",
+            ];
+            args.extend(input.iter().map(String::as_str));
+            args.extend_from_slice(extra);
+            let (code, out, err) = svcproxy(&args);
+            assert_eq!(code, 0, "{args:?}: {err}");
+            let families = restore_inputs(&out);
+            assert_eq!(families.len(), 2, "{out}");
+            let mut script = String::from("set -e\n");
+            for (i, (program, text)) in families.into_iter().enumerate() {
+                let file = tmp.path().join(format!("in-{i}"));
+                std::fs::write(&file, text).unwrap();
+                for v in ["legacy", "nft"] {
+                    let variant_program =
+                        program.replace("tables-restore", &format!("tables-{v}-restore"));
+                    script.push_str(&format!(
+                        "{variant_program} --noflush < {}\n",
+                        file.display()
+                    ));
+                }
+            }
+            let out = Command::new("unshare")
+                .args(["--net", "--", "sh", "-c", &script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

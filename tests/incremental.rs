@@ -263,7 +263,12 @@ fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
     nft(&ns.0, &["flush", "chain", "ip", "svcproxy", "services"]);
     backend.invalidate();
     let out = backend.sync(s.clone()).unwrap();
-    assert!(out.report.full_because.unwrap().ends_with("refreshed in place"));
+    assert!(
+        out.report
+            .full_because
+            .unwrap()
+            .ends_with("refreshed in place")
+    );
     assert_eq!(without(inventory(&ns.0)), without(inventory(&fresh.0)));
 
     // Drift nft refuses to refresh (someone deleted the table): the tables are replaced.

@@ -1,5 +1,5 @@
 //! Property tests: arbitrary (often invalid) Services and EndpointSlices never panic the
-//! compiler, and the order of objects never changes its output.
+//! compiler or either renderer, and the order of objects never changes their output.
 
 mod common;
 
@@ -99,7 +99,8 @@ fn objects() -> impl Strategy<Value = Vec<Value>> {
         })
 }
 
-fn compile(objects: &[Value], flags: &[&str]) -> String {
+/// The snapshot of `objects` and the flags' proxy configuration.
+fn snapshot(objects: &[Value], flags: &[&str]) -> (Snapshot, svcproxy::model::ProxyConfig) {
     let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
     let mut loaded = manifests::load_text(Path::new("prop.json"), &list.to_string());
     let args = common::node_args(flags);
@@ -109,7 +110,18 @@ fn compile(objects: &[Value], flags: &[&str]) -> String {
         slices: std::mem::take(&mut loaded.converted.slices),
         node,
     };
-    let (_, ruleset) = svcproxy::compile(&snapshot, &args.proxy_config());
+    (snapshot, args.proxy_config())
+}
+
+/// The iptables mode's dry-run of `objects`.
+fn iptables_dump(objects: &[Value], flags: &[&str]) -> String {
+    let (snapshot, config) = snapshot(objects, flags);
+    svcproxy::iptables::render(&svcproxy::plan::plan(&snapshot, &config)).dump()
+}
+
+fn compile(objects: &[Value], flags: &[&str]) -> String {
+    let (snapshot, config) = snapshot(objects, flags);
+    let (_, ruleset) = svcproxy::compile(&snapshot, &config);
     let _ = ruleset.json();
     ruleset.script()
 }
@@ -121,12 +133,14 @@ proptest! {
     fn arbitrary_objects_never_panic(objs in objects(), masq in any::<bool>()) {
         let flags: &[&str] = if masq { &["--masquerade-all", "--cluster-cidr", "10.0.0.0/8"] } else { &[] };
         compile(&objs, flags);
+        iptables_dump(&objs, flags);
     }
 
     #[test]
     fn object_order_does_not_change_the_output(objs in objects().prop_shuffle().prop_flat_map(|v| (Just(v.clone()), Just(v).prop_shuffle()))) {
         let (a, b) = objs;
         prop_assert_eq!(compile(&a, &[]), compile(&b, &[]));
+        prop_assert_eq!(iptables_dump(&a, &[]), iptables_dump(&b, &[]));
     }
 }
 
@@ -145,5 +159,33 @@ proptest! {
         if let Err(e) = common::nft_check(&script) {
             prop_assert!(false, "nft -c refused:\n{}\n{}", e, script);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    /// Whatever the input, iptables-restore (legacy, both families) loads the iptables mode's
+    /// input, in a private network namespace.
+    #[test]
+    fn iptables_restore_loads_arbitrary_rulesets(objs in objects(), masq in any::<bool>()) {
+        if !common::can_unshare_net()
+            || std::process::Command::new("iptables-legacy-restore").arg("--version").output().is_err()
+        {
+            common::skip_or_fail("iptables-legacy or network namespaces unavailable: iptables inputs not loaded");
+            return Ok(());
+        }
+        let flags: &[&str] = if masq { &["--masquerade-all", "--cluster-cidr", "10.0.0.0/8,fd00::/64", "--nodeport-addresses", "primary"] } else { &["--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"] };
+        let dump = iptables_dump(&objs, flags);
+        let dir = tempfile::tempdir().unwrap();
+        let (v4, v6) = dump.split_at(dump.find("# ip6tables-restore").unwrap());
+        std::fs::write(dir.path().join("4"), v4).unwrap();
+        std::fs::write(dir.path().join("6"), v6).unwrap();
+        let script = format!(
+            "iptables-legacy-restore --noflush < {0}/4 && ip6tables-legacy-restore --noflush < {0}/6",
+            dir.path().display()
+        );
+        let out = std::process::Command::new("unshare").args(["--net", "--", "sh", "-c", &script]).output().unwrap();
+        prop_assert!(out.status.success(), "iptables-restore refused:\n{}\n{}", String::from_utf8_lossy(&out.stderr), dump);
     }
 }

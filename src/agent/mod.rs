@@ -22,11 +22,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as signal};
 
+use crate::backend::Backend;
 use crate::conntrack::{Conntrack, StaleFlows};
 use crate::convert::{self, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
-use crate::nft::incremental::Incremental;
 use crate::plan::{Plan, Route};
 use metrics::Metrics;
 use mirror::Mirror;
@@ -48,6 +48,8 @@ pub struct AgentConfig {
     /// Where health check node ports listen (all addresses by default).
     pub health_check_address: IpAddr,
     pub nft: NftCommand,
+    /// The iptables mode's programs (`None`: the nftables mode).
+    pub iptables: Option<crate::iptables::IptablesCommand>,
     pub conntrack: Conntrack,
 }
 
@@ -181,8 +183,9 @@ impl Syncer {
             _ = stopped(&mut stop) => return,
         }
         tracing::info!("initial lists of Services and EndpointSlices complete");
-        let mut backend = Some(Incremental::new(
+        let mut backend = Some(Backend::for_agent(
             self.config.nft.clone(),
+            self.config.iptables.clone(),
             self.config.proxy.clone(),
         ));
         let mut last_start: Option<Instant> = None;

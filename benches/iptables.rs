@@ -1,0 +1,120 @@
+//! The iptables backend at scale, in a private network namespace: a full sync into an empty
+//! namespace (cold), a full sync over the same rules (what a periodic resync costs), and an
+//! incremental sync of one changed endpoint, for each iptables variant.
+//!
+//! `cargo bench --bench iptables -- [--services 1000,10000] [--endpoints 10] [--runs 3]
+//! [--variants legacy,nft]` (as root). Prints a Markdown table; times are medians of `--runs`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use svcproxy::iptables::{Iptables, IptablesCommand, Variant};
+use svcproxy::model::ProxyConfig;
+
+fn arg(name: &str, default: &str) -> String {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// A network namespace that is deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("svcp-bench-{}-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot create network namespace {name} (root needed)");
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn fmt(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = arg("--services", "1000,10000")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let endpoints: usize = arg("--endpoints", "10").parse().unwrap();
+    let runs: usize = arg("--runs", "3").parse().unwrap();
+    let variants: Vec<Variant> = arg("--variants", "legacy,nft")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    println!(
+        "| variant | Services | rules (IPv4) | chains (IPv4) | render | cold full sync | full resync (median of {runs}) | one endpoint changed (median of {runs}) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &variant in &variants {
+        for &n in &sizes {
+            let ns = Netns::new(&format!("{variant}-{n}"));
+            let cmd = IptablesCommand::in_netns(&ns.0, variant);
+            let config = ProxyConfig {
+                cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
+                ..ProxyConfig::default()
+            };
+            let mut snapshot = svcproxy::synthetic::cluster(n, endpoints);
+            let t = Instant::now();
+            let plan = svcproxy::plan::plan(&snapshot, &config);
+            let rules = svcproxy::iptables::render(&plan);
+            let render = t.elapsed();
+            let v4 = &rules.families[0];
+            let rule_count: usize = v4.tables.iter().map(|t| t.rule_count()).sum();
+            let chain_count: usize = v4.tables.iter().map(|t| t.chains.len()).sum();
+
+            let mut backend = Iptables::new(cmd.clone());
+            let cold = backend.apply(rules.clone()).expect("cold full sync");
+            eprintln!("{variant} {n}: cold {:?}", cold.duration);
+            let mut full = Vec::new();
+            for _ in 0..runs {
+                backend.invalidate();
+                full.push(backend.apply(rules.clone()).expect("full").duration);
+            }
+            eprintln!("{variant} {n}: full {full:?}");
+            // One endpoint of one Service replaced, back and forth.
+            let mut partial = Vec::new();
+            let key = snapshot.slices.keys().nth(n / 2).unwrap().clone();
+            for i in 0..runs {
+                let slice = std::sync::Arc::make_mut(snapshot.slices.get_mut(&key).unwrap());
+                slice.endpoints[1].address = format!("10.127.0.{}", i % 2 + 1).parse().unwrap();
+                let plan = svcproxy::plan::plan(&snapshot, &config);
+                let r = backend
+                    .apply(svcproxy::iptables::render(&plan))
+                    .expect("partial");
+                assert_eq!(r.kind, svcproxy::nft::apply::SyncKind::Partial);
+                partial.push(r.duration);
+            }
+            eprintln!("{variant} {n}: partial {partial:?}");
+            println!(
+                "| iptables-{variant} | {n} | {rule_count} | {chain_count} | {} | {} | {} | {} |",
+                fmt(render),
+                fmt(cold.duration),
+                fmt(median(full)),
+                fmt(median(partial)),
+            );
+        }
+    }
+}

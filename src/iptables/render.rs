@@ -1,0 +1,909 @@
+//! The plan, rendered as svcproxy's iptables chains in the `nat` and `filter` tables, one
+//! [`FamilyRules`] per IP family (iptables for IPv4, ip6tables for IPv6).
+//!
+//! # Layout, and why
+//! iptables has no maps: a destination is found by walking rules, so the layout follows
+//! kube-proxy's iptables mode, the shape operators know, with three changes that cut the number
+//! of kernel objects (what makes iptables-nft slow at scale, ../shared/NOTES-kernel.md):
+//!
+//! * `nat`: `SVCP-SERVICES` (entered from PREROUTING and OUTPUT) has one rule per address,
+//!   protocol and port, jumping to the Service port's endpoint chain `SVCP-SVC-<hash>` (or, for
+//!   externalTrafficPolicy Local endpoints, `SVCP-SVL-<hash>`), or for external destinations to
+//!   `SVCP-EXT-<hash>`, which marks for masquerading (Cluster policy) or tells pods and the node
+//!   (cluster-wide endpoints) from outside clients (local endpoints only). NodePorts go through
+//!   `SVCP-NODEPORTS`, entered last, for local non-loopback addresses (`addrtype LOCAL`, the
+//!   kernel's own view at packet time, like the nftables backend's `fib daddr type local`).
+//! * An endpoint chain picks an endpoint with `statistic random` rules (probability 1/(n-i) for
+//!   the i-th, so that each is equally likely) that DNAT directly. Only endpoints that need
+//!   more than a DNAT get a chain of their own, `SVCP-SEP-<hash>`: an endpoint on this node (a
+//!   pod reaching itself through its Service is marked for masquerading, hairpin) and endpoints
+//!   of a ClientIP-affinity Service (`recent` lists, as kube-proxy). kube-proxy gives every
+//!   endpoint a chain; at 10 endpoints per Service that is ten times more chains.
+//! * `DROP` and `REJECT` are refused in `nat`, so drops (internalTrafficPolicy Local without a
+//!   local endpoint, outside clients of an externalTrafficPolicy Local destination without one)
+//!   and rejects (no endpoint at all, a port the ClusterIP does not have) live in `filter`'s
+//!   `SVCP-FILTER`, entered for new connections from INPUT, FORWARD and OUTPUT. Its first rule
+//!   returns at once for connections `nat` already DNATed (all working Service traffic), so
+//!   only traffic that found no endpoint walks the list.
+//! * Masquerading is kube-proxy's mark: `SVCP-MARK-MASQ` sets the masquerade bit, and
+//!   `SVCP-POSTROUTING` masquerades marked packets. ClusterIP traffic from outside the cluster
+//!   CIDRs (all of it with masquerade-all) is marked in the endpoint chain, matching the
+//!   ClusterIP and port, so that the same chain serves external destinations unmarked.
+//!
+//! Every chain name starts with `SVCP-` (never kube-proxy's `KUBE-`); per-Service chains are
+//! named by a stable hash (FNV-1a) of the Service port and scope, so the same Service keeps its
+//! chain names across syncs and restarts and an incremental sync rewrites only changed chains.
+//! Chains are only ever entered through the jump rules in [`jump_rules`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::model::{IpFamily, Protocol};
+use crate::plan::{
+    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan,
+    NodePortMatch, Plan, Route, Scope,
+};
+
+/// Every chain svcproxy owns starts with this (kube-proxy's are `KUBE-`).
+pub const PREFIX: &str = "SVCP-";
+/// The nat chain every new connection goes through (from PREROUTING and OUTPUT).
+pub const SERVICES: &str = "SVCP-SERVICES";
+/// The nat chain of NodePorts.
+pub const NODEPORTS: &str = "SVCP-NODEPORTS";
+/// The nat chain run from POSTROUTING: masquerades marked packets.
+pub const POSTROUTING: &str = "SVCP-POSTROUTING";
+/// The nat chain that marks a packet for masquerading.
+pub const MARK_MASQ: &str = "SVCP-MARK-MASQ";
+/// The nat chain that marks ClusterIP traffic from outside several cluster CIDRs.
+const CIDR_MASQ: &str = "SVCP-CIDR-MASQ";
+/// The filter chain run for new connections from INPUT, FORWARD and OUTPUT.
+pub const FILTER: &str = "SVCP-FILTER";
+/// The filter chain of NodePorts (drops and rejects).
+const FILTER_NODEPORTS: &str = "SVCP-NODEPORTS";
+/// The filter chain that refuses: TCP reset, else ICMP port unreachable.
+const REJECT: &str = "SVCP-REJECT";
+
+/// A netfilter table svcproxy writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Nat,
+    Filter,
+}
+
+impl Table {
+    pub const ALL: [Table; 2] = [Table::Nat, Table::Filter];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+/// One chain: its rules as iptables arguments after `-A CHAIN`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub rules: Vec<String>,
+}
+
+/// svcproxy's chains in one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRules {
+    pub table: Table,
+    /// The fixed chains first, then the per-Service ones sorted by name.
+    pub chains: Vec<Chain>,
+}
+
+/// What one family's `iptables-restore` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyRules {
+    pub family: IpFamily,
+    /// `nat`, then `filter` (an error in `nat` then stops the restore before `filter`).
+    pub tables: Vec<TableRules>,
+}
+
+/// The whole iptables rendering: IPv4, then IPv6.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub families: Vec<FamilyRules>,
+}
+
+/// A rule in a built-in chain that enters svcproxy's chains; installed outside the restore
+/// input (a restore cannot add a rule only when it is missing), checked with `-C` first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpRule {
+    pub table: Table,
+    pub chain: &'static str,
+    /// The rule's arguments after the chain name.
+    pub spec: &'static [&'static str],
+}
+
+/// The jump rules from the built-in chains, the same in both families.
+pub fn jump_rules() -> &'static [JumpRule] {
+    const SERVICES_JUMP: &[&str] = &[
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: Kubernetes Services",
+        "-j",
+        SERVICES,
+    ];
+    const POSTROUTING_JUMP: &[&str] = &[
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: masquerade",
+        "-j",
+        POSTROUTING,
+    ];
+    const FILTER_JUMP: &[&str] = &[
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: refuse or drop Service traffic without endpoints",
+        "-j",
+        FILTER,
+    ];
+    &[
+        JumpRule {
+            table: Table::Nat,
+            chain: "PREROUTING",
+            spec: SERVICES_JUMP,
+        },
+        JumpRule {
+            table: Table::Nat,
+            chain: "OUTPUT",
+            spec: SERVICES_JUMP,
+        },
+        JumpRule {
+            table: Table::Nat,
+            chain: "POSTROUTING",
+            spec: POSTROUTING_JUMP,
+        },
+        JumpRule {
+            table: Table::Filter,
+            chain: "INPUT",
+            spec: FILTER_JUMP,
+        },
+        JumpRule {
+            table: Table::Filter,
+            chain: "FORWARD",
+            spec: FILTER_JUMP,
+        },
+        JumpRule {
+            table: Table::Filter,
+            chain: "OUTPUT",
+            spec: FILTER_JUMP,
+        },
+    ]
+}
+
+impl JumpRule {
+    /// The rule as an iptables command line (after the program name), with `action` (`-C`,
+    /// `-I`, `-D`).
+    pub fn args(&self, action: &str) -> Vec<String> {
+        let mut args = vec![
+            "-t".to_string(),
+            self.table.as_str().into(),
+            action.into(),
+            self.chain.into(),
+        ];
+        args.extend(self.spec.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// The rule as a shell would show it (quoting arguments with spaces).
+    pub fn shell(&self, program: &str, action: &str) -> String {
+        let mut out = program.to_string();
+        for a in self.args(action) {
+            if a.contains(' ') {
+                write!(out, " \"{a}\"").unwrap();
+            } else {
+                write!(out, " {a}").unwrap();
+            }
+        }
+        out
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (the same in every build and run) for chain names.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `SVCP-<kind>-<16 hex digits>`: 25 characters, within iptables' 28.
+fn hashed(kind: &str, id: &str) -> String {
+    format!("{PREFIX}{kind}-{:016X}", stable_hash(id))
+}
+
+/// Renders the whole plan.
+pub fn render(plan: &Plan) -> Ruleset {
+    Ruleset {
+        families: plan
+            .families
+            .iter()
+            .map(|f| render_family(f, plan.masquerade_mark))
+            .collect(),
+    }
+}
+
+/// Per-family spellings.
+#[derive(Clone, Copy)]
+struct Fam(IpFamily);
+
+impl Fam {
+    fn host(self, ip: IpAddr) -> String {
+        match ip {
+            IpAddr::V4(_) => format!("{ip}/32"),
+            IpAddr::V6(_) => format!("{ip}/128"),
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self.0 {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1/128",
+        }
+    }
+
+    fn port_unreachable(self) -> &'static str {
+        match self.0 {
+            IpFamily::V4 => "icmp-port-unreachable",
+            IpFamily::V6 => "icmp6-port-unreachable",
+        }
+    }
+}
+
+/// `-p tcp -m tcp --dport 80`.
+fn port_match(protocol: Protocol, port: u16) -> String {
+    let p = protocol.as_str();
+    format!("-p {p} -m {p} --dport {port}")
+}
+
+fn comment(text: &str) -> String {
+    // Names are DNS labels (no quotes); a comment is at most 256 bytes.
+    let text: String = text.chars().filter(|c| *c != '"').take(250).collect();
+    format!("-m comment --comment \"{text}\"")
+}
+
+fn describe(d: &Destination) -> String {
+    match d.kind {
+        DestinationKind::ClusterIp => format!("{} cluster IP", d.service_port()),
+        DestinationKind::ExternalIp => format!("{} external IP", d.service_port()),
+        DestinationKind::LoadBalancer => format!("{} load balancer IP", d.service_port()),
+        DestinationKind::NodePort => format!("{} node port", d.service_port()),
+    }
+}
+
+/// The identity of a Service port within a family (chains are per family, in its own tables).
+fn port_id(d: &Destination) -> String {
+    format!("{}/{}/{}", d.service, d.port_name, d.protocol)
+}
+
+/// An endpoint chain while it is being built: ClusterIP masquerade rules go first, whichever
+/// destination (in address order) asked for the chain first.
+struct BackendChain {
+    masq: Vec<String>,
+    body: Vec<String>,
+}
+
+struct Builder<'a> {
+    plan: &'a FamilyPlan,
+    fam: Fam,
+    services: Vec<String>,
+    nodeports: Vec<String>,
+    filter_drops: Vec<String>,
+    filter_rejects: Vec<String>,
+    filter_nodeports: Vec<String>,
+    backends: BTreeMap<String, BackendChain>,
+    /// EXT and SEP chains, by name.
+    others: BTreeMap<String, Vec<String>>,
+}
+
+impl Builder<'_> {
+    /// The endpoint chain of a backend set (shared by every destination of the Service port
+    /// with the same scope), created on first use.
+    fn backends(&mut self, d: &Destination, b: &Backends) -> String {
+        let (kind, scope) = match b.scope {
+            Scope::Cluster => ("SVC", "cluster"),
+            Scope::Local => ("SVL", "local"),
+        };
+        let id = port_id(d);
+        let name = hashed(kind, &format!("{id}/{scope}"));
+        if self.backends.contains_key(&name) {
+            return name;
+        }
+        let mut body = Vec::new();
+        let n = b.endpoints.len();
+        let mut targets = Vec::with_capacity(n);
+        for ep in &b.endpoints {
+            let local = self.plan.hairpin.contains(&ep.ip());
+            if b.affinity_timeout.is_some() || local {
+                let sep = hashed("SEP", &format!("{id}/{ep}"));
+                self.endpoint_chain(&sep, d, ep, b.affinity_timeout, local);
+                targets.push(format!("-j {sep}"));
+            } else {
+                targets.push(dnat(d.protocol, ep));
+            }
+        }
+        if let Some(timeout) = b.affinity_timeout {
+            // A client seen within the timeout goes back to its endpoint.
+            for t in &targets {
+                let sep = t.trim_start_matches("-j ");
+                body.push(format!(
+                    "-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
+                ));
+            }
+        }
+        for (i, t) in targets.iter().enumerate() {
+            if i + 1 < n {
+                // The i-th of the remaining n-i endpoints: each is equally likely overall.
+                let p = 1.0 / (n - i) as f64;
+                body.push(format!(
+                    "-m statistic --mode random --probability {p:.10} {t}"
+                ));
+            } else {
+                body.push(t.clone());
+            }
+        }
+        self.backends.insert(
+            name.clone(),
+            BackendChain {
+                masq: Vec::new(),
+                body,
+            },
+        );
+        name
+    }
+
+    /// A chain for one endpoint that needs more than a DNAT: hairpin masquerade for an endpoint
+    /// on this node, the affinity list for ClientIP affinity.
+    fn endpoint_chain(
+        &mut self,
+        name: &str,
+        d: &Destination,
+        ep: &SocketAddr,
+        affinity: Option<u32>,
+        local: bool,
+    ) {
+        if self.others.contains_key(name) {
+            return;
+        }
+        let mut rules = Vec::new();
+        if local {
+            rules.push(format!(
+                "-s {} {} -j {MARK_MASQ}",
+                self.fam.host(ep.ip()),
+                comment("hairpin")
+            ));
+        }
+        if affinity.is_some() {
+            rules.push(format!("-m recent --name {name} --set"));
+        }
+        rules.push(dnat(d.protocol, ep));
+        self.others.insert(name.to_string(), rules);
+    }
+
+    /// Marks ClusterIP traffic for masquerading as the configuration says, in the endpoint
+    /// chain (matching the ClusterIP and port, so the chain can serve external addresses too).
+    fn clusterip_masquerade(&mut self, chain: &str, d: &Destination, ip: IpAddr) {
+        let dest = format!(
+            "-d {} {}",
+            self.fam.host(ip),
+            port_match(d.protocol, d.port)
+        );
+        let rule = match (
+            self.plan.clusterip_masquerade,
+            self.plan.cluster_cidrs.as_slice(),
+        ) {
+            (ClusterIpMasquerade::Never, _) => return,
+            (ClusterIpMasquerade::Always, _) => format!("{dest} -j {MARK_MASQ}"),
+            (ClusterIpMasquerade::OutsideClusterCidrs, [one]) => {
+                format!("! -s {one} {dest} -j {MARK_MASQ}")
+            }
+            (ClusterIpMasquerade::OutsideClusterCidrs, _) => format!("{dest} -j {CIDR_MASQ}"),
+        };
+        self.backends
+            .get_mut(chain)
+            .expect("endpoint chain")
+            .masq
+            .push(rule);
+    }
+
+    /// The chain external destinations of a Service port enter (shared by its NodePort,
+    /// external IPs and load balancer IPs, which all have the same route).
+    fn external(&mut self, d: &Destination) -> String {
+        let name = hashed("EXT", &port_id(d));
+        if self.others.contains_key(&name) {
+            return name;
+        }
+        let mut rules = Vec::new();
+        match &d.route {
+            Route::ExternalCluster(b) => {
+                let svc = self.backends(d, b);
+                rules.push(format!(
+                    "{} -j {MARK_MASQ}",
+                    comment("externalTrafficPolicy Cluster: masquerade")
+                ));
+                rules.push(format!("-j {svc}"));
+            }
+            Route::ExternalLocal { cluster, local } => {
+                let svc = self.backends(d, cluster);
+                for net in &self.plan.cluster_cidrs {
+                    rules.push(format!(
+                        "-s {net} {} -j {svc}",
+                        comment("pods reach every endpoint")
+                    ));
+                }
+                rules.push(format!(
+                    "-m addrtype --src-type LOCAL {} -j {MARK_MASQ}",
+                    comment("this node reaches every endpoint, masqueraded")
+                ));
+                rules.push(format!("-m addrtype --src-type LOCAL -j {svc}"));
+                // Without a local endpoint, outside clients fall through, unDNATed, and are
+                // dropped in filter (nat cannot drop).
+                if let Some(b) = local {
+                    let svl = self.backends(d, b);
+                    rules.push(format!(
+                        "{} -j {svl}",
+                        comment("outside clients: this node's endpoints only")
+                    ));
+                }
+            }
+            _ => unreachable!("external() is for external routes"),
+        }
+        self.others.insert(name.clone(), rules);
+        name
+    }
+
+    fn destination(&mut self, d: &Destination) {
+        let port = port_match(d.protocol, d.port);
+        let c = comment(&describe(d));
+        let nat_match = match d.address {
+            Address::Ip(ip) => format!("-d {} {port} {c}", self.fam.host(ip)),
+            Address::NodePort => format!("{port} {c}"),
+        };
+        let filter_match = &nat_match;
+        let nodeport = d.address == Address::NodePort;
+        let filter = if nodeport {
+            &mut self.filter_nodeports
+        } else {
+            &mut self.filter_drops
+        };
+        match &d.route {
+            Route::Reject if nodeport => filter.push(format!("{filter_match} -j {REJECT}")),
+            Route::Reject => self
+                .filter_rejects
+                .push(format!("{filter_match} -j {REJECT}")),
+            Route::Drop => filter.push(format!("{filter_match} -j DROP")),
+            Route::Internal(b) => {
+                let chain = self.backends(d, b);
+                if let Address::Ip(ip) = d.address
+                    && d.kind == DestinationKind::ClusterIp
+                {
+                    self.clusterip_masquerade(&chain, d, ip);
+                }
+                self.dispatch(nodeport, format!("{nat_match} -j {chain}"));
+            }
+            Route::ExternalCluster(_) | Route::ExternalLocal { .. } => {
+                if let Route::ExternalLocal { local: None, .. } = &d.route {
+                    // Outside clients: nothing DNATs them in nat; they are dropped here.
+                    filter.push(format!("{filter_match} -j DROP"));
+                }
+                let chain = self.external(d);
+                self.dispatch(nodeport, format!("{nat_match} -j {chain}"));
+            }
+        }
+    }
+
+    fn dispatch(&mut self, nodeport: bool, rule: String) {
+        if nodeport {
+            self.nodeports.push(rule);
+        } else {
+            self.services.push(rule);
+        }
+    }
+
+    /// The rules that send traffic to a NodePort address into `chain`; they end their chain
+    /// (the loopback exclusion returns).
+    fn nodeport_jumps(&self, chain: &str) -> Vec<String> {
+        let f = self.fam;
+        let c = comment("NodePorts");
+        match &self.plan.nodeports {
+            NodePortMatch::AnyLocal => vec![format!(
+                "! -d {} -m addrtype --dst-type LOCAL {c} -j {chain}",
+                f.loopback()
+            )],
+            NodePortMatch::LocalIn(nets) => {
+                let mut rules = vec![format!("-d {} -j RETURN", f.loopback())];
+                rules.extend(nets.iter().map(|n: &IpNet| {
+                    format!("-d {n} -m addrtype --dst-type LOCAL {c} -j {chain}")
+                }));
+                rules
+            }
+            NodePortMatch::Addresses(ips) => ips
+                .iter()
+                .map(|ip| format!("-d {} {c} -j {chain}", f.host(*ip)))
+                .collect(),
+            NodePortMatch::Nothing => Vec::new(),
+        }
+    }
+}
+
+/// `-p tcp -m tcp -j DNAT --to-destination 10.0.0.1:80` (`[fd00::1]:80` for IPv6).
+fn dnat(protocol: Protocol, ep: &SocketAddr) -> String {
+    let p = protocol.as_str();
+    format!("-p {p} -m {p} -j DNAT --to-destination {ep}")
+}
+
+fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
+    let fam = Fam(plan.family);
+    let mut b = Builder {
+        plan,
+        fam,
+        services: Vec::new(),
+        nodeports: Vec::new(),
+        filter_drops: Vec::new(),
+        filter_rejects: Vec::new(),
+        filter_nodeports: Vec::new(),
+        backends: BTreeMap::new(),
+        others: BTreeMap::new(),
+    };
+    for d in &plan.destinations {
+        b.destination(d);
+    }
+
+    // nat
+    let mut services = std::mem::take(&mut b.services);
+    services.extend(b.nodeport_jumps(NODEPORTS));
+    let mut nat = vec![
+        Chain {
+            name: SERVICES.into(),
+            rules: services,
+        },
+        Chain {
+            name: NODEPORTS.into(),
+            rules: std::mem::take(&mut b.nodeports),
+        },
+        Chain {
+            name: POSTROUTING.into(),
+            rules: vec![
+                format!("-m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"),
+                format!("-j MARK --xor-mark {mark:#x}"),
+                format!(
+                    "{} -j MASQUERADE --random-fully",
+                    comment("Service traffic that must come back through this node")
+                ),
+            ],
+        },
+        Chain {
+            name: MARK_MASQ.into(),
+            rules: vec![format!("-j MARK --or-mark {mark:#x}")],
+        },
+    ];
+    if plan.clusterip_masquerade == ClusterIpMasquerade::OutsideClusterCidrs
+        && plan.cluster_cidrs.len() > 1
+    {
+        let mut rules: Vec<String> = plan
+            .cluster_cidrs
+            .iter()
+            .map(|n| format!("-s {n} -j RETURN"))
+            .collect();
+        rules.push(format!("-j {MARK_MASQ}"));
+        nat.push(Chain {
+            name: CIDR_MASQ.into(),
+            rules,
+        });
+    }
+    let mut hashed_chains: BTreeMap<String, Vec<String>> = std::mem::take(&mut b.others);
+    for (name, mut chain) in std::mem::take(&mut b.backends) {
+        chain.masq.extend(chain.body);
+        hashed_chains.insert(name, chain.masq);
+    }
+    nat.extend(
+        hashed_chains
+            .into_iter()
+            .map(|(name, rules)| Chain { name, rules }),
+    );
+
+    // filter
+    let mut filter_rules = vec![format!(
+        "-m conntrack --ctstate DNAT {} -j RETURN",
+        comment("found its endpoint")
+    )];
+    filter_rules.append(&mut b.filter_drops);
+    filter_rules.append(&mut b.filter_rejects);
+    for (ip, svc) in &plan.cluster_ips {
+        filter_rules.push(format!(
+            "-d {} {} -j {REJECT}",
+            fam.host(*ip),
+            comment(&format!("{svc}: a port the Service does not have"))
+        ));
+    }
+    filter_rules.extend(b.nodeport_jumps(FILTER_NODEPORTS));
+    let filter = vec![
+        Chain {
+            name: FILTER.into(),
+            rules: filter_rules,
+        },
+        Chain {
+            name: FILTER_NODEPORTS.into(),
+            rules: std::mem::take(&mut b.filter_nodeports),
+        },
+        Chain {
+            name: REJECT.into(),
+            rules: vec![
+                "-p tcp -j REJECT --reject-with tcp-reset".into(),
+                format!("-j REJECT --reject-with {}", fam.port_unreachable()),
+            ],
+        },
+    ];
+    FamilyRules {
+        family: plan.family,
+        tables: vec![
+            TableRules {
+                table: Table::Nat,
+                chains: nat,
+            },
+            TableRules {
+                table: Table::Filter,
+                chains: filter,
+            },
+        ],
+    }
+}
+
+impl TableRules {
+    /// The chain named `name`, if this table has it.
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// Number of rules in the table's chains.
+    pub fn rule_count(&self) -> usize {
+        self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+}
+
+impl FamilyRules {
+    /// The `iptables-restore --noflush` input that (re)writes every chain: each is declared
+    /// (`:NAME - [0:0]` creates it, or flushes it if it exists), then filled. `stale` chains
+    /// (svcproxy's, in the kernel, not wanted any more) are flushed and deleted after.
+    pub fn restore_input(&self, stale: &BTreeMap<Table, Vec<String>>) -> String {
+        let mut out = String::new();
+        for t in &self.tables {
+            let gone = stale.get(&t.table).map(Vec::as_slice).unwrap_or(&[]);
+            let chains: Vec<&Chain> = t.chains.iter().collect();
+            write_table(&mut out, t.table, &chains, gone);
+        }
+        out
+    }
+
+    pub fn table(&self, table: Table) -> Option<&TableRules> {
+        self.tables.iter().find(|t| t.table == table)
+    }
+
+    /// The program name of this family (`iptables` or `ip6tables`).
+    pub fn program(&self) -> &'static str {
+        program(self.family)
+    }
+}
+
+/// `iptables` or `ip6tables`.
+pub fn program(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "iptables",
+        IpFamily::V6 => "ip6tables",
+    }
+}
+
+/// One table's section of a restore input: declare (create or flush) `chains`, flush `gone`,
+/// append the rules, delete `gone` (nothing refers to them once the others are rewritten).
+pub fn write_table(out: &mut String, table: Table, chains: &[&Chain], gone: &[String]) {
+    if chains.is_empty() && gone.is_empty() {
+        return;
+    }
+    writeln!(out, "*{}", table.as_str()).unwrap();
+    for c in chains {
+        writeln!(out, ":{} - [0:0]", c.name).unwrap();
+    }
+    for g in gone {
+        writeln!(out, "-F {g}").unwrap();
+    }
+    for c in chains {
+        for r in &c.rules {
+            writeln!(out, "-A {} {r}", c.name).unwrap();
+        }
+    }
+    for g in gone {
+        writeln!(out, "-X {g}").unwrap();
+    }
+    out.push_str("COMMIT\n");
+}
+
+impl Ruleset {
+    /// The dry-run: each family's exact `iptables-restore --noflush` input for a first sync,
+    /// headed by the command it is fed to, followed by the jump rules installed after it.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for f in &self.families {
+            let program = f.program();
+            writeln!(
+                out,
+                "# {program}-restore --noflush ({})",
+                match f.family {
+                    IpFamily::V4 => "IPv4",
+                    IpFamily::V6 => "IPv6",
+                }
+            )
+            .unwrap();
+            out.push_str(&f.restore_input(&BTreeMap::new()));
+            writeln!(out, "# then, for each rule missing (checked with -C):").unwrap();
+            for j in jump_rules() {
+                writeln!(out, "# {}", j.shell(program, "-I")).unwrap();
+            }
+        }
+        out
+    }
+
+    pub fn family(&self, family: IpFamily) -> Option<&FamilyRules> {
+        self.families.iter().find(|f| f.family == family)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProxyConfig;
+    use crate::synthetic;
+
+    fn rules_of(r: &Ruleset, table: Table, chain: &str) -> Vec<String> {
+        r.families[0]
+            .table(table)
+            .unwrap()
+            .chain(chain)
+            .unwrap_or_else(|| panic!("no chain {chain}"))
+            .rules
+            .clone()
+    }
+
+    #[test]
+    fn chain_names_are_prefixed_short_and_stable() {
+        let s = synthetic::cluster(50, 3);
+        let a = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let b = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        assert_eq!(a, b);
+        for f in &a.families {
+            for t in &f.tables {
+                for c in &t.chains {
+                    assert!(c.name.starts_with(PREFIX), "{}", c.name);
+                    assert!(c.name.len() <= 28, "{}", c.name);
+                }
+            }
+        }
+        assert_eq!(stable_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(stable_hash("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn endpoints_are_picked_uniformly_and_only_local_ones_get_a_chain() {
+        let s = synthetic::cluster(1, 4);
+        let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let nat = r.families[0].table(Table::Nat).unwrap();
+        let svc = nat
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with("SVCP-SVC-"))
+            .unwrap();
+        let probs: Vec<&str> = svc
+            .rules
+            .iter()
+            .map(|r| {
+                r.split("--probability ")
+                    .nth(1)
+                    .map_or("last", |s| s.split(' ').next().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            probs,
+            ["0.2500000000", "0.3333333333", "0.5000000000", "last"]
+        );
+        // Service 0's endpoint 0 is on node-0, the proxy's node: a chain for the hairpin mark.
+        assert!(
+            svc.rules[0].ends_with(&format!(
+                "-j {}",
+                hashed("SEP", "ns0/svc-0/http/tcp/10.128.0.0:8080")
+            )),
+            "{:?}",
+            svc.rules
+        );
+        assert!(svc.rules[1].contains("-j DNAT --to-destination 10.128.0.1:8080"));
+        let seps = nat
+            .chains
+            .iter()
+            .filter(|c| c.name.starts_with("SVCP-SEP-"))
+            .count();
+        assert_eq!(seps, 1);
+    }
+
+    #[test]
+    fn clusterip_masquerade_follows_the_configuration() {
+        let s = synthetic::cluster(1, 1);
+        let chain = |cfg: &ProxyConfig| {
+            let r = render(&crate::plan::plan(&s, cfg));
+            let nat = r.families[0].table(Table::Nat).unwrap().clone();
+            nat.chains
+                .into_iter()
+                .find(|c| c.name.starts_with("SVCP-SVC-"))
+                .unwrap()
+                .rules
+        };
+        assert!(!chain(&ProxyConfig::default())[0].contains(MARK_MASQ));
+        let cfg = ProxyConfig {
+            cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
+            ..ProxyConfig::default()
+        };
+        assert_eq!(
+            chain(&cfg)[0],
+            "! -s 10.128.0.0/9 -d 10.96.0.0/32 -p tcp -m tcp --dport 80 -j SVCP-MARK-MASQ"
+        );
+        let cfg = ProxyConfig {
+            masquerade_all: true,
+            ..ProxyConfig::default()
+        };
+        assert_eq!(
+            chain(&cfg)[0],
+            "-d 10.96.0.0/32 -p tcp -m tcp --dport 80 -j SVCP-MARK-MASQ"
+        );
+    }
+
+    #[test]
+    fn filter_returns_first_for_dnated_traffic_and_refuses_unknown_ports() {
+        let s = synthetic::cluster(2, 1);
+        let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let filter = rules_of(&r, Table::Filter, FILTER);
+        assert!(filter[0].starts_with("-m conntrack --ctstate DNAT"));
+        assert!(filter[1].starts_with("-d 10.96.0.0/32 "), "{filter:?}");
+        assert!(filter[1].ends_with("-j SVCP-REJECT"));
+        // Every local address but loopback answers NodePorts by default.
+        assert!(
+            filter
+                .last()
+                .unwrap()
+                .starts_with("! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL")
+        );
+        // The v6 family has its own spellings.
+        let reject6 = &r.families[1]
+            .table(Table::Filter)
+            .unwrap()
+            .chain(REJECT)
+            .unwrap()
+            .rules;
+        assert!(reject6[1].contains("icmp6-port-unreachable"));
+    }
+
+    #[test]
+    fn restore_input_declares_then_fills_then_deletes_stale_chains() {
+        let s = synthetic::cluster(1, 1);
+        let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let stale = BTreeMap::from([(Table::Nat, vec!["SVCP-SVC-OLD".to_string()])]);
+        let input = r.families[0].restore_input(&stale);
+        let pos = |s: &str| input.find(s).unwrap_or_else(|| panic!("{s} in {input}"));
+        assert!(pos("*nat\n:SVCP-SERVICES - [0:0]") < pos("-F SVCP-SVC-OLD"));
+        assert!(pos("-F SVCP-SVC-OLD") < pos("-A SVCP-SERVICES"));
+        assert!(pos("-A SVCP-SERVICES") < pos("-X SVCP-SVC-OLD"));
+        assert!(pos("-X SVCP-SVC-OLD") < pos("COMMIT\n*filter"));
+        assert!(input.ends_with("COMMIT\n"));
+    }
+}
