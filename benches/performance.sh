@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/performance.md: every benchmark, on this machine, as root (the harnesses create
 # private network namespaces; they never touch the host's ruleset).
-#   bash benches/performance.sh            # the full set (about 10 minutes on 2 cores)
+#   bash benches/performance.sh            # the full set (about 25 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/performance.md
@@ -40,9 +40,24 @@ tmp=$(mktemp)
   echo
   cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 15 2>/dev/null | grep '^|'
   echo
-  echo "## Dataplane (\`cargo bench --bench dataplane\`)"
+  echo "## The iptables mode: full and incremental syncs (\`cargo bench --bench iptables\`)"
   echo
-  cargo bench -q --bench dataplane -- --services 10,10000,30000 --seconds 3 --runs 3 2>/dev/null | grep '^|'
+  echo "*Cold*: the first sync into an empty namespace (one run). *Full resync*: the whole ruleset"
+  echo "rewritten over itself (the periodic resync, or a restart). *One endpoint changed*: the"
+  echo "incremental sync that rewrites only that Service's chain (apply time; *render* is the"
+  echo "compile of a whole sync). iptables-legacy's restore reads the whole table from the kernel and"
+  echo "writes it back whatever the change; iptables-nft sends only the changed chain."
+  echo
+  cargo bench -q --bench iptables -- --services 1000,10000 --endpoints 10 --runs 3 --variants legacy,nft 2>/dev/null | grep '^|'
+  echo
+  echo "## Dataplane: new connections through one ClusterIP (\`cargo bench --bench dataplane\`)"
+  echo
+  echo "One client pod making new TCP connections to one ClusterIP while N Services (10 endpoints"
+  echo "each) are loaded, every backend in the same run. The measured ClusterIP sorts after every"
+  echo "generated one: for iptables, whose Service rules are searched in order, the worst case."
+  echo "nftables finds a Service with one verdict-map lookup, whatever their number."
+  echo
+  cargo bench -q --bench dataplane -- --services 10,1000,10000,30000 --backends nftables,iptables-legacy,iptables-nft --seconds 3 --runs 3 2>/dev/null | grep '^|'
 } > "$tmp"
 mv "$tmp" "$out"
 echo "wrote $out"

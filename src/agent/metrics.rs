@@ -32,7 +32,8 @@ fn seconds_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(changes: &Changes) -> Metrics {
+    /// `iptables`: the iptables mode (its failure counter has kube-proxy's iptables name).
+    pub fn new(changes: &Changes, iptables: bool) -> Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             sync_duration: seconds_histogram(),
@@ -86,11 +87,19 @@ impl Metrics {
             "Cumulative EndpointSlice changes",
             changes.endpoint_changes.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
-            "nftables transactions the kernel refused (or nft could not be run)",
-            m.sync_failures.clone(),
-        );
+        if iptables {
+            registry.register(
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                "iptables-restore runs that failed",
+                m.sync_failures.clone(),
+            );
+        } else {
+            registry.register(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "nftables transactions the kernel refused (or nft could not be run)",
+                m.sync_failures.clone(),
+            );
+        }
         registry.register(
             "svcproxy_conntrack_cleanup_failures",
             "Failed deletions of stale UDP conntrack entries",

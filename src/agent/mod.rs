@@ -104,7 +104,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let client = kube::Client::try_from(config.kube.clone())?;
     let changes = Arc::new(Changes::default());
-    let metrics = Arc::new(Metrics::new(&changes));
+    let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
     let health = Arc::new(Health::new(config.sync_period * 2));
     if let Some(address) = config.healthz_address {
         let listener = TcpListener::bind(address)
