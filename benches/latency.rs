@@ -61,7 +61,7 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| Services | endpoints each | EndpointSlice change → rules in the kernel: median | p90 | first full sync | a partial sync's parts (medians): convert / compile / diff + nft |"
+        "| Services | endpoints each | EndpointSlice change → rules in the kernel: median | p90 | first full sync | a partial sync's parts (medians): convert / compile (the changed Services, and the difference) / nft |"
     );
     println!("|---|---|---|---|---|---|");
     for n in sizes {

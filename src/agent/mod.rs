@@ -90,9 +90,10 @@ struct Timing {
 pub struct Phases {
     /// Reading the stores and converting the objects into the model.
     pub convert: Duration,
-    /// Plan and render.
+    /// Plan, render, and working out what to send (only the changed Services, in the
+    /// nftables mode).
     pub compile: Duration,
-    /// Diff and the nft transaction (the apply report's duration).
+    /// The kernel transaction: nft, or iptables-restore (the apply report's duration).
     pub apply: Duration,
 }
 
@@ -370,8 +371,8 @@ impl Syncer {
         }
     }
 
-    /// The cluster as the stores see it now.
-    /// Converts what changed since the last sync (everything after a re-list).
+    /// The cluster as the stores see it now: converts what changed since the last sync
+    /// (everything after a re-list).
     fn snapshot(&mut self) -> Snapshot {
         let touched = std::mem::take(&mut *self.changes.touched.lock().expect("touched lock"));
         if touched.relisted_services || !self.primed {

@@ -514,18 +514,18 @@ fn diff_elements(prefix: &str, old: &Set, new: &Set, parts: &mut DiffParts) {
         }
     } else {
         let old_by_key: HashMap<&[_], &Element> =
-            old.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+            old.elements.iter().map(|e| (&*e.key, e)).collect();
         let new_by_key: HashMap<&[_], &Element> =
-            new.elements.iter().map(|e| (e.key.as_slice(), e)).collect();
+            new.elements.iter().map(|e| (&*e.key, e)).collect();
         deleted = old
             .elements
             .iter()
-            .filter(|e| new_by_key.get(e.key.as_slice()) != Some(e))
+            .filter(|e| new_by_key.get(&*e.key) != Some(e))
             .collect();
         added = new
             .elements
             .iter()
-            .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
+            .filter(|e| old_by_key.get(&*e.key) != Some(e))
             .collect();
     }
     parts.elements(prefix, &new.name, &deleted, &added);

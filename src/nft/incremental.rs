@@ -66,6 +66,8 @@ pub struct Incremental {
     state: Option<State>,
     /// Whether the kernel holds `state.ruleset`.
     in_sync: bool,
+    /// Why the next sync is a full one, when it must be.
+    full_because: &'static str,
 }
 
 impl Incremental {
@@ -75,12 +77,18 @@ impl Incremental {
             nft,
             state: None,
             in_sync: false,
+            full_because: "nothing applied yet",
         }
     }
 
     /// The next sync rewrites the tables whole (to repair drift).
     pub fn invalidate(&mut self) {
+        self.fail("full resync requested");
+    }
+
+    fn fail(&mut self, because: &'static str) {
         self.in_sync = false;
+        self.full_because = because;
     }
 
     /// The last snapshot applied.
@@ -127,7 +135,7 @@ impl Incremental {
         if report.commands > 0
             && let Err(e) = self.nft.run_script(&diff.script)
         {
-            self.in_sync = false;
+            self.fail("the last apply failed");
             return Err(e);
         }
         report.duration = t.elapsed();
@@ -156,7 +164,7 @@ impl Incremental {
         let lanes = plan.families.iter().map(lane_counts).collect();
         let partial = match self.state.as_ref().filter(|_| self.in_sync) {
             Some(old) => diff(&old.ruleset, &ruleset),
-            None => Err("nothing applied yet (or the last apply failed)".to_string()),
+            None => Err(self.full_because.to_string()),
         };
         let result = match partial {
             Ok(d) => {
@@ -219,7 +227,7 @@ impl Incremental {
         let report = match result {
             Ok(r) => r,
             Err(e) => {
-                self.in_sync = false;
+                self.fail("the last apply failed");
                 return Err(e);
             }
         };
@@ -721,18 +729,16 @@ fn element_changes(old: &Fragment, new: &Fragment, p: &mut FamilyPatch) {
             continue;
         }
         let entry = p.elements.entry(name.clone()).or_default();
-        let new_by_key: HashMap<&[Value], &Element> =
-            b.iter().map(|e| (e.key.as_slice(), e)).collect();
-        let old_by_key: HashMap<&[Value], &Element> =
-            a.iter().map(|e| (e.key.as_slice(), e)).collect();
+        let new_by_key: HashMap<&[Value], &Element> = b.iter().map(|e| (&*e.key, e)).collect();
+        let old_by_key: HashMap<&[Value], &Element> = a.iter().map(|e| (&*e.key, e)).collect();
         entry.0.extend(
             a.iter()
-                .filter(|e| new_by_key.get(e.key.as_slice()) != Some(e))
+                .filter(|e| new_by_key.get(&*e.key) != Some(e))
                 .cloned(),
         );
         entry.1.extend(
             b.iter()
-                .filter(|e| old_by_key.get(e.key.as_slice()) != Some(e))
+                .filter(|e| old_by_key.get(&*e.key) != Some(e))
                 .cloned(),
         );
     }

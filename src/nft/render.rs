@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::model::{IpFamily, Protocol};
 use crate::nft::syntax::{
@@ -145,14 +146,15 @@ impl Builder {
         self.sets.entry(set).or_default().push(e);
     }
 
-    fn ip_key(d: &Destination) -> Vec<Value> {
+    /// The destination's key in every map: one allocation, shared by all its elements.
+    fn ip_key(d: &Destination) -> Arc<[Value]> {
         match d.address {
-            Address::Ip(ip) => vec![
+            Address::Ip(ip) => Arc::new([
                 Value::Addr(ip),
                 Value::Proto(d.protocol),
                 Value::Port(d.port),
-            ],
-            Address::NodePort => vec![Value::Proto(d.protocol), Value::Port(d.port)],
+            ]),
+            Address::NodePort => Arc::new([Value::Proto(d.protocol), Value::Port(d.port)]),
         }
     }
 

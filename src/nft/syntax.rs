@@ -7,6 +7,7 @@
 
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_json::{Value as Json, json};
@@ -124,23 +125,24 @@ pub enum Data {
 /// One set or map element.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
-    pub key: Vec<Value>,
+    /// Shared: the endpoints of one destination, one element in each slot map, have one key.
+    pub key: Arc<[Value]>,
     pub data: Option<Data>,
     pub comment: Option<String>,
 }
 
 impl Element {
-    pub fn key(key: Vec<Value>) -> Element {
+    pub fn key(key: impl Into<Arc<[Value]>>) -> Element {
         Element {
-            key,
+            key: key.into(),
             data: None,
             comment: None,
         }
     }
 
-    pub fn map(key: Vec<Value>, data: Data) -> Element {
+    pub fn map(key: impl Into<Arc<[Value]>>, data: Data) -> Element {
         Element {
-            key,
+            key: key.into(),
             data: Some(data),
             comment: None,
         }
