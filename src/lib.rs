@@ -17,6 +17,7 @@ pub mod manifests;
 pub mod model;
 pub mod nft;
 pub mod plan;
+pub mod process;
 pub mod synthetic;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came

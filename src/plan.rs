@@ -5,7 +5,7 @@
 //! masqueraded, rejected or dropped. It is pure and deterministic (no I/O, no clock, ordered
 //! collections only): the same snapshot always gives the same plan. Backends only render it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -269,8 +269,8 @@ pub fn plan(snapshot: &Snapshot, config: &ProxyConfig) -> Plan {
 /// (`nft::incremental`) keeps these to patch a plan one Service at a time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FamilyRefs {
-    pub cluster_ips: HashMap<IpAddr, u32>,
-    pub hairpin: HashMap<IpAddr, u32>,
+    pub cluster_ips: BTreeMap<IpAddr, u32>,
+    pub hairpin: BTreeMap<IpAddr, u32>,
 }
 
 /// [`plan`], with the reference counts of each family's shared entries.

@@ -22,8 +22,7 @@
 //! is checked with `-C` and inserted with `-I` only when missing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::iptables::detect::Variant;
@@ -32,6 +31,7 @@ use crate::iptables::render::{
 };
 use crate::model::IpFamily;
 use crate::nft::apply::{ApplyReport, SyncKind};
+use crate::process::{Fed, feed};
 
 /// How long iptables waits for the xtables lock (`-w`), in seconds.
 const LOCK_WAIT: &str = "5";
@@ -107,42 +107,22 @@ impl IptablesCommand {
     /// Feeds `input` to `*-restore -w 5 --noflush`. Returns its stderr on failure.
     pub fn restore(&self, family: IpFamily, input: &str) -> Result<(), IptablesError> {
         let program = self.program(family, "restore");
-        let mut child = self
-            .command(&program)
-            .args(["-w", LOCK_WAIT, "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| IptablesError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        // iptables-restore reads its whole input before it commits, so writing first cannot
-        // deadlock on its (small) output.
-        let written = stdin.write_all(input.as_bytes());
-        drop(stdin);
-        let out = child
-            .wait_with_output()
-            .map_err(|source| IptablesError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        if out.status.success() {
-            return Ok(());
+        let fed = feed(
+            self.command(&program).args(["-w", LOCK_WAIT, "--noflush"]),
+            input,
+        )
+        .map_err(|source| IptablesError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        match fed {
+            Fed::Accepted => Ok(()),
+            Fed::Refused { status, stderr } => Err(IptablesError::Refused {
+                program,
+                status,
+                stderr,
+            }),
         }
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if let Err(e) = written
-            && stderr.is_empty()
-        {
-            stderr = format!("writing the input: {e}");
-        }
-        Err(IptablesError::Refused {
-            program,
-            status: out.status.code(),
-            stderr,
-        })
     }
 
     /// `*-save` of the family (all tables, or one), as text. `Ok(None)`: the program is not

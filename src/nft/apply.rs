@@ -15,11 +15,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::nft::syntax::{Chain, Element, Ruleset, Set, Table, quote};
+use crate::process::{Fed, feed};
 
 /// How to run `nft` (and where: tests prefix `ip netns exec NAME`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,40 +48,17 @@ impl NftCommand {
     /// Runs `nft -f -` on `script`: one transaction. Returns nft's stderr on failure.
     pub fn run_script(&self, script: &str) -> Result<(), ApplyError> {
         let (program, args) = self.program.split_first().expect("a program");
-        let mut child = Command::new(program)
-            .args(args)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ApplyError::Spawn {
-                program: self.program.join(" "),
-                source,
+        let fed =
+            feed(Command::new(program).args(args).args(["-f", "-"]), script).map_err(|source| {
+                ApplyError::Spawn {
+                    program: self.program.join(" "),
+                    source,
+                }
             })?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        // nft reads its whole input before it answers, so writing first cannot deadlock.
-        let written = stdin.write_all(script.as_bytes());
-        drop(stdin);
-        let out = child
-            .wait_with_output()
-            .map_err(|source| ApplyError::Spawn {
-                program: self.program.join(" "),
-                source,
-            })?;
-        if out.status.success() {
-            return Ok(());
+        match fed {
+            Fed::Accepted => Ok(()),
+            Fed::Refused { status, stderr } => Err(ApplyError::Refused { status, stderr }),
         }
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if let Err(e) = written
-            && stderr.is_empty()
-        {
-            stderr = format!("writing the script to nft: {e}");
-        }
-        Err(ApplyError::Refused {
-            status: out.status.code(),
-            stderr,
-        })
     }
 }
 

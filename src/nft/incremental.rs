@@ -442,54 +442,19 @@ impl Patches {
 }
 
 /// Adds `changes` to reference counts, dropping those that reach zero.
-fn adjust<K: Ord + std::hash::Hash + Eq>(
-    counts: &mut impl CountMap<K>,
-    changes: impl IntoIterator<Item = (K, i32)>,
-) {
+fn adjust<K: Ord>(counts: &mut BTreeMap<K, u32>, changes: impl IntoIterator<Item = (K, i32)>) {
+    use std::collections::btree_map::Entry;
     for (k, d) in changes {
-        counts.add(k, d);
-    }
-}
-
-trait CountMap<K> {
-    fn add(&mut self, k: K, d: i32);
-}
-
-fn counted(c: u32, d: i32) -> u32 {
-    c.checked_add_signed(d).expect("reference count below zero")
-}
-
-impl<K: std::hash::Hash + Eq> CountMap<K> for HashMap<K, u32> {
-    fn add(&mut self, k: K, d: i32) {
-        use std::collections::hash_map::Entry;
-        match self.entry(k) {
-            Entry::Occupied(mut e) => match counted(*e.get(), d) {
+        let count = |c: u32| c.checked_add_signed(d).expect("reference count below zero");
+        match counts.entry(k) {
+            Entry::Occupied(mut e) => match count(*e.get()) {
                 0 => {
                     e.remove();
                 }
                 c => *e.get_mut() = c,
             },
             Entry::Vacant(e) => {
-                if let c @ 1.. = counted(0, d) {
-                    e.insert(c);
-                }
-            }
-        }
-    }
-}
-
-impl<K: Ord> CountMap<K> for BTreeMap<K, u32> {
-    fn add(&mut self, k: K, d: i32) {
-        use std::collections::btree_map::Entry;
-        match self.entry(k) {
-            Entry::Occupied(mut e) => match counted(*e.get(), d) {
-                0 => {
-                    e.remove();
-                }
-                c => *e.get_mut() = c,
-            },
-            Entry::Vacant(e) => {
-                if let c @ 1.. = counted(0, d) {
+                if let c @ 1.. = count(0) {
                     e.insert(c);
                 }
             }
