@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apiserver::FakeApiServer;
+use common::netns::Netns;
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, SyncRecord};
 use svcproxy::conntrack::Conntrack;
@@ -16,37 +17,13 @@ use svcproxy::nft::apply::{NftCommand, SyncKind};
 use tokio::sync::{mpsc, watch};
 
 /// A network namespace for the agent's rules, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        if !common::have_nft() || !common::can_unshare_net() {
-            common::skip_or_fail("the agent tests need root and nft");
-            return None;
-        }
-        let name = format!("sp{}-agent-{tag}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name}");
-        Some(Netns(name))
+/// A namespace for one agent test (skips outside CI without root and nft).
+fn agent_netns(tag: &str) -> Option<Netns> {
+    if !common::have_nft() || !common::can_unshare_net() {
+        common::skip_or_fail("the agent tests need root and nft");
+        return None;
     }
-
-    /// `nft list ruleset` in the namespace.
-    fn ruleset(&self) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "list", "ruleset"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+    Some(Netns::add(format!("sp{}-agent-{tag}", std::process::id())))
 }
 
 fn service(name: &str, ip: &str, extra: Value) -> Value {
@@ -150,7 +127,7 @@ const SECOND: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_appear_only_after_both_lists_and_follow_changes() {
-    let Some(ns) = Netns::new("follow") else {
+    let Some(ns) = agent_netns("follow") else {
         return;
     };
     let api = FakeApiServer::start().await;
@@ -165,30 +142,37 @@ async fn rules_appear_only_after_both_lists_and_follow_changes() {
         agent.next_sync(Duration::from_millis(1500)).await.is_none(),
         "a sync before the lists were complete"
     );
-    assert!(!ns.ruleset().contains("svcproxy"));
+    assert!(!ns.nft_ruleset().contains("svcproxy"));
 
     api.hold_lists("EndpointSlice", false);
     let first = agent.next_sync(5 * SECOND).await.expect("the first sync");
     assert_eq!(first.kind, SyncKind::Full);
     assert_eq!((first.services, first.slices), (1, 1));
     assert!(
-        ns.ruleset().contains("10.96.0.10 . tcp . 80"),
+        ns.nft_ruleset().contains("10.96.0.10 . tcp . 80"),
         "{}",
-        ns.ruleset()
+        ns.nft_ruleset()
     );
 
     // Add, modify, delete: the kernel follows, with partial syncs.
     api.apply(service("api", "10.96.0.20", json!({})));
     api.apply(slice("api-1", "api", &["10.244.1.21"]));
-    assert!(eventually(3 * SECOND, || ns.ruleset().contains("10.244.1.21 . 8080")).await);
+    assert!(
+        eventually(3 * SECOND, || ns
+            .nft_ruleset()
+            .contains("10.244.1.21 . 8080"))
+        .await
+    );
     api.apply(slice("web-1", "web", &["10.244.1.11", "10.244.1.13"]));
     assert!(
-        eventually(3 * SECOND, || ns.ruleset().contains("10.244.1.13 . 8080")
-            && !ns.ruleset().contains("10.244.1.12"))
+        eventually(3 * SECOND, || ns
+            .nft_ruleset()
+            .contains("10.244.1.13 . 8080")
+            && !ns.nft_ruleset().contains("10.244.1.12"))
         .await
     );
     api.delete("Service", "default", "api");
-    assert!(eventually(3 * SECOND, || !ns.ruleset().contains("10.96.0.20")).await);
+    assert!(eventually(3 * SECOND, || !ns.nft_ruleset().contains("10.96.0.20")).await);
     while let Ok(Some(s)) =
         tokio::time::timeout(Duration::from_millis(300), agent.syncs.recv()).await
     {
@@ -196,12 +180,12 @@ async fn rules_appear_only_after_both_lists_and_follow_changes() {
     }
     agent.stop().await;
     // Stopping leaves the rules in place.
-    assert!(ns.ruleset().contains("10.96.0.10 . tcp . 80"));
+    assert!(ns.nft_ruleset().contains("10.96.0.10 . tcp . 80"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
-    let Some(ns) = Netns::new("outage") else {
+    let Some(ns) = agent_netns("outage") else {
         return;
     };
     let api = FakeApiServer::start().await;
@@ -211,13 +195,13 @@ async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
     api.apply(slice("gone-1", "gone", &["10.244.1.31"]));
     let mut agent = Agent::start(&api, &ns, |_| {});
     agent.next_sync(5 * SECOND).await.expect("the first sync");
-    assert!(ns.ruleset().contains("10.96.0.30"));
+    assert!(ns.nft_ruleset().contains("10.96.0.30"));
 
     // The apiserver goes away: the rules stay as they are.
     api.set_available(false);
     api.drop_watches();
     tokio::time::sleep(2 * SECOND).await;
-    assert!(ns.ruleset().contains("10.96.0.30") && ns.ruleset().contains("10.96.0.10"));
+    assert!(ns.nft_ruleset().contains("10.96.0.30") && ns.nft_ruleset().contains("10.96.0.10"));
 
     // Meanwhile a Service is deleted and history is compacted: the watch must re-list (410).
     api.delete("Service", "default", "gone");
@@ -228,12 +212,12 @@ async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
     api.set_available(true);
     assert!(
         eventually(15 * SECOND, || {
-            let r = ns.ruleset();
+            let r = ns.nft_ruleset();
             !r.contains("10.96.0.30") && r.contains("10.244.1.12 . 8080")
         })
         .await,
         "{}",
-        ns.ruleset()
+        ns.nft_ruleset()
     );
     assert!(
         api.requests("Service").0 > lists_before,
@@ -244,7 +228,7 @@ async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_changes_is_coalesced() {
-    let Some(ns) = Netns::new("burst") else {
+    let Some(ns) = agent_netns("burst") else {
         return;
     };
     let api = FakeApiServer::start().await;
@@ -275,7 +259,7 @@ async fn a_burst_of_changes_is_coalesced() {
         "1,000 changes in {:?} took {syncs} syncs",
         start.elapsed()
     );
-    assert!(ns.ruleset().contains("10.97.1.250 . tcp . 80"));
+    assert!(ns.nft_ruleset().contains("10.97.1.250 . tcp . 80"));
     agent.stop().await;
 }
 
@@ -304,7 +288,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_and_health_check_node_ports() {
-    let Some(ns) = Netns::new("health") else {
+    let Some(ns) = agent_netns("health") else {
         return;
     };
     let api = FakeApiServer::start().await;
@@ -513,7 +497,7 @@ async fn dump_reads_the_cluster_once() {
 /// A full resync every sync period repairs drift: someone deleting svcproxy's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_periodic_full_sync_repairs_drift() {
-    let Some(ns) = Netns::new("drift") else {
+    let Some(ns) = agent_netns("drift") else {
         return;
     };
     let api = FakeApiServer::start().await;
@@ -529,7 +513,7 @@ async fn the_periodic_full_sync_repairs_drift() {
         .unwrap()
         .success();
     assert!(ok);
-    assert!(!ns.ruleset().contains("10.96.0.70"));
+    assert!(!ns.nft_ruleset().contains("10.96.0.70"));
     // Other syncs (the Node watch completing its list) may come first; the resync is a full one.
     loop {
         let s = agent
@@ -541,9 +525,9 @@ async fn the_periodic_full_sync_repairs_drift() {
         }
     }
     assert!(
-        ns.ruleset().contains("10.96.0.70 . tcp . 80"),
+        ns.nft_ruleset().contains("10.96.0.70 . tcp . 80"),
         "{}",
-        ns.ruleset()
+        ns.nft_ruleset()
     );
     agent.stop().await;
 }
@@ -553,7 +537,7 @@ async fn the_periodic_full_sync_repairs_drift() {
 /// and SIGTERM stops it and leaves the rules in place.
 #[test]
 fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
-    let Some(ns) = Netns::new("binary") else {
+    let Some(ns) = agent_netns("binary") else {
         return;
     };
     Command::new("ip")
@@ -625,15 +609,15 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
         notify.recv(&mut buf).is_err(),
         "READY before the EndpointSlices were listed"
     );
-    assert!(!ns.ruleset().contains("svcproxy"));
+    assert!(!ns.nft_ruleset().contains("svcproxy"));
     api.hold_lists("EndpointSlice", false);
     notify.set_read_timeout(Some(10 * SECOND)).unwrap();
     let n = notify.recv(&mut buf).expect("READY=1");
     assert_eq!(&buf[..n], b"READY=1");
     assert!(
-        ns.ruleset().contains("10.96.0.80 . tcp . 80"),
+        ns.nft_ruleset().contains("10.96.0.80 . tcp . 80"),
         "READY only with the rules in place: {}",
-        ns.ruleset()
+        ns.nft_ruleset()
     );
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -642,7 +626,7 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut logs).unwrap();
     assert!(status.success(), "{status:?}\n{logs}");
     assert!(
-        ns.ruleset().contains("10.96.0.80 . tcp . 80"),
+        ns.nft_ruleset().contains("10.96.0.80 . tcp . 80"),
         "the rules stay after SIGTERM"
     );
     // JSON logs, one sync line with its kind.
@@ -670,7 +654,7 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!ns.ruleset().contains("svcproxy"));
+    assert!(!ns.nft_ruleset().contains("svcproxy"));
     let _ = done_tx.send(());
     let _ = server.join();
 }
@@ -815,7 +799,7 @@ async fn node_ports_follow_the_node_addresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_mode_follows_changes_and_repairs_drift() {
     use svcproxy::iptables::{IptablesCommand, Variant};
-    let Some(ns) = Netns::new("iptables") else {
+    let Some(ns) = agent_netns("iptables") else {
         return;
     };
     if Command::new("iptables-legacy-restore")
@@ -849,7 +833,7 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
         "{}",
         nat()
     );
-    assert!(!ns.ruleset().contains("table ip svcproxy"));
+    assert!(!ns.nft_ruleset().contains("table ip svcproxy"));
 
     api.apply(slice("web-1", "web", &["10.244.1.92"]));
     assert!(

@@ -8,31 +8,15 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 
+use common::netns::Netns;
 use serde_json::Value;
 use svcproxy::model::{EndpointSlice, ObjectRef, ProxyConfig, Service, Snapshot, TrafficPolicy};
 use svcproxy::nft::apply::{NftCommand, SyncKind};
 use svcproxy::nft::incremental::Incremental;
 use svcproxy::synthetic;
 
-/// A network namespace for the duration of a test.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("svcproxy-inc-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name}");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+fn netns(tag: &str) -> Netns {
+    Netns::add(format!("svcproxy-inc-{tag}-{}", std::process::id()))
 }
 
 /// What nft lists for `ip svcproxy`, in a form that does not depend on the order things were
@@ -102,7 +86,7 @@ fn one_service_changes_leave_what_a_full_apply_gives() {
         cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
         ..ProxyConfig::default()
     };
-    let ns = Netns::new("a");
+    let ns = netns("a");
     let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), config.clone());
     let mut s = synthetic::cluster(40, 3);
     let first = backend.sync(s.clone()).unwrap();
@@ -173,7 +157,7 @@ fn one_service_changes_leave_what_a_full_apply_gives() {
         assert!(out.services_compiled <= 1, "{label}: {:?}", out);
     }
 
-    let fresh = Netns::new("b");
+    let fresh = netns("b");
     Incremental::new(NftCommand::in_netns(&fresh.0), config)
         .sync(s)
         .unwrap();
@@ -223,7 +207,7 @@ fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
         common::skip_or_fail("needs root and nft");
         return;
     }
-    let ns = Netns::new("r");
+    let ns = netns("r");
     let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), ProxyConfig::default());
     let mut s = synthetic::cluster(5, 3);
     let mut svc: Service = (*s.services[&synthetic::service(2).id]).clone();
@@ -248,7 +232,7 @@ fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
         nft(&ns.0, &["list", "set", "ip", "svcproxy", &set]).contains("192.0.2.7"),
         "the client's endpoint is still remembered"
     );
-    let fresh = Netns::new("rf");
+    let fresh = netns("rf");
     Incremental::new(NftCommand::in_netns(&fresh.0), ProxyConfig::default())
         .sync(s.clone())
         .unwrap();

@@ -31,6 +31,36 @@ pub const REMOTE_NODE_IP: &str = "192.168.100.2";
 
 static WORLDS: AtomicUsize = AtomicUsize::new(0);
 
+/// A bare network namespace, deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn add(name: impl Into<String>) -> Netns {
+        let name = name.into();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+
+    /// `nft list ruleset` in the namespace.
+    pub fn nft_ruleset(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 /// Runs `ip` (or any command) and fails the test with its stderr if it fails.
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
