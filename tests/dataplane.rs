@@ -118,6 +118,7 @@ on_every_backend!(
     stale_udp_flows_move_to_the_new_endpoint,
     apply_and_cleanup_commands_leave_other_rules_alone,
     switching_modes_removes_the_other_modes_rules,
+    dual_stack_service_answers_on_both_families,
 );
 
 /// A world plus svcproxy's backend in its node namespace.
@@ -265,6 +266,59 @@ fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
             "traffic from outside the cluster CIDR is masqueraded"
         );
     }
+}
+
+/// A dual-stack Service: each of its ClusterIPs spreads over the endpoints of its own family,
+/// for pods and for clients outside the cluster; its NodePort answers on the node's IPv6
+/// address too.
+fn dual_stack_service_answers_on_both_families(mut p: Proxy) {
+    let (a1, b1, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("b1", true),
+        p.w.pod("c", false),
+    );
+    for pod in [&a1, &b1] {
+        p.w.serve(pod, 8080);
+    }
+    let v6_endpoints: Vec<String> = [&a1, &b1]
+        .iter()
+        .map(|p| {
+            format!(
+                "{{addresses: ['{}'], nodeName: {}, conditions: {READY}}}",
+                p.ip6, p.node
+            )
+        })
+        .collect();
+    let yaml = svc(
+        "web",
+        "{type: NodePort, clusterIP: 10.96.0.60, clusterIPs: [10.96.0.60, 'fd00:96::60'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, targetPort: 8080, nodePort: 30660}]}",
+    ) + &slice(
+        "web-v4",
+        "web",
+        "[{port: 8080}]",
+        &[(&a1, READY), (&b1, READY)],
+    ) + &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+        v6_endpoints.join(", ")
+    );
+    p.apply(&yaml);
+    let both = BTreeSet::from(["a1", "b1"]);
+    for to in ["10.96.0.60:80", "[fd00:96::60]:80"] {
+        let seen = who_answers(&c.ns, sa(to), 30);
+        assert_eq!(names(&seen), both, "{to} from a pod: {seen:?}");
+        let seen = who_answers(&p.w.client, sa(to), 30);
+        assert_eq!(names(&seen), both, "{to} from outside: {seen:?}");
+    }
+    // Inside the cluster the endpoint sees the pod's own IPv6 address.
+    let r = tcp(&c.ns, sa("[fd00:96::60]:80"), T).unwrap();
+    assert_eq!(r.peer, c.ip6);
+    // The NodePort, on the node's IPv6 address, from outside.
+    let seen = who_answers(
+        &p.w.client,
+        SocketAddr::new(NODE_IP6.parse().unwrap(), 30660),
+        30,
+    );
+    assert_eq!(names(&seen), both, "NodePort over IPv6: {seen:?}");
 }
 
 fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {

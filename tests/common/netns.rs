@@ -28,6 +28,12 @@ pub const NODE_IP: &str = "203.0.113.1";
 pub const CLIENT_IP: &str = "203.0.113.2";
 pub const NODE_IP_TO_REMOTE: &str = "192.168.100.1";
 pub const REMOTE_NODE_IP: &str = "192.168.100.2";
+/// The same links' IPv6 addresses (pods get `fd01:244:1::/64` here, `fd01:244:2::/64` on the
+/// remote node).
+pub const NODE_IP6: &str = "fd00:203::1";
+pub const CLIENT_IP6: &str = "fd00:203::2";
+pub const NODE_IP6_TO_REMOTE: &str = "fd00:100::1";
+pub const REMOTE_NODE_IP6: &str = "fd00:100::2";
 
 static WORLDS: AtomicUsize = AtomicUsize::new(0);
 
@@ -145,6 +151,7 @@ pub struct Pod {
     pub name: String,
     pub ns: String,
     pub ip: IpAddr,
+    pub ip6: IpAddr,
     /// `node-a` (the proxy's node) or `node-b` (the remote one).
     pub node: &'static str,
 }
@@ -196,6 +203,7 @@ impl World {
                 "net.ipv4.conf.default.rp_filter=0",
                 "net.ipv4.conf.all.send_redirects=0",
                 "net.ipv4.conf.default.send_redirects=0",
+                "net.ipv6.conf.all.forwarding=1",
             ] {
                 sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", sysctl]);
             }
@@ -282,12 +290,41 @@ impl World {
         sh(&[
             "ip", "-n", &node, "route", "add", "default", "via", CLIENT_IP,
         ]);
+        // IPv6 on the same links.
+        for (ns, dev, addr) in [
+            (&node, "eth-x", NODE_IP6),
+            (&client, "eth0", CLIENT_IP6),
+            (&node, "eth-r", NODE_IP6_TO_REMOTE),
+            (&remote, "eth0", REMOTE_NODE_IP6),
+        ] {
+            let addr = format!("{addr}/64");
+            sh(&[
+                "ip", "-n", ns, "-6", "addr", "add", &addr, "dev", dev, "nodad",
+            ]);
+        }
+        for (ns, to, via) in [
+            (&client, "default", NODE_IP6),
+            (&remote, "default", NODE_IP6_TO_REMOTE),
+            (&node, "fd01:244:2::/64", REMOTE_NODE_IP6),
+            (&node, "default", CLIENT_IP6),
+        ] {
+            sh(&["ip", "-n", ns, "-6", "route", "add", to, "via", via]);
+        }
         Some(w)
     }
 
     fn add_ns(&mut self, ns: &str) {
         sh(&["ip", "netns", "add", ns]);
         self.namespaces.push(ns.to_string());
+        // No duplicate address detection (an address would be unusable for a second or two),
+        // and IPv6 sockets for IPv6 only, so that servers listen on both families separately.
+        for sysctl in [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.bindv6only=1",
+        ] {
+            sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", sysctl]);
+        }
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
 
@@ -345,48 +382,67 @@ impl World {
             "ip", "-n", &ns, "route", "add", &gw, "dev", "eth0", "scope", "link",
         ]);
         sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
+        let ip6 = format!("fd01:244:{subnet}::{}", 10 + k);
+        let gw6 = format!("fd01:244:{subnet}::1");
+        for args in [
+            vec![
+                "-n", &host, "-6", "addr", "add", &gw6, "dev", &veth, "nodad",
+            ],
+            vec!["-n", &host, "-6", "route", "add", &ip6, "dev", &veth],
+            vec!["-n", &ns, "-6", "addr", "add", &ip6, "dev", "eth0", "nodad"],
+            vec!["-n", &ns, "-6", "route", "add", &gw6, "dev", "eth0"],
+            vec![
+                "-n", &ns, "-6", "route", "add", "default", "via", &gw6, "dev", "eth0",
+            ],
+        ] {
+            let mut argv = vec!["ip"];
+            argv.extend(args);
+            sh(&argv);
+        }
         Pod {
             name: name.to_string(),
             ns,
             ip: ip.parse().unwrap(),
+            ip6: ip6.parse().unwrap(),
             node: if remote { "node-b" } else { "node-a" },
         }
     }
 
-    /// Starts TCP and UDP servers on `port` in the pod (or any namespace holding `ip`).
+    /// Starts TCP and UDP servers on `port`, IPv4 and IPv6, in the pod (or any namespace holding
+    /// `ip`).
     pub fn serve(&mut self, pod: &Pod, port: u16) {
-        let name = pod.name.clone();
-        let stop = self.stop.clone();
-        let listener = in_ns(&pod.ns, move || {
-            TcpListener::bind(("0.0.0.0", port)).unwrap()
-        });
-        listener.set_nonblocking(true).unwrap();
-        let tcp_name = name.clone();
-        let tcp_stop = stop.clone();
-        self.servers.push(std::thread::spawn(move || {
-            while !tcp_stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.write_all(format!("{tcp_name} {peer} {port}\n").as_bytes());
+        for any in ["0.0.0.0", "::"] {
+            let name = pod.name.clone();
+            let stop = self.stop.clone();
+            let listener = in_ns(&pod.ns, move || TcpListener::bind((any, port)).unwrap());
+            listener.set_nonblocking(true).unwrap();
+            let tcp_name = name.clone();
+            let tcp_stop = stop.clone();
+            self.servers.push(std::thread::spawn(move || {
+                while !tcp_stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, peer)) => {
+                            let _ = s.write_all(format!("{tcp_name} {peer} {port}\n").as_bytes());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
+                }
+            }));
+            let sock = in_ns(&pod.ns, move || UdpSocket::bind((any, port)).unwrap());
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            self.servers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(format!("{name} {peer} {port}\n").as_bytes(), peer);
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
-            }
-        }));
-        let sock = in_ns(&pod.ns, move || UdpSocket::bind(("0.0.0.0", port)).unwrap());
-        sock.set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        self.servers.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{name} {peer} {port}\n").as_bytes(), peer);
-                }
-            }
-        }));
+            }));
+        }
     }
 }
 
