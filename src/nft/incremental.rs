@@ -26,7 +26,7 @@ use crate::conntrack::{StaleFlows, stale_udp};
 use crate::model::{EndpointSlice, ObjectRef, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyError, ApplyReport, DiffParts, NftCommand, SyncKind, diff};
 use crate::nft::render::{self, Fragment, Lane};
-use crate::nft::syntax::{Element, Family, Ruleset, Table, Value};
+use crate::nft::syntax::{Element, Family, Ruleset, Value};
 use crate::plan::{
     ClusterIpMasquerade, Destination, FamilyContext, FamilyPlan, FamilyRefs, NodePortMatch, Plan,
     ServicePart, plan_counted, plan_service,
@@ -99,14 +99,6 @@ impl Incremental {
     /// The plan of the last snapshot applied.
     pub fn plan(&self) -> Option<&Plan> {
         self.state.as_ref().map(|s| &s.plan)
-    }
-
-    /// The ruleset the kernel holds, if the last apply succeeded.
-    pub fn ruleset(&self) -> Option<&Ruleset> {
-        self.state
-            .as_ref()
-            .filter(|_| self.in_sync)
-            .map(|s| &s.ruleset)
     }
 
     /// Makes the kernel hold the ruleset of `snapshot`.
@@ -188,24 +180,25 @@ impl Incremental {
                     .as_ref()
                     .and_then(|old| ruleset.refresh_script(&old.ruleset));
                 let t = Instant::now();
-                let (script, because) = match refresh {
-                    Some(script) => match self.nft.run_script(&script) {
-                        Ok(()) => (script, format!("{because}; refreshed in place")),
+                let refreshed = match &refresh {
+                    Some(script) => match self.nft.run_script(script) {
+                        Ok(()) => true,
                         Err(e) => {
                             tracing::info!(
                                 "cannot refresh the tables in place, replacing them: {e}"
                             );
-                            let script = ruleset.script();
-                            (script, because)
+                            false
                         }
                     },
-                    None => (ruleset.script(), because),
+                    None => false,
                 };
-                let replace = !because.ends_with("refreshed in place");
-                let run = if replace {
-                    self.nft.run_script(&script)
-                } else {
-                    Ok(())
+                let (script, because, run) = match refresh.filter(|_| refreshed) {
+                    Some(script) => (script, format!("{because}; refreshed in place"), Ok(())),
+                    None => {
+                        let script = ruleset.script();
+                        let run = self.nft.run_script(&script);
+                        (script, because, run)
+                    }
                 };
                 run.map(|()| ApplyReport {
                     kind: SyncKind::Full,
@@ -770,18 +763,10 @@ fn lane_chains(
     }
 }
 
-/// A table with its sets and chains in name order: the patched ruleset holds the same things
-/// as a fresh render, not always in the same order.
-pub fn canonical(table: &Table) -> Table {
-    let mut t = table.clone();
-    t.sets.sort_by(|a, b| a.name.cmp(&b.name));
-    t.chains.sort_by(|a, b| a.name.cmp(&b.name));
-    t
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::syntax::Table;
     use crate::synthetic;
 
     /// Runs the delta path without nft: patches the state as a successful apply would.
@@ -803,6 +788,15 @@ mod tests {
             lanes,
             ruleset,
         }
+    }
+
+    /// A table with its sets and chains in name order: the patched ruleset holds the same things
+    /// as a fresh render, not always in the same order.
+    fn canonical(table: &Table) -> Table {
+        let mut t = table.clone();
+        t.sets.sort_by(|a, b| a.name.cmp(&b.name));
+        t.chains.sort_by(|a, b| a.name.cmp(&b.name));
+        t
     }
 
     fn assert_same(patched: &State, config: &ProxyConfig) {
