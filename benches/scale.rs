@@ -196,6 +196,19 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// `nft -f FILE` in namespace `ns`, with no svcproxy code around it: how long, and whether nft
+/// accepted it.
+fn nft_file(ns: &str, file: &std::path::Path) -> (Duration, bool) {
+    let t = Instant::now();
+    let ok = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f"])
+        .arg(file)
+        .status()
+        .unwrap()
+        .success();
+    (t.elapsed(), ok)
+}
+
 fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
     let ns = Netns::new();
     let config = ProxyConfig::default();
@@ -218,14 +231,8 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
         full.push(t.elapsed());
         std::fs::write(&dir, &script).unwrap();
         svcproxy::nft::apply::cleanup(&nft, &[("ip", "svcproxy"), ("ip6", "svcproxy")]).unwrap();
-        let t = Instant::now();
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "nft", "-f"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        floor.push(t.elapsed());
+        let (took, ok) = nft_file(&ns.0, &dir);
+        floor.push(took);
         assert!(ok);
     }
     // The periodic full resync of a running agent: every rule and element written anew, in
@@ -262,14 +269,7 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
         let script = kube_proxy_layout(snapshot);
         std::fs::write(&dir, &script).unwrap();
         svcproxy::nft::apply::cleanup(&nft, &[("ip", "svcproxy"), ("ip6", "svcproxy")]).unwrap();
-        let t = Instant::now();
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "nft", "-f"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        let kp = t.elapsed();
+        let (kp, ok) = nft_file(&ns.0, &dir);
         assert!(ok, "the kube-proxy layout did not load");
         let _ = Command::new("ip")
             .args([
