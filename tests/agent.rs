@@ -16,12 +16,10 @@ use svcproxy::conntrack::Conntrack;
 use svcproxy::nft::apply::{NftCommand, SyncKind};
 use tokio::sync::{mpsc, watch};
 
-/// A network namespace for the agent's rules, deleted on drop.
-/// A namespace for one agent test (skips outside CI without root and nft).
+/// A network namespace for one agent test's rules, deleted on drop.
 fn agent_netns(tag: &str) -> Option<Netns> {
     if !common::have_nft() || !common::can_unshare_net() {
-        common::skip_or_fail("the agent tests need root and nft");
-        return None;
+        common::cannot_run("the agent tests need root and nft");
     }
     Some(Netns::add(format!("sp{}-agent-{tag}", std::process::id())))
 }
@@ -126,6 +124,10 @@ async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 const SECOND: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn rules_appear_only_after_both_lists_and_follow_changes() {
     let Some(ns) = agent_netns("follow") else {
         return;
@@ -184,6 +186,10 @@ async fn rules_appear_only_after_both_lists_and_follow_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
     let Some(ns) = agent_netns("outage") else {
         return;
@@ -227,6 +233,10 @@ async fn an_outage_keeps_the_rules_and_a_relist_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn a_burst_of_changes_is_coalesced() {
     let Some(ns) = agent_netns("burst") else {
         return;
@@ -287,6 +297,10 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn health_metrics_and_health_check_node_ports() {
     let Some(ns) = agent_netns("health") else {
         return;
@@ -378,6 +392,10 @@ async fn health_metrics_and_health_check_node_ports() {
 /// End to end: the agent against the apiserver, its rules in a node namespace with real pods,
 /// a client connecting through a Service while the Service's EndpointSlice changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn traffic_follows_endpoint_slice_changes() {
     use common::netns::{Pod, World, tcp};
     let Some(mut w) = World::new() else { return };
@@ -496,6 +514,10 @@ async fn dump_reads_the_cluster_once() {
 
 /// A full resync every sync period repairs drift: someone deleting svcproxy's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn the_periodic_full_sync_repairs_drift() {
     let Some(ns) = agent_netns("drift") else {
         return;
@@ -536,6 +558,10 @@ async fn the_periodic_full_sync_repairs_drift() {
 /// namespace. It tells systemd READY only once its first ruleset is in the kernel, logs JSON,
 /// and SIGTERM stops it and leaves the rules in place.
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
     let Some(ns) = agent_netns("binary") else {
         return;
@@ -663,6 +689,10 @@ fn the_binary_runs_until_sigterm_and_leaves_the_rules() {
 /// answers at once, a removed one stops, one outside `--nodeport-addresses` never answers; with
 /// `primary`, the Node object's address (changed through the apiserver) is the one that answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn node_ports_follow_the_node_addresses() {
     use common::netns::{World, sh, tcp};
     use svcproxy::model::NodePortAddresses;
@@ -797,6 +827,10 @@ async fn node_ports_follow_the_node_addresses() {
 /// The agent in the iptables mode (`--proxy-mode iptables`): partial syncs follow changes, and
 /// the periodic full sync repairs a flushed chain and a deleted jump rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn iptables_mode_follows_changes_and_repairs_drift() {
     use svcproxy::iptables::{IptablesCommand, Variant};
     let Some(ns) = agent_netns("iptables") else {
@@ -807,7 +841,7 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
         .output()
         .is_err()
     {
-        return common::skip_or_fail("iptables-legacy is not installed");
+        common::cannot_run("iptables-legacy is not installed");
     }
     let sh = |args: &[&str]| {
         let out = Command::new("ip")

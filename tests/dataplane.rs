@@ -76,16 +76,19 @@ macro_rules! on_every_backend {
             use super::*;
 
             #[test]
+            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
             fn nftables() {
                 run(Mode::Nftables, super::$name);
             }
 
             #[test]
+            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
             fn iptables_legacy() {
                 run(Mode::Iptables(Variant::Legacy), super::$name);
             }
 
             #[test]
+            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
             fn iptables_nft() {
                 run(Mode::Iptables(Variant::Nft), super::$name);
             }
@@ -93,11 +96,10 @@ macro_rules! on_every_backend {
     )*};
 }
 
-/// Builds the world for `mode` and runs the scenario (or skips, loudly, outside CI).
+/// Builds the world for `mode` and runs the scenario.
 fn run(mode: Mode, scenario: fn(Proxy)) {
     if !have_tools(mode) {
-        common::skip_or_fail(&format!("{mode:?} needs its iptables programs"));
-        return;
+        common::cannot_run(&format!("{mode:?} needs its iptables programs"));
     }
     if let Some(p) = Proxy::new(mode) {
         scenario(p);
@@ -550,18 +552,14 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
         "{clusterIP: 10.96.0.71, ports: [{port: 80, targetPort: 8080}]}",
     ) + &slice("one-port-1", "one-port", "[{port: 8080}]", &[(&a1, READY)]);
     p.apply(&yaml);
+    // "At once" without a clock: a refusal is an answer (a TCP reset, or ICMP unreachable),
+    // where a dropped SYN would only time out; the deadline is generous and never reached.
     let refused_fast = |ns: &str, to: SocketAddr| {
-        let start = Instant::now();
-        let e = tcp(ns, to, Duration::from_secs(3)).unwrap_err();
-        let took = start.elapsed();
+        let e = tcp(ns, to, Duration::from_secs(20)).unwrap_err();
         assert_eq!(
             e.kind(),
             io::ErrorKind::ConnectionRefused,
             "{to} from {ns}: {e:?}"
-        );
-        assert!(
-            took < Duration::from_secs(1),
-            "{to}: refused only after {took:?}"
         );
     };
     refused_fast(&c.ns, sa("10.96.0.70:80"));
@@ -937,10 +935,14 @@ fn switching_modes_removes_the_other_modes_rules(mut p: Proxy) {
 /// `--iptables-variant auto` in a namespace: the kubelet's marker chain wins, else the variant
 /// holding more rules.
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn variant_detection_follows_what_the_node_uses() {
     use svcproxy::iptables::detect;
     if !have_tools(Mode::Iptables(Variant::Legacy)) || !have_tools(Mode::Iptables(Variant::Nft)) {
-        return common::skip_or_fail("variant detection needs both iptables variants");
+        common::cannot_run("variant detection needs both iptables variants");
     }
     let Some(p) = Proxy::new(Mode::Nftables) else {
         return;

@@ -541,23 +541,8 @@ fn check_proxy_config(text: &str, kubeconfig: &str, origin: &str) {
     }
 }
 
-/// Whether this build of svcproxy has `svcproxy config check`.
-fn config_check_available() -> bool {
-    let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
-        .arg("--help")
-        .output()
-        .expect("svcproxy --help");
-    let help = String::from_utf8_lossy(&out.stdout);
-    help.lines()
-        .any(|l| l.starts_with("  ") && l.split_whitespace().next() == Some("config"))
-}
-
-/// `svcproxy config check FILE` accepts the file (when that command exists yet).
+/// `svcproxy config check FILE` accepts the file.
 fn config_check(path: &Path, origin: &str) {
-    if !config_check_available() {
-        println!("SKIPPED: svcproxy config check not built yet");
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
         .args(["config", "check"])
         .arg(path)

@@ -79,12 +79,16 @@ fn golden_all_examples_nft_and_json() {
 }
 
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn nft_accepts_every_example() {
     if !have_nft() {
-        return skip_or_fail("nft is not installed: the rulesets were not checked with `nft -c`");
+        cannot_run("nft is not installed: the rulesets were not checked with `nft -c`");
     }
     if !can_unshare_net() {
-        return skip_or_fail("cannot create a network namespace for `nft -c` (not root?)");
+        cannot_run("cannot create a network namespace for `nft -c` (not root?)");
     }
     let mut inputs: Vec<Vec<String>> = example_files().into_iter().map(|f| vec![f]).collect();
     inputs.push(vec![examples_dir().display().to_string()]);
@@ -216,9 +220,13 @@ fn bad_flags_are_refused_with_the_value() {
 /// namespace, list it back as JSON with nft, and compare what each holds (chains and their rule
 /// counts, sets and their element counts).
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn json_output_lists_what_nft_lists() {
     if !have_nft() || !can_unshare_net() {
-        return skip_or_fail("nft or network namespaces unavailable: JSON not compared with nft's");
+        cannot_run("nft or network namespaces unavailable: JSON not compared with nft's");
     }
     let dir = examples_dir().display().to_string();
     let args = [
@@ -366,9 +374,13 @@ fn restore_inputs(dump: &str) -> Vec<(String, String)> {
 /// iptables-restore (both variants, both families) loads what the dry-run prints, for every
 /// example and several flag sets, in a private network namespace.
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn iptables_restore_loads_every_example() {
     if !can_unshare_net() {
-        return skip_or_fail("cannot create a network namespace for iptables-restore (not root?)");
+        cannot_run("cannot create a network namespace for iptables-restore (not root?)");
     }
     for v in ["legacy", "nft"] {
         if Command::new(format!("iptables-{v}-restore"))
@@ -376,7 +388,7 @@ fn iptables_restore_loads_every_example() {
             .output()
             .is_err()
         {
-            return skip_or_fail(&format!("iptables-{v}-restore is not installed"));
+            cannot_run(&format!("iptables-{v}-restore is not installed"));
         }
     }
     let tmp = tempfile::tempdir().unwrap();

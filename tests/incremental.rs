@@ -77,10 +77,13 @@ fn slice_of(s: &mut Snapshot, i: usize) -> &mut EndpointSlice {
 }
 
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn one_service_changes_leave_what_a_full_apply_gives() {
     if !common::can_unshare_net() || !common::have_nft() {
-        common::skip_or_fail("needs root and nft");
-        return;
+        common::cannot_run("needs root and nft");
     }
     let config = ProxyConfig {
         cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
@@ -202,10 +205,13 @@ fn nft(ns: &str, args: &[&str]) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
     if !common::can_unshare_net() || !common::have_nft() {
-        common::skip_or_fail("needs root and nft");
-        return;
+        common::cannot_run("needs root and nft");
     }
     let ns = netns("r");
     let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), ProxyConfig::default());

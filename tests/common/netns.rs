@@ -169,15 +169,14 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the node, the remote node and the client. `None` (after a loud skip, or a failure
-    /// in CI) when this process cannot create namespaces.
+    /// Builds the node, the remote node and the client; fails the test when this process
+    /// cannot create namespaces.
     pub fn new() -> Option<World> {
         if !super::can_unshare_net()
             || !super::have_nft()
             || Command::new("ip").arg("-V").output().is_err()
         {
-            super::skip_or_fail("real-packet tests need root, iproute2 and nft");
-            return None;
+            super::cannot_run("real-packet tests need root, iproute2 and nft");
         }
         let n = WORLDS.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("sp{}-{n}", std::process::id());

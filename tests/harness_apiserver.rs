@@ -1,3 +1,6 @@
+//! The test harness's own tests, not svcproxy's: the in-process apiserver that tests/agent.rs
+//! uses must speak the Kubernetes list/watch protocol faithfully, so it is checked here on its own.
+//!
 //! The fake apiserver (tests/common/apiserver.rs) against the real kube-rs
 //! client: response shapes compared with responses recorded from a real
 //! kube-apiserver (tests/fixtures/apiserver), and kube-runtime's watcher and
@@ -25,8 +28,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-/// Bound for every wait on the client.
-const T: Duration = Duration::from_secs(5);
+/// Bound for every wait on the client: generous, never reached when the harness works.
+const T: Duration = Duration::from_secs(20);
 
 macro_rules! fixture {
     ($name:literal) => {
@@ -402,8 +405,8 @@ async fn compacted_lists_and_watches_get_410() {
         .unwrap_err();
     assert_eq!(api_status(err).0, 410);
 
-    // Watch from a compacted RV: HTTP 200 and one ERROR event, then the end.
-    let started = Instant::now();
+    // Watch from a compacted RV: HTTP 200 and one ERROR event, then the end (the server closes
+    // the stream itself, long before the request's 75 s timeout or our deadline).
     let raw = fake
         .raw_get(
             &format!("/api/v1/services?watch=1&resourceVersion={old}&allowWatchBookmarks=true&timeoutSeconds=75"),
@@ -411,7 +414,7 @@ async fn compacted_lists_and_watches_get_410() {
         )
         .await;
     assert_eq!(raw.status, 200);
-    assert!(raw.closed && raw.chunked_end && started.elapsed() < Duration::from_secs(2));
+    assert!(raw.closed && raw.chunked_end);
     assert_eq!(raw.lines(), fixture_lines!("watch-services-410.jsonl"));
     let raw = fake
         .raw_get(
@@ -543,10 +546,10 @@ async fn watch_stream_matches_recorded_shape() {
             raw.closed && raw.chunked_end,
             "the server ends the watch cleanly"
         );
-        assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-            "{took:?}"
-        );
+        // The server honours timeoutSeconds=1: it ends the watch itself (`closed` above, well
+        // before our deadline T) and not before the second is up. Only a lower bound: a slow
+        // machine cannot make it fail.
+        assert!(took >= Duration::from_millis(900), "{took:?}");
 
         let lines = raw.lines();
         let n = rvs.len();
