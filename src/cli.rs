@@ -527,7 +527,7 @@ pub async fn fetch_cluster(
         .list(&ListParams::default())
         .await?
     {
-        if let Err(e) = converted.add_service(&svc) {
+        for e in converted.add_service(&svc) {
             tracing::warn!("skipped: {e}");
         }
     }
@@ -535,7 +535,7 @@ pub async fn fetch_cluster(
         .list(&ListParams::default())
         .await?
     {
-        if let Err(e) = converted.add_slice(&slice) {
+        for e in converted.add_slice(&slice) {
             tracing::warn!("skipped: {e}");
         }
     }

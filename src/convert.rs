@@ -1,13 +1,20 @@
 //! From Kubernetes API objects (k8s-openapi types) to the proxy's model, validating as we go.
 //!
 //! This is the only place that reads k8s-openapi types. Every problem is reported as a
-//! [`Rejected`] naming the object and the field, and costs only that object: the caller keeps
-//! everything else. Objects the proxy deliberately leaves alone (headless and ExternalName
-//! Services, Services owned by another proxy, FQDN slices) are not errors: they convert to `None`.
+//! [`Rejected`] naming the object and the field. A bad element (one external IP, one port, one
+//! endpoint, one ingress IP) costs only itself: it is left out and listed in
+//! [`Usable::skipped`], and the rest of the object is used, as kube-proxy does. Only what leaves
+//! nothing to program (no usable cluster IP, no usable port, an unknown Service type or address
+//! type) costs the whole object, and never anything beyond it. Objects the proxy deliberately
+//! leaves alone (headless and ExternalName Services, Services owned by another proxy, FQDN
+//! slices) are not errors: they convert to `None`.
+//!
+//! Addresses are parsed as kube-proxy parses them (`k8s.io/utils/net`'s `ParseIPSloppy`): an
+//! IPv4 octet with leading zeros, which the apiserver accepted for years, is read as decimal.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -61,6 +68,74 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// A converted object, and the elements of it that were left out (each named, for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usable<T> {
+    pub object: T,
+    pub skipped: Vec<Rejected>,
+}
+
+/// What converting one object gives: the model object (with what was left out of it), nothing
+/// (not svcproxy's business), or why the whole object cannot be used.
+pub type ConvertResult<T> = Result<Option<Usable<T>>, Rejected>;
+
+/// Parses an IP address as kube-proxy does (`k8s.io/utils/net.ParseIPSloppy`, Go's parser from
+/// before 1.17): IPv4 octets may carry leading zeros and are read as decimal
+/// (`192.168.064.100` is 192.168.64.100), also in an IPv6 address's trailing IPv4 part. An
+/// IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is the IPv4 address, as Go's `To4` has it.
+pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    match text.rsplit_once(':') {
+        // IPv6 with a trailing dotted quad: rewrite the quad without its zeros and try again.
+        Some((head, tail)) if tail.contains('.') => format!("{head}:{}", sloppy_ipv4(tail)?)
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| ip.to_canonical()),
+        Some(_) => None,
+        None => sloppy_ipv4(text).map(IpAddr::V4),
+    }
+}
+
+/// A non-empty run of decimal digits, leading zeros allowed (Go's `dtoi`).
+fn decimal(digits: &str) -> Option<u32> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.bytes().try_fold(0u32, |n, b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u32::from(d))
+    })
+}
+
+/// Four dot-separated decimal numbers up to 255, any of them with leading zeros.
+fn sloppy_ipv4(text: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for octet in &mut octets {
+        *octet = u8::try_from(decimal(parts.next()?)?).ok()?;
+    }
+    parts.next().is_none().then(|| Ipv4Addr::from(octets))
+}
+
+/// Parses a CIDR as kube-proxy does (`ParseCIDRSloppy`): the address as [`parse_ip`] reads it
+/// (but an IPv4-mapped address stays IPv6, as in Go), a decimal prefix length. Host bits may be
+/// set (callers truncate).
+pub fn parse_cidr(text: &str) -> Option<IpNet> {
+    let (addr, prefix) = text.split_once('/')?;
+    let prefix = u8::try_from(decimal(prefix)?).ok()?;
+    let ip = match addr.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if addr.contains(':') => {
+            let (head, tail) = addr.rsplit_once(':')?;
+            format!("{head}:{}", sloppy_ipv4(tail)?).parse().ok()?
+        }
+        Err(_) => IpAddr::V4(sloppy_ipv4(addr)?),
+    };
+    IpNet::new(ip, prefix).ok()
+}
+
 struct Ctx<'a> {
     kind: ObjectKind,
     object: &'a str,
@@ -77,9 +152,8 @@ impl Ctx<'_> {
     }
 
     fn ip(&self, field: impl Into<String>, text: &str) -> Result<IpAddr, Rejected> {
-        text.trim()
-            .parse::<IpAddr>()
-            .map_err(|_| self.err(field, format!("{text:?} is not an IP address")))
+        parse_ip(text.trim())
+            .ok_or_else(|| self.err(field, format!("{text:?} is not an IP address")))
     }
 
     fn port(&self, field: impl Into<String>, value: i32) -> Result<u16, Rejected> {
@@ -105,14 +179,24 @@ impl Ctx<'_> {
         }
     }
 
-    fn policy(&self, field: &str, value: Option<&str>) -> Result<TrafficPolicy, Rejected> {
+    /// An unknown policy reads as kube-proxy reads it, `Cluster` (only "Local" is Local), and
+    /// is reported.
+    fn policy(
+        &self,
+        field: &str,
+        value: Option<&str>,
+        skipped: &mut Vec<Rejected>,
+    ) -> TrafficPolicy {
         match value {
-            None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
-            Some("Local") => Ok(TrafficPolicy::Local),
-            Some(other) => Err(self.err(
-                field,
-                format!("unknown traffic policy {other:?} (expected Cluster or Local)"),
-            )),
+            None | Some("Cluster") => TrafficPolicy::Cluster,
+            Some("Local") => TrafficPolicy::Local,
+            Some(other) => {
+                skipped.push(self.err(
+                    field,
+                    format!("unknown traffic policy {other:?} (expected Cluster or Local); Cluster is used"),
+                ));
+                TrafficPolicy::Cluster
+            }
         }
     }
 }
@@ -132,7 +216,13 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 }
 
 /// Converts a Service. `Ok(None)`: a Service that gets no rules by design.
-pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
+///
+/// What kube-proxy does with each field decides what a bad value costs: a bad external IP,
+/// ingress IP, port, node port or health check port is left out (kube-proxy's per-port and
+/// per-IP handling drops it too); an unknown traffic policy or session affinity reads as
+/// kube-proxy reads it (`Cluster`, no affinity); only a Service left with no cluster IP or no
+/// port is rejected whole.
+pub fn service(svc: &core::Service) -> ConvertResult<Service> {
     let Some(id) = object_ref(&svc.metadata) else {
         return Err(Rejected {
             kind: ObjectKind::Service,
@@ -158,6 +248,7 @@ pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
         other => return Err(cx.err("spec.type", format!("unknown Service type {other:?}"))),
     }
+    let mut skipped = Vec::new();
 
     // clusterIPs is authoritative when set; clusterIP is its first element for older clients.
     let (ip_field, ip_texts): (&str, Vec<&str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -170,6 +261,7 @@ pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
     if ip_texts.contains(&"None") {
         return Ok(None); // headless: DNS points straight at the pods
     }
+    // One cluster IP per family; a bad one costs its family only.
     let mut cluster_ips: Vec<IpAddr> = Vec::new();
     for (i, text) in ip_texts.iter().enumerate() {
         let field = if ip_field == "spec.clusterIPs" {
@@ -177,51 +269,81 @@ pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
         } else {
             ip_field.to_string()
         };
-        let ip = cx.ip(&field, text)?;
-        if cluster_ips
-            .iter()
-            .any(|other| IpFamily::of(other) == IpFamily::of(&ip))
-        {
-            return Err(cx.err(field, "two cluster IPs of the same family"));
+        match cx.ip(&field, text) {
+            Ok(ip)
+                if cluster_ips
+                    .iter()
+                    .any(|other| IpFamily::of(other) == IpFamily::of(&ip)) =>
+            {
+                skipped.push(cx.err(field, format!("{ip}: a second cluster IP of its family")));
+            }
+            Ok(ip) => cluster_ips.push(ip),
+            Err(e) => skipped.push(e),
         }
-        cluster_ips.push(ip);
+    }
+    if cluster_ips.is_empty() {
+        // Nothing to program: the (only) reason is the object's rejection.
+        return Err(skipped.remove(0));
     }
 
     let exposes_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
     let mut ports = Vec::new();
+    let mut port_problems = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let protocol = cx.protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref())?;
-        let port = cx.port(format!("spec.ports[{i}].port"), p.port)?;
-        let node_port = match p.node_port {
-            Some(np) if np != 0 && exposes_node_ports => {
-                Some(cx.port(format!("spec.ports[{i}].nodePort"), np)?)
+        let port = cx
+            .protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref())
+            .and_then(|protocol| Ok((protocol, cx.port(format!("spec.ports[{i}].port"), p.port)?)));
+        let (protocol, port) = match port {
+            Ok(pp) => pp,
+            Err(e) => {
+                port_problems.push(e);
+                continue;
             }
-            _ => None,
         };
-        let name = p.name.clone().unwrap_or_default();
         if ports
             .iter()
             .any(|q: &ServicePort| q.port == port && q.protocol == protocol)
         {
-            return Err(cx.err(
+            port_problems.push(cx.err(
                 format!("spec.ports[{i}]"),
                 format!("duplicate port {port}/{protocol}"),
             ));
+            continue;
         }
+        let node_port = match p.node_port {
+            Some(np) if np != 0 && exposes_node_ports => {
+                match cx.port(format!("spec.ports[{i}].nodePort"), np) {
+                    Ok(np) => Some(np),
+                    Err(e) => {
+                        skipped.push(e);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         ports.push(ServicePort {
-            name,
+            name: p.name.clone().unwrap_or_default(),
             protocol,
             port,
             node_port,
         });
     }
     if ports.is_empty() {
-        return Err(cx.err("spec.ports", "no ports"));
+        return Err(if port_problems.is_empty() {
+            cx.err("spec.ports", "no ports")
+        } else {
+            port_problems.remove(0)
+        });
     }
+    skipped.append(&mut port_problems);
 
     let mut external_ips = Vec::new();
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
-        external_ips.push(cx.ip(format!("spec.externalIPs[{i}]"), text)?);
+        match cx.ip(format!("spec.externalIPs[{i}]"), text) {
+            Ok(ip) => external_ips.push(ip),
+            Err(e) => skipped.push(e),
+        }
     }
 
     let mut load_balancer_ips = Vec::new();
@@ -238,8 +360,10 @@ pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
                 continue;
             }
             if let Some(text) = ing.ip.as_deref().filter(|t| !t.is_empty()) {
-                load_balancer_ips
-                    .push(cx.ip(format!("status.loadBalancer.ingress[{i}].ip"), text)?);
+                match cx.ip(format!("status.loadBalancer.ingress[{i}].ip"), text) {
+                    Ok(ip) => load_balancer_ips.push(ip),
+                    Err(e) => skipped.push(e),
+                }
             }
         }
     }
@@ -256,54 +380,78 @@ pub fn service(svc: &core::Service) -> Result<Option<Service>, Rejected> {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT),
                 Some(t) if t >= 1 && t as i64 <= MAX_AFFINITY_TIMEOUT as i64 => Some(t as u32),
                 Some(t) => {
-                    return Err(cx.err(
+                    skipped.push(cx.err(
                         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        format!("{t} is out of range (1-{MAX_AFFINITY_TIMEOUT})"),
+                        format!(
+                            "{t} is out of range (1-{MAX_AFFINITY_TIMEOUT}); \
+                             the default {DEFAULT_AFFINITY_TIMEOUT} is used"
+                        ),
                     ));
+                    Some(DEFAULT_AFFINITY_TIMEOUT)
                 }
             }
         }
         Some(other) => {
-            return Err(cx.err(
+            // kube-proxy: anything but ClientIP is no affinity.
+            skipped.push(cx.err(
                 "spec.sessionAffinity",
-                format!("unknown session affinity {other:?} (expected None or ClientIP)"),
+                format!(
+                    "unknown session affinity {other:?} (expected None or ClientIP); none is used"
+                ),
             ));
+            None
         }
     };
 
     let external_policy = cx.policy(
         "spec.externalTrafficPolicy",
         spec.external_traffic_policy.as_deref(),
-    )?;
+        &mut skipped,
+    );
     let internal_policy = cx.policy(
         "spec.internalTrafficPolicy",
         spec.internal_traffic_policy.as_deref(),
-    )?;
+        &mut skipped,
+    );
     let health_check_node_port = match spec.health_check_node_port {
         Some(p)
             if p != 0 && svc_type == "LoadBalancer" && external_policy == TrafficPolicy::Local =>
         {
-            Some(cx.port("spec.healthCheckNodePort", p)?)
+            match cx.port("spec.healthCheckNodePort", p) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    skipped.push(e);
+                    None
+                }
+            }
         }
         _ => None,
     };
 
-    Ok(Some(Service {
-        id,
-        cluster_ips,
-        ports,
-        external_ips,
-        load_balancer_ips,
-        affinity_timeout,
-        external_policy,
-        internal_policy,
-        health_check_node_port,
+    Ok(Some(Usable {
+        object: Service {
+            id,
+            cluster_ips,
+            ports,
+            external_ips,
+            load_balancer_ips,
+            affinity_timeout,
+            external_policy,
+            internal_policy,
+            health_check_node_port,
+        },
+        skipped,
     }))
 }
 
 /// Converts an EndpointSlice. `Ok(None)`: a slice the proxy does not use (FQDN, or no owning
 /// Service label).
-pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<EndpointSlice>, Rejected> {
+///
+/// As in kube-proxy's EndpointSliceCache, a bad port or endpoint is left out and the rest of
+/// the slice is used: an endpoint without addresses, or whose first address is not an address
+/// of the slice's family; a port without a number. Only the first address of an endpoint is
+/// read (the API documents the others as unused; kube-proxy ignores them too).
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> ConvertResult<EndpointSlice> {
     let Some(id) = object_ref(&slice.metadata) else {
         return Err(Rejected {
             kind: ObjectKind::EndpointSlice,
@@ -332,43 +480,57 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<Endpoin
     else {
         return Ok(None);
     };
+    let mut skipped = Vec::new();
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let protocol = cx.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref())?;
         // A port without a number means "all ports", which a proxy cannot use.
-        let Some(number) = p.port else { continue };
-        let port = cx.port(format!("ports[{i}].port"), number)?;
-        ports.push(EndpointPort {
-            name: p.name.clone().unwrap_or_default(),
-            protocol,
-            port,
-        });
+        let Some(number) = p.port else {
+            skipped.push(cx.err(
+                format!("ports[{i}].port"),
+                "no port number (\"all ports\"), which a proxy cannot use",
+            ));
+            continue;
+        };
+        let port = cx
+            .protocol(format!("ports[{i}].protocol"), p.protocol.as_deref())
+            .and_then(|protocol| Ok((protocol, cx.port(format!("ports[{i}].port"), number)?)));
+        match port {
+            Ok((protocol, port)) => ports.push(EndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                port,
+            }),
+            Err(e) => skipped.push(e),
+        }
     }
 
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        let mut first = None;
-        for (j, text) in ep.addresses.iter().enumerate() {
-            let field = format!("endpoints[{i}].addresses[{j}]");
-            let addr = cx.ip(&field, text)?;
-            if IpFamily::of(&addr) != family {
-                return Err(cx.err(
+        let Some(text) = ep.addresses.first() else {
+            skipped.push(cx.err(format!("endpoints[{i}].addresses"), "empty"));
+            continue;
+        };
+        let field = format!("endpoints[{i}].addresses[0]");
+        let address = match cx.ip(&field, text) {
+            Ok(a) if IpFamily::of(&a) == family => a,
+            Ok(a) => {
+                skipped.push(cx.err(
                     field,
-                    format!("{addr} is not an {} address", slice.address_type),
+                    format!("{a} is not an {} address", slice.address_type),
                 ));
+                continue;
             }
-            first.get_or_insert(addr);
-        }
-        // Consumers use the first address only (the API documents the others as unused).
-        let Some(address) = first else {
-            return Err(cx.err(format!("endpoints[{i}].addresses"), "empty"));
+            Err(e) => {
+                skipped.push(e);
+                continue;
+            }
         };
         let conditions = ep.conditions.as_ref();
-        // Absent conditions follow the API's documented defaults: ready unless said otherwise,
-        // serving as ready, not terminating.
+        // Absent conditions read as kube-proxy reads them: ready and serving unless said
+        // otherwise, not terminating.
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         endpoints.push(Endpoint {
             address,
@@ -380,12 +542,15 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<Option<Endpoin
         });
     }
 
-    Ok(Some(EndpointSlice {
-        service: ObjectRef::new(id.namespace.clone(), service_name),
-        id,
-        family,
-        ports,
-        endpoints,
+    Ok(Some(Usable {
+        object: EndpointSlice {
+            service: ObjectRef::new(id.namespace.clone(), service_name),
+            id,
+            family,
+            ports,
+            endpoints,
+        },
+        skipped,
     }))
 }
 
@@ -424,9 +589,9 @@ pub fn node(node: &core::Node) -> (NodeInfo, Vec<Rejected>) {
             _ => ("", Vec::new()),
         };
         for (i, text) in cidrs.into_iter().enumerate() {
-            match text.parse::<IpNet>() {
-                Ok(net) => info.pod_cidrs.push(net.trunc()),
-                Err(_) => problems
+            match parse_cidr(text.trim()) {
+                Some(net) => info.pod_cidrs.push(net.trunc()),
+                None => problems
                     .push(cx.err(format!("{field}[{i}]"), format!("{text:?} is not a CIDR"))),
             }
         }
@@ -443,20 +608,29 @@ pub struct Converted {
 }
 
 impl Converted {
-    /// Adds a Service; `Err` names what made it unusable (nothing is added then).
-    pub fn add_service(&mut self, svc: &core::Service) -> Result<(), Rejected> {
-        if let Some(s) = service(svc)? {
-            self.services.insert(s.id.clone(), Arc::new(s));
+    /// Adds a Service; returns what was left out of it, or (alone) what made it unusable.
+    pub fn add_service(&mut self, svc: &core::Service) -> Vec<Rejected> {
+        match service(svc) {
+            Ok(Some(s)) => {
+                self.services
+                    .insert(s.object.id.clone(), Arc::new(s.object));
+                s.skipped
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => vec![e],
         }
-        Ok(())
     }
 
-    /// Adds an EndpointSlice; `Err` names what made it unusable (nothing is added then).
-    pub fn add_slice(&mut self, slice: &discovery::EndpointSlice) -> Result<(), Rejected> {
-        if let Some(s) = endpoint_slice(slice)? {
-            self.slices.insert(s.id.clone(), Arc::new(s));
+    /// Adds an EndpointSlice; returns what was left out of it, or (alone) what made it unusable.
+    pub fn add_slice(&mut self, slice: &discovery::EndpointSlice) -> Vec<Rejected> {
+        match endpoint_slice(slice) {
+            Ok(Some(s)) => {
+                self.slices.insert(s.object.id.clone(), Arc::new(s.object));
+                s.skipped
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => vec![e],
         }
-        Ok(())
     }
 
     /// Adds a Node; the problems are the fields left out of it.
@@ -472,12 +646,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn svc(v: serde_json::Value) -> Result<Option<Service>, Rejected> {
+    fn svc_full(v: serde_json::Value) -> ConvertResult<Service> {
         service(&serde_json::from_value(v).unwrap())
     }
 
-    fn slice(v: serde_json::Value) -> Result<Option<EndpointSlice>, Rejected> {
+    /// The Service, asserting nothing was left out of it.
+    fn svc(v: serde_json::Value) -> Result<Option<Service>, Rejected> {
+        svc_full(v).map(|o| {
+            o.map(|u| {
+                assert_eq!(u.skipped, vec![], "nothing skipped");
+                u.object
+            })
+        })
+    }
+
+    fn slice_full(v: serde_json::Value) -> ConvertResult<EndpointSlice> {
         endpoint_slice(&serde_json::from_value(v).unwrap())
+    }
+
+    fn fields(skipped: &[Rejected]) -> Vec<&str> {
+        skipped.iter().map(|r| r.field.as_str()).collect()
     }
 
     #[test]
@@ -507,7 +695,62 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_field() {
+    fn addresses_parse_as_kube_proxy_parses_them() {
+        let ip = |t: &str| parse_ip(t).map(|i| i.to_string());
+        assert_eq!(ip("192.168.064.100").as_deref(), Some("192.168.64.100"));
+        assert_eq!(
+            ip("010.000.0.01").as_deref(),
+            Some("10.0.0.1"),
+            "decimal, not octal"
+        );
+        assert_eq!(ip("::ffff:10.0.0.1").as_deref(), Some("10.0.0.1"));
+        assert_eq!(ip("fd00::010.1.2.3").as_deref(), Some("fd00::a01:203"));
+        assert_eq!(ip("fd00::1").as_deref(), Some("fd00::1"));
+        for bad in [
+            "10.0.0.256",
+            "10.0.0",
+            "10.0.0.1.2",
+            "10..0.1",
+            "10.0.0.-1",
+            "1.2.3.4/32",
+            "",
+            "x",
+            "10.0.0.1 ",
+            "fd00::1::2",
+            "0x10.0.0.1",
+            "00000000000000000000001.0.0.1",
+        ] {
+            assert_eq!(parse_ip(bad), None, "{bad:?}");
+        }
+        let net = |t: &str| parse_cidr(t).map(|n| n.to_string());
+        assert_eq!(net("10.244.001.0/024").as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(net("fd00:10:244::/56").as_deref(), Some("fd00:10:244::/56"));
+        assert_eq!(net("10.0.0.1/32").as_deref(), Some("10.0.0.1/32"));
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "fd00::/129",
+        ] {
+            assert_eq!(parse_cidr(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_leading_zero_cluster_ip_keeps_its_service() {
+        let s = svc(json!({"metadata": {"name": "a"},
+                           "spec": {"clusterIP": "192.168.064.100", "ports": [{"port": 80}]}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.cluster_ips,
+            vec!["192.168.64.100".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn what_rejects_a_whole_service() {
         let e = svc(json!({"metadata": {"name": "a", "namespace": "ns"},
                            "spec": {"clusterIP": "10.0.0.300", "ports": [{"port": 80}]}}))
         .unwrap_err();
@@ -516,39 +759,166 @@ mod tests {
             "Service ns/a: spec.clusterIP: \"10.0.0.300\" is not an IP address"
         );
         let e = svc(json!({"metadata": {"name": "a"},
-                           "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}, {"port": 70000}]}}))
-        .unwrap_err();
-        assert_eq!(e.field, "spec.ports[1].port");
-        let e = svc(json!({"metadata": {"name": "a"},
                            "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80, "protocol": "ICMP"}]}}))
         .unwrap_err();
-        assert_eq!(e.field, "spec.ports[0].protocol");
-        let e = slice(
+        assert_eq!(
+            e.field, "spec.ports[0].protocol",
+            "its only port is unusable"
+        );
+        let e =
+            svc(json!({"metadata": {"name": "a"}, "spec": {"clusterIP": "10.0.0.1"}})).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("spec.ports", "no ports")
+        );
+        let e = svc(json!({"metadata": {"name": "a"},
+                           "spec": {"type": "Magic", "clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.type");
+    }
+
+    #[test]
+    fn a_bad_element_costs_only_itself() {
+        let u = svc_full(json!({
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIPs": ["10.0.0.1", "fd00::zz"],
+                "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                          {"name": "b", "port": 70000},
+                          {"name": "c", "port": 81, "protocol": "ICMP"},
+                          {"name": "d", "port": 80},
+                          {"name": "e", "port": 82, "nodePort": 99999}],
+                "externalIPs": ["203.0.113.1", "bogus", "203.0.113.003"],
+                "externalTrafficPolicy": "Sideways",
+                "internalTrafficPolicy": "Local",
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}},
+                "healthCheckNodePort": 0
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.300"}, {"ip": "198.51.100.7"}]}}
+        }))
+        .unwrap()
+        .unwrap();
+        let s = &u.object;
+        assert_eq!(s.cluster_ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        let ports: Vec<(&str, u16, Option<u16>)> = s
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.node_port))
+            .collect();
+        assert_eq!(ports, [("a", 80, Some(30080)), ("e", 82, None)]);
+        assert_eq!(
+            s.external_ips,
+            [
+                "203.0.113.1".parse::<IpAddr>().unwrap(),
+                "203.0.113.3".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.load_balancer_ips,
+            ["198.51.100.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            s.external_policy,
+            TrafficPolicy::Cluster,
+            "kube-proxy: only Local is Local"
+        );
+        assert_eq!(s.internal_policy, TrafficPolicy::Local);
+        assert_eq!(s.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+        assert_eq!(
+            fields(&u.skipped),
+            [
+                "spec.clusterIPs[1]",
+                "spec.ports[4].nodePort",
+                "spec.ports[1].port",
+                "spec.ports[2].protocol",
+                "spec.ports[3]",
+                "spec.externalIPs[1]",
+                "status.loadBalancer.ingress[0].ip",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                "spec.externalTrafficPolicy",
+            ]
+        );
+        assert_eq!(
+            u.skipped[5].to_string(),
+            "Service ns/a: spec.externalIPs[1]: \"bogus\" is not an IP address"
+        );
+        let u = svc_full(json!({"metadata": {"name": "a"},
+            "spec": {"clusterIPs": ["10.0.0.1", "10.0.0.2"], "ports": [{"port": 80}],
+                     "sessionAffinity": "Sticky"}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.object.cluster_ips.len(), 1);
+        assert_eq!(u.object.affinity_timeout, None);
+        assert_eq!(
+            fields(&u.skipped),
+            ["spec.clusterIPs[1]", "spec.sessionAffinity"]
+        );
+    }
+
+    #[test]
+    fn slice_elements_are_skipped_alone() {
+        let e = slice_full(
             json!({"metadata": {"name": "s", "labels": {SERVICE_NAME_LABEL: "a"}},
-                             "addressType": "IPX", "endpoints": []}),
+                                  "addressType": "IPX", "endpoints": []}),
         )
         .unwrap_err();
         assert_eq!(e.field, "addressType");
-        let e = slice(
-            json!({"metadata": {"name": "s", "labels": {SERVICE_NAME_LABEL: "a"}},
-                             "addressType": "IPv4", "endpoints": [{"addresses": ["fd00::1"]}]}),
-        )
-        .unwrap_err();
-        assert_eq!(e.field, "endpoints[0].addresses[0]");
+        let u = slice_full(json!({
+            "metadata": {"name": "s", "namespace": "ns", "labels": {SERVICE_NAME_LABEL: "a"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}, {"name": "all"}, {"name": "z", "port": 0},
+                      {"name": "x", "port": 9090, "protocol": "ICMP"}],
+            "endpoints": [{"addresses": ["fd00::1"]},
+                          {"addresses": []},
+                          {"addresses": ["10.1.0.1", "not-read"]},
+                          {"addresses": ["10.1.0.bogus"]},
+                          {"addresses": ["10.001.0.2"]}]
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.object.ports.len(), 1);
+        let addrs: Vec<String> = u
+            .object
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.1.0.1", "10.1.0.2"]);
+        assert_eq!(
+            fields(&u.skipped),
+            [
+                "ports[1].port",
+                "ports[2].port",
+                "ports[3].protocol",
+                "endpoints[0].addresses[0]",
+                "endpoints[1].addresses",
+                "endpoints[3].addresses[0]",
+            ]
+        );
+        assert_eq!(
+            u.skipped[3].to_string(),
+            "EndpointSlice ns/s: endpoints[0].addresses[0]: fd00::1 is not an IPv4 address"
+        );
     }
 
     #[test]
     fn slice_condition_defaults() {
-        let s = slice(json!({"metadata": {"name": "s", "labels": {SERVICE_NAME_LABEL: "a"}},
+        let s = slice_full(json!({"metadata": {"name": "s", "labels": {SERVICE_NAME_LABEL: "a"}},
                              "addressType": "IPv4",
-                             "ports": [{"port": 8080}, {"name": "all"}],
+                             "ports": [{"port": 8080}],
                              "endpoints": [{"addresses": ["10.1.0.1"]},
-                                           {"addresses": ["10.1.0.2"], "conditions": {"ready": false}}]}))
+                                           {"addresses": ["10.1.0.2"], "conditions": {"ready": false}},
+                                           {"addresses": ["10.1.0.3"], "conditions": {"ready": false, "terminating": true}}]}))
         .unwrap()
         .unwrap();
-        assert_eq!(s.ports.len(), 1, "a port without a number is unusable");
+        assert_eq!(s.skipped, vec![]);
+        let s = s.object;
         assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
-        assert!(!s.endpoints[1].ready && !s.endpoints[1].serving);
+        // kube-proxy reads an unset `serving` as true, whatever `ready` says.
+        assert!(!s.endpoints[1].ready && s.endpoints[1].serving);
+        assert!(!s.endpoints[2].ready && s.endpoints[2].serving && s.endpoints[2].terminating);
         assert_eq!(s.service, ObjectRef::new("default", "a"));
     }
 
@@ -556,11 +926,11 @@ mod tests {
     fn node_addresses_primary_first() {
         let n: core::Node = serde_json::from_value(json!({
             "metadata": {"name": "n", "labels": {ZONE_LABEL: "z"}},
-            "spec": {"podCIDR": "10.244.1.0/24"},
+            "spec": {"podCIDR": "10.244.01.0/24"},
             "status": {"addresses": [
                 {"type": "ExternalIP", "address": "1.2.3.4"},
                 {"type": "Hostname", "address": "n"},
-                {"type": "InternalIP", "address": "192.168.0.2"},
+                {"type": "InternalIP", "address": "192.168.000.2"},
                 {"type": "InternalIP", "address": "bogus"}]}
         }))
         .unwrap();

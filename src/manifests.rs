@@ -382,10 +382,11 @@ fn convert_all(raw: Raw, loaded: &mut Loaded) {
     for ((ns, name), (value, path)) in raw.services {
         match typed::<core::Service>(value) {
             Ok(svc) => {
-                if let Err(rejected) = loaded.converted.add_service(&svc) {
-                    loaded
-                        .errors
-                        .push(ManifestError::Rejected { path, rejected });
+                for rejected in loaded.converted.add_service(&svc) {
+                    loaded.errors.push(ManifestError::Rejected {
+                        path: path.clone(),
+                        rejected,
+                    });
                 }
             }
             Err(m) => loaded.errors.push(typed_error(
@@ -399,10 +400,11 @@ fn convert_all(raw: Raw, loaded: &mut Loaded) {
     for ((ns, name), (value, path)) in raw.slices {
         match typed::<discovery::EndpointSlice>(value) {
             Ok(slice) => {
-                if let Err(rejected) = loaded.converted.add_slice(&slice) {
-                    loaded
-                        .errors
-                        .push(ManifestError::Rejected { path, rejected });
+                for rejected in loaded.converted.add_slice(&slice) {
+                    loaded.errors.push(ManifestError::Rejected {
+                        path: path.clone(),
+                        rejected,
+                    });
                 }
             }
             Err(m) => loaded.errors.push(typed_error(

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub sync_failures: Counter,
     pub conntrack_failures: Counter,
     pub invalid_objects: Family<Vec<(String, String)>, Gauge>,
+    /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
+    pub skipped_fields: Family<Vec<(String, String)>, Gauge>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -45,6 +47,7 @@ impl Metrics {
             sync_failures: Counter::default(),
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
+            skipped_fields: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -119,6 +122,11 @@ impl Metrics {
             "svcproxy_invalid_objects",
             "Objects skipped in the last sync because they are invalid, by kind",
             m.invalid_objects.clone(),
+        );
+        registry.register(
+            "svcproxy_skipped_fields",
+            "Fields (an address, a port, an endpoint) left out of objects that are otherwise used, in the last sync, by kind",
+            m.skipped_fields.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use kube::Resource;
 use kube::runtime::reflector::{self, Store};
 
+pub use crate::convert::ConvertResult;
 use crate::convert::Rejected;
 use crate::model::ObjectRef;
 
@@ -20,6 +21,8 @@ use crate::model::ObjectRef;
 pub struct Mirror<T> {
     pub objects: BTreeMap<ObjectRef, Arc<T>>,
     pub rejected: BTreeMap<ObjectRef, Rejected>,
+    /// What was left out of objects that are used (a bad address, port or endpoint).
+    pub skipped: BTreeMap<ObjectRef, Vec<Rejected>>,
 }
 
 impl<T> Default for Mirror<T> {
@@ -27,6 +30,7 @@ impl<T> Default for Mirror<T> {
         Mirror {
             objects: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            skipped: BTreeMap::new(),
         }
     }
 }
@@ -49,6 +53,7 @@ impl<T> Mirror<T> {
     {
         self.objects.clear();
         self.rejected.clear();
+        self.skipped.clear();
         for object in store.state() {
             self.set(key_of(&*object), convert(&object));
         }
@@ -71,6 +76,7 @@ impl<T> Mirror<T> {
                 None => {
                     self.objects.remove(key);
                     self.rejected.remove(key);
+                    self.skipped.remove(key);
                 }
             }
         }
@@ -79,9 +85,13 @@ impl<T> Mirror<T> {
     fn set(&mut self, key: ObjectRef, result: ConvertResult<T>) {
         self.objects.remove(&key);
         self.rejected.remove(&key);
+        self.skipped.remove(&key);
         match result {
-            Ok(Some(object)) => {
-                self.objects.insert(key, Arc::new(object));
+            Ok(Some(usable)) => {
+                if !usable.skipped.is_empty() {
+                    self.skipped.insert(key.clone(), usable.skipped);
+                }
+                self.objects.insert(key, Arc::new(usable.object));
             }
             // Not for svcproxy (headless, ExternalName, another proxy's): nothing to keep.
             Ok(None) => {}
@@ -91,9 +101,6 @@ impl<T> Mirror<T> {
         }
     }
 }
-
-/// What converting one object gives: the model object, nothing (not ours), or why not.
-pub type ConvertResult<T> = Result<Option<T>, Rejected>;
 
 #[cfg(test)]
 mod tests {

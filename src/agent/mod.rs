@@ -393,11 +393,20 @@ impl Syncer {
             );
         }
         self.primed = true;
-        let mut problems: Vec<Rejected> = self
+        // Whole objects that could not be used, then elements left out of used ones.
+        let problems: Vec<Rejected> = self
             .services
             .rejected
             .values()
             .chain(self.slices.rejected.values())
+            .cloned()
+            .collect();
+        let mut skipped: Vec<Rejected> = self
+            .services
+            .skipped
+            .values()
+            .chain(self.slices.skipped.values())
+            .flatten()
             .cloned()
             .collect();
         let mut node = NodeInfo {
@@ -413,13 +422,17 @@ impl Syncer {
         {
             let (info, node_problems) = convert::node(&n);
             node = info;
-            problems.extend(node_problems);
+            skipped.extend(node_problems);
         }
         if !self.config.node_ips.is_empty() {
             node.addresses = self.config.node_ips.clone();
         }
-        // Each problem logged once; the gauge says how many there are now.
-        let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+        // Each problem logged once; the gauges say how many there are now.
+        let current: BTreeSet<String> = problems
+            .iter()
+            .chain(&skipped)
+            .map(ToString::to_string)
+            .collect();
         for p in &current {
             if !self.rejected.contains(p) {
                 tracing::warn!("skipped: {p}");
@@ -431,10 +444,16 @@ impl Syncer {
             ObjectKind::EndpointSlice,
             ObjectKind::Node,
         ] {
+            let label = vec![("kind".to_string(), kind.to_string())];
             let n = problems.iter().filter(|p| p.kind == kind).count();
             self.metrics
                 .invalid_objects
-                .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+                .get_or_create(&label)
+                .set(n as i64);
+            let n = skipped.iter().filter(|p| p.kind == kind).count();
+            self.metrics
+                .skipped_fields
+                .get_or_create(&label)
                 .set(n as i64);
         }
         Snapshot {
