@@ -514,37 +514,33 @@ pub fn run_agent(args: &RunArgs) -> u8 {
     })
 }
 
-/// Reads Services, EndpointSlices and this node's Node from the cluster, once.
+/// Reads Services, EndpointSlices and this node's Node from the cluster, once; with what could
+/// not be used (whole objects, or elements left out of them), for the caller to report.
 pub async fn fetch_cluster(
     client: kube::Client,
     node_name: &str,
-) -> Result<Converted, kube::Error> {
+) -> Result<(Converted, Vec<crate::convert::Rejected>), kube::Error> {
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::api::{Api, ListParams};
     let mut converted = Converted::default();
+    let mut problems = Vec::new();
     for svc in Api::<Service>::all(client.clone())
         .list(&ListParams::default())
         .await?
     {
-        for e in converted.add_service(&svc) {
-            tracing::warn!("skipped: {e}");
-        }
+        problems.extend(converted.add_service(&svc));
     }
     for slice in Api::<EndpointSlice>::all(client.clone())
         .list(&ListParams::default())
         .await?
     {
-        for e in converted.add_slice(&slice) {
-            tracing::warn!("skipped: {e}");
-        }
+        problems.extend(converted.add_slice(&slice));
     }
     if let Some(node) = Api::<Node>::all(client).get_opt(node_name).await? {
-        for e in converted.add_node(&node) {
-            tracing::warn!("skipped: {e}");
-        }
+        problems.extend(converted.add_node(&node));
     }
-    Ok(converted)
+    Ok((converted, problems))
 }
 
 /// Exit codes: everything was used / something was skipped / nothing usable was read.
@@ -673,18 +669,24 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
         Some(path) => runtime().block_on(async {
             let config = kube_config(Some(path)).await?;
             let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
-            let converted = fetch_cluster(client, &args.node.node_name())
+            let (converted, problems) = fetch_cluster(client, &args.node.node_name())
                 .await
                 .map_err(|e| e.to_string())?;
+            for e in &problems {
+                tracing::warn!("skipped: {e}");
+            }
             let mut notices = Vec::new();
             let node = args.node.node_info(&converted, &mut notices);
+            for n in &notices {
+                tracing::info!("{n}");
+            }
             Ok::<_, String>((
                 Snapshot {
                     services: converted.services,
                     slices: converted.slices,
                     node,
                 },
-                true,
+                problems.is_empty(),
             ))
         }),
         None => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),

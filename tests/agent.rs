@@ -512,6 +512,100 @@ async fn dump_reads_the_cluster_once() {
     assert_eq!(api.requests("Service").1, 0, "no watch: one read");
 }
 
+/// `dump --kubeconfig` exits 2 when something was skipped, as `dump --from` does, and names each
+/// skipped thing on stderr; what is usable is still printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_of_the_cluster_exits_2_and_names_what_it_skipped() {
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service(
+        "web",
+        "10.96.0.62",
+        json!({"externalIPs": ["203.0.113.62", "203.0.113.bogus"]}),
+    ));
+    api.apply(service("broken", "10.96.0.999", json!({})));
+    let mut s = slice("web-1", "web", &["10.244.1.62", "10.244.1.63"]);
+    s["endpoints"][1]["addresses"] = json!([]);
+    api.apply(s);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: nobody}}\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(["dump", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--node", "node-a"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for skipped in [
+        "Service default/web: spec.externalIPs[1]: \"203.0.113.bogus\" is not an IP address",
+        "Service default/broken: spec.clusterIPs[0]: \"10.96.0.999\" is not an IP address",
+        "EndpointSlice default/web-1: endpoints[1].addresses: empty",
+    ] {
+        assert!(stderr.contains(&format!("skipped: {skipped}")), "{stderr}");
+    }
+    assert!(
+        stdout.contains("10.96.0.62 . tcp . 80 : 10.244.1.62 . 8080")
+            && stdout.contains("203.0.113.62 . tcp . 80"),
+        "the rest of the Service and of the slice is used: {stdout}"
+    );
+}
+
+/// The agent leaves out a bad element, keeps the rest of its object, and counts what it left
+/// out, by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_skips_bad_elements_and_counts_them() {
+    let Some(ns) = agent_netns("skipped") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service(
+        "web",
+        "10.96.0.64",
+        json!({"externalIPs": ["203.0.113.bogus", "203.0.113.064"]}),
+    ));
+    api.apply(service("broken", "10.96.0.999", json!({})));
+    let mut s = slice("web-1", "web", &["10.244.1.64", "10.244.1.65"]);
+    s["endpoints"][1]["addresses"] = json!([]);
+    api.apply(s);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut agent = Agent::start(&api, &ns, |c| c.metrics_address = Some(metrics));
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    let rules = ns.nft_ruleset();
+    assert!(
+        rules.contains("10.96.0.64 . tcp . 80") && rules.contains("203.0.113.64 . tcp . 80"),
+        "{rules}"
+    );
+    assert!(rules.contains("10.244.1.64 . 8080"), "{rules}");
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "svcproxy_skipped_fields{kind=\"Service\"} 1",
+        "svcproxy_skipped_fields{kind=\"EndpointSlice\"} 1",
+        "svcproxy_invalid_objects{kind=\"Service\"} 1",
+        "svcproxy_invalid_objects{kind=\"EndpointSlice\"} 0",
+    ] {
+        assert!(body.contains(line), "missing {line} in\n{body}");
+    }
+    agent.stop().await;
+}
+
 /// A full resync every sync period repairs drift: someone deleting svcproxy's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
