@@ -193,8 +193,17 @@ fn exit_codes() {
     );
     assert!(err.contains("document 3"), "{err}");
 
-    let (code, out, _) = svcproxy(&["dump", "--from", bad.to_str().unwrap()]);
-    assert_eq!(code, 1);
+    // The slice is read (its bad endpoint alone is left out): something usable, so 2.
+    let (code, _, err) = svcproxy(&["dump", "--from", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let worse = dir.path().join("worse.yaml");
+    std::fs::write(
+        &worse,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: web}\nspec: {clusterIP: 10.0.0.999, ports: [{port: 80}]}\n---\n: : :\n",
+    )
+    .unwrap();
+    let (code, out, _) = svcproxy(&["dump", "--from", worse.to_str().unwrap()]);
+    assert_eq!(code, 1, "nothing usable");
     assert!(out.is_empty());
     let (code, _, _) = svcproxy(&["dump", "--from", "/nonexistent/manifests"]);
     assert_eq!(code, 1);
