@@ -106,7 +106,7 @@ pub async fn run(
     let client = kube::Client::try_from(config.kube.clone())?;
     let changes = Arc::new(Changes::default());
     let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
-    let health = Arc::new(Health::new(config.sync_period * 2));
+    let health = Arc::new(Health::new(config.sync_period.saturating_mul(2)));
     if let Some(address) = config.healthz_address {
         let listener = TcpListener::bind(address)
             .await
@@ -190,7 +190,7 @@ impl Syncer {
             self.config.proxy.clone(),
         ));
         let mut last_start: Option<Instant> = None;
-        let mut next_full = Instant::now() + self.config.sync_period;
+        let mut next_full = later(Instant::now(), self.config.sync_period);
         let mut failures = 0u32;
         let mut retry_at: Option<Instant> = None;
         // The first sync is due now.
@@ -216,7 +216,7 @@ impl Syncer {
             }
             // Coalesce: at most one sync per min_sync_period, and wait out a retry backoff.
             let mut earliest =
-                last_start.map_or_else(Instant::now, |t| t + self.config.min_sync_period);
+                last_start.map_or_else(Instant::now, |t| later(t, self.config.min_sync_period));
             if let Some(r) = retry_at {
                 earliest = earliest.max(r);
             }
@@ -246,7 +246,7 @@ impl Syncer {
                     failures = 0;
                     retry_at = None;
                     if report.kind == SyncKind::Full {
-                        next_full = start + self.config.sync_period;
+                        next_full = later(start, self.config.sync_period);
                     }
                     if !self.notified_ready {
                         // systemd (Type=notify): ready once the first ruleset is in the kernel.
@@ -487,6 +487,14 @@ fn health_check_ports(
             Some((port, (s.id.clone(), n)))
         })
         .collect()
+}
+
+/// `t + d`, or as late as an `Instant` goes: configured periods are bounded (Go's ~292 years),
+/// but no configured value may make the agent panic.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(crate::cli::MAX_DURATION))
+        .unwrap_or(t)
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
