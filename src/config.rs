@@ -3,9 +3,14 @@
 //! ConfigMap kube-proxy used.
 //!
 //! Every field kube-proxy has is known here: the ones that apply are honoured, the ones that do
-//! not (IPVS, Windows, profiling, …) are accepted with one warning each, and a field that is not
-//! kube-proxy's at all (a misspelling) is an error naming it and its line. Values are validated
-//! before anything touches the kernel.
+//! not (IPVS, Windows, profiling, …) are accepted, with one warning each when set to anything but
+//! their zero value, and a field that is not kube-proxy's at all (a misspelling) is an error
+//! naming it and its line. Values are validated before anything touches the kernel.
+//!
+//! Zero and null mean what kube-proxy's defaulting (`pkg/proxy/apis/config/v1alpha1/
+//! defaults.go`) makes of them, because that is how kubeadm writes the file: every field, most
+//! of them `0s`, `""` or `null`. A file kubeadm wrote therefore starts with no warnings and
+//! kube-proxy's defaults.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -81,6 +86,7 @@ pub struct KubeProxyConfiguration {
     pub config_sync_period: Option<String>,
     pub port_range: Option<String>,
     pub logging: Option<Value>,
+    pub windows_run_as_service: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -93,7 +99,7 @@ pub struct ClientConnection {
     pub burst: Option<i64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NftablesConfig {
     pub masquerade_all: Option<bool>,
@@ -102,12 +108,14 @@ pub struct NftablesConfig {
     pub min_sync_period: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IptablesConfig {
     pub masquerade_all: Option<bool>,
     pub masquerade_bit: Option<i32>,
     pub localhost_node_ports: Option<bool>,
+    #[serde(rename = "snatNodeInternalIP")]
+    pub snat_node_internal_ip: Option<bool>,
     pub sync_period: Option<String>,
     pub min_sync_period: Option<String>,
 }
@@ -258,11 +266,49 @@ const KNOWN_FEATURE_GATES: &[&str] = &[
     "AllBeta",
 ];
 
+/// svcproxy's full resync period when none is configured (kube-proxy's is 30s; a full sync here
+/// rewrites everything, so it is only a drift repair).
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+/// kube-proxy's `minSyncPeriod` default.
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+
 /// Parses a Go duration (`1h0m0s`, `500ms`); negative durations are refused.
 pub fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
     text.parse::<crate::cli::GoDuration>()
         .map(|d| d.0)
         .map_err(|reason| invalid(field, text, reason))
+}
+
+/// A duration field of the file: `None` when unset, null or zero, which kube-proxy's defaulting
+/// replaces by the default.
+fn file_duration(field: &str, text: Option<&String>) -> Result<Option<Duration>, ConfigError> {
+    match text {
+        None => Ok(None),
+        Some(t) => Ok(Some(duration(field, t)?).filter(|d| !d.is_zero())),
+    }
+}
+
+/// Whether a value is its type's zero value as Go marshals it (`false`, `0`, `""`, `"0s"`,
+/// `"0"`, null, and lists and objects of nothing else): what kubeadm writes for a field nobody
+/// set.
+fn is_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(t) => {
+            t.is_empty()
+                || t.parse::<crate::cli::GoDuration>()
+                    .is_ok_and(|d| d.0.is_zero())
+        }
+        Value::Array(items) => items.iter().all(is_zero),
+        Value::Object(fields) => fields.values().all(is_zero),
+    }
+}
+
+/// The same for a typed section: its fields, as JSON.
+fn section_is_zero(v: &impl serde::Serialize) -> bool {
+    serde_json::to_value(v).map_or(false, |v| is_zero(&v))
 }
 
 fn bind(field: &str, text: &str, default_port: u16) -> Result<Option<SocketAddr>, ConfigError> {
@@ -298,42 +344,64 @@ pub fn resolve(
     flags: &FlagOverrides,
 ) -> Result<Settings, ConfigError> {
     let mut warnings = Vec::new();
-    let mut ignored = |field: &str, present: bool| {
-        if present {
+    // A field svcproxy does not use is warned about only when set to something other than its
+    // zero value: kubeadm writes every field, zero when nobody set it.
+    let mut ignored = |field: &str, set: bool| {
+        if set {
             warnings.push(format!("{field}: accepted but not used by svcproxy"));
         }
     };
-    ignored("ipvs", file.ipvs.is_some());
-    ignored("winkernel", file.winkernel.is_some());
-    ignored("windows", file.windows.is_some());
-    ignored("logging", file.logging.is_some());
-    ignored("enableProfiling", file.enable_profiling.is_some());
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !is_zero(v));
+    ignored("ipvs", set(&file.ipvs));
+    ignored("winkernel", set(&file.winkernel));
+    ignored("windows", set(&file.windows));
+    ignored(
+        "windowsRunAsService",
+        file.windows_run_as_service == Some(true),
+    );
+    ignored("logging", set(&file.logging));
+    ignored("enableProfiling", file.enable_profiling == Some(true));
     ignored(
         "showHiddenMetricsForVersion",
-        file.show_hidden_metrics_for_version.is_some(),
+        file.show_hidden_metrics_for_version
+            .as_deref()
+            .is_some_and(|v| !v.is_empty()),
     );
-    ignored("bindAddressHardFail", file.bind_address_hard_fail.is_some());
-    ignored("oomScoreAdj", file.oom_score_adj.is_some());
+    ignored(
+        "bindAddressHardFail",
+        file.bind_address_hard_fail == Some(true),
+    );
+    ignored("oomScoreAdj", file.oom_score_adj.is_some_and(|v| v != 0));
     ignored(
         "linux.oomScoreAdj",
         file.linux
             .as_ref()
-            .is_some_and(|l| l.oom_score_adj.is_some()),
+            .is_some_and(|l| l.oom_score_adj.is_some_and(|v| v != 0)),
     );
-    ignored("configSyncPeriod", file.config_sync_period.is_some());
+    ignored(
+        "configSyncPeriod",
+        file.config_sync_period
+            .as_ref()
+            .is_some_and(|t| !is_zero(&Value::String(t.clone()))),
+    );
     ignored(
         "portRange",
         file.port_range.as_deref().is_some_and(|p| !p.is_empty()),
     );
-    ignored("detectLocal", file.detect_local.is_some());
+    ignored("detectLocal", set(&file.detect_local));
     if let Some(cc) = &file.client_connection {
         ignored(
             "clientConnection.acceptContentTypes",
-            cc.accept_content_types.is_some(),
+            cc.accept_content_types
+                .as_deref()
+                .is_some_and(|v| !v.is_empty()),
         );
-        ignored("clientConnection.contentType", cc.content_type.is_some());
-        ignored("clientConnection.qps", cc.qps.is_some());
-        ignored("clientConnection.burst", cc.burst.is_some());
+        ignored(
+            "clientConnection.contentType",
+            cc.content_type.as_deref().is_some_and(|v| !v.is_empty()),
+        );
+        ignored("clientConnection.qps", cc.qps.is_some_and(|v| v != 0.0));
+        ignored("clientConnection.burst", cc.burst.is_some_and(|v| v != 0));
     }
     let mode_text = flags
         .mode
@@ -355,17 +423,27 @@ pub fn resolve(
     let section = mode.as_str();
     let nft = match mode {
         ProxyMode::Nftables => {
-            ignored("iptables", file.iptables.is_some());
+            ignored(
+                "iptables",
+                file.iptables.as_ref().is_some_and(|s| !section_is_zero(s)),
+            );
             file.nftables.clone().unwrap_or_default()
         }
         ProxyMode::Iptables => {
-            ignored("nftables", file.nftables.is_some());
+            ignored(
+                "nftables",
+                file.nftables.as_ref().is_some_and(|s| !section_is_zero(s)),
+            );
             let ipt = file.iptables.clone().unwrap_or_default();
             if ipt.localhost_node_ports == Some(true) {
                 warnings.push(
                     "iptables.localhostNodePorts: NodePorts never answer on loopback in svcproxy"
                         .into(),
                 );
+            }
+            if ipt.snat_node_internal_ip == Some(true) {
+                warnings
+                    .push("iptables.snatNodeInternalIP: accepted but not used by svcproxy".into());
             }
             NftablesConfig {
                 masquerade_all: ipt.masquerade_all,
@@ -434,41 +512,67 @@ pub fn resolve(
             (!ip.is_unspecified()).then_some(ip)
         }
     };
+    // kube-proxy's defaults follow bindAddress's family; an empty address in the file is the
+    // default (an empty flag means: serve nowhere).
+    let ipv6 = file
+        .bind_address
+        .as_deref()
+        .and_then(|t| crate::convert::parse_ip(t.trim()))
+        .is_some_and(|ip| ip.is_ipv6());
+    let (healthz_default, metrics_default) = if ipv6 {
+        ("[::]:10256", "[::1]:10249")
+    } else {
+        ("0.0.0.0:10256", "127.0.0.1:10249")
+    };
+    let in_file = |v: &Option<String>| v.clone().filter(|t| !t.trim().is_empty());
     let healthz = flags
         .healthz_bind_address
         .clone()
-        .or(file.healthz_bind_address.clone())
-        .unwrap_or_else(|| "0.0.0.0:10256".into());
+        .or(in_file(&file.healthz_bind_address))
+        .unwrap_or_else(|| healthz_default.into());
     let metrics = flags
         .metrics_bind_address
         .clone()
-        .or(file.metrics_bind_address.clone())
-        .unwrap_or_else(|| "127.0.0.1:10249".into());
-    let sync_period = match flags.sync_period.as_ref().or(nft.sync_period.as_ref()) {
-        Some(t) => duration(&format!("{section}.syncPeriod"), t)?,
-        None => Duration::from_secs(3600),
+        .or(in_file(&file.metrics_bind_address))
+        .unwrap_or_else(|| metrics_default.into());
+    // The file's zero means the default (kube-proxy's defaulting); a flag means what it says.
+    // svcproxy's full-resync default is 1h, not kube-proxy's 30s: see the README.
+    let sync_field = format!("{section}.syncPeriod");
+    let sync_period = match &flags.sync_period {
+        Some(t) => {
+            let d = duration("--sync-period", t)?;
+            if d.is_zero() {
+                return Err(invalid("--sync-period", t, "must be greater than zero"));
+            }
+            d
+        }
+        None => {
+            file_duration(&sync_field, nft.sync_period.as_ref())?.unwrap_or(DEFAULT_SYNC_PERIOD)
+        }
     };
-    let min_sync_period = match flags
-        .min_sync_period
-        .as_ref()
-        .or(nft.min_sync_period.as_ref())
-    {
-        Some(t) => duration(&format!("{section}.minSyncPeriod"), t)?,
-        None => Duration::from_secs(1),
+    let min_sync_period = match &flags.min_sync_period {
+        Some(t) => duration("--min-sync-period", t)?,
+        None => file_duration(
+            &format!("{section}.minSyncPeriod"),
+            nft.min_sync_period.as_ref(),
+        )?
+        .unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
     };
-    if sync_period.is_zero() {
-        return Err(invalid(
-            &format!("{section}.syncPeriod"),
-            "0",
-            "must be greater than zero",
-        ));
-    }
 
-    let conntrack_cfg = file
+    let mut conntrack_cfg = file
         .conntrack
         .clone()
         .or(linux.conntrack)
         .unwrap_or_default();
+    // kube-proxy's defaults for what is unset (null); a zero leaves the kernel's value alone.
+    conntrack_cfg.max_per_core.get_or_insert(32 * 1024);
+    conntrack_cfg.min.get_or_insert(128 * 1024);
+    conntrack_cfg
+        .tcp_established_timeout
+        .get_or_insert_with(|| "24h0m0s".into());
+    conntrack_cfg
+        .tcp_close_wait_timeout
+        .get_or_insert_with(|| "1h0m0s".into());
     let conntrack = conntrack_sysctls(
         &conntrack_cfg,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -533,15 +637,17 @@ fn conntrack_sysctls(c: &ConntrackConfig, cores: usize) -> Result<Vec<Sysctl>, C
     if per_core > 0 {
         out.push(Sysctl {
             name: "net/netfilter/nf_conntrack_max",
-            value: (per_core * cores as u64).max(min),
+            value: per_core.saturating_mul(cores as u64).max(min),
         });
     }
     let secs = |field: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
         match v {
             None => Ok(None),
             Some(t) => {
+                // Zero (and anything under a second, which the sysctl cannot hold) leaves the
+                // kernel's value alone.
                 let d = duration(field, t)?;
-                Ok((!d.is_zero()).then_some(d.as_secs()))
+                Ok(Some(d.as_secs()).filter(|s| *s > 0))
             }
         }
     };
@@ -600,26 +706,34 @@ pub fn apply_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
     problems
 }
 
-/// A duration as Go prints one (`1h0m0s`, `1m30s`, `1s`, `500ms`), as kube-proxy writes them.
+/// A duration as Go prints one (`1h0m0s`, `1m30s`, `1.5s`, `500ms`), as kube-proxy writes them:
+/// exactly, to the nanosecond.
 fn go_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        return "0s".into();
-    }
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let secs = d.as_secs_f64() % 60.0;
-    let secs = if secs.fract() == 0.0 {
-        format!("{}s", secs as u64)
-    } else {
-        format!("{secs}s")
+    let ns = d.as_nanos();
+    // `value` in units of `unit` nanoseconds (a power of ten), with the fraction Go prints.
+    let decimal = |value: u128, unit: u128| {
+        let (int, rem) = (value / unit, value % unit);
+        if rem == 0 {
+            return int.to_string();
+        }
+        let width = unit.to_string().len() - 1;
+        let frac = format!("{rem:0width$}");
+        format!("{int}.{}", frac.trim_end_matches('0'))
     };
-    let (h, m) = (d.as_secs() / 3600, d.as_secs() % 3600 / 60);
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+    match ns {
+        0 => "0s".into(),
+        1..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{}µs", decimal(ns, 1_000)),
+        1_000_000..1_000_000_000 => format!("{}ms", decimal(ns, 1_000_000)),
+        _ => {
+            let secs = format!("{}s", decimal(ns % 60_000_000_000, 1_000_000_000));
+            let minutes = ns / 60_000_000_000;
+            match (minutes / 60, minutes % 60) {
+                (0, 0) => secs,
+                (0, m) => format!("{m}m{secs}"),
+                (h, m) => format!("{h}h{m}m{secs}"),
+            }
+        }
     }
 }
 
@@ -803,6 +917,115 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
     }
 
     #[test]
+    fn zero_and_null_mean_kube_proxys_default() {
+        let s = resolve(
+            &cfg("nftables: {syncPeriod: 0s, minSyncPeriod: 0s, masqueradeBit: null}\nhealthzBindAddress: \"\"\nmetricsBindAddress: \"\"\nconntrack: {maxPerCore: null, tcpEstablishedTimeout: 0s, udpTimeout: 0s}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.sync_period, DEFAULT_SYNC_PERIOD);
+        assert_eq!(s.min_sync_period, Duration::from_secs(1));
+        assert_eq!(s.proxy.masquerade_bit, 14);
+        assert_eq!(
+            s.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            s.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        let names: Vec<&str> = s.conntrack.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "net/netfilter/nf_conntrack_max",
+                "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+            ],
+            "null: kube-proxy's default; zero: the kernel's value stays"
+        );
+        assert_eq!(s.conntrack[1].value, 3600);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        // maxPerCore 0 leaves the table size alone; IPv6 bindAddress moves the defaults.
+        let s = resolve(
+            &cfg("bindAddress: \"::\"\nconntrack: {maxPerCore: 0, min: 5}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert!(
+            !s.conntrack
+                .iter()
+                .any(|c| c.name.ends_with("conntrack_max"))
+        );
+        assert_eq!(s.healthz_bind_address, Some("[::]:10256".parse().unwrap()));
+        assert_eq!(s.metrics_bind_address, Some("[::1]:10249".parse().unwrap()));
+        // A flag means what it says: 0 is "at once" for minSyncPeriod, and refused for syncPeriod.
+        let flags = FlagOverrides {
+            sync_period: Some("0s".into()),
+            ..FlagOverrides::default()
+        };
+        let e = resolve(&cfg("{}").unwrap(), &flags)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--sync-period: \"0s\": must be greater than zero");
+    }
+
+    #[test]
+    fn unused_fields_warn_only_when_set() {
+        let quiet = "ipvs: {scheduler: \"\", syncPeriod: 0s, excludeCIDRs: null, strictARP: false}\niptables: {masqueradeBit: null, syncPeriod: 0s, localhostNodePorts: null, snatNodeInternalIP: null}\nwinkernel: {enableDSR: false, networkName: \"\"}\nlogging: {flushFrequency: 0, verbosity: 0, options: {json: {infoBufferSize: \"0\"}}}\ndetectLocal: {bridgeInterface: \"\"}\nenableProfiling: false\nbindAddressHardFail: false\noomScoreAdj: null\nconfigSyncPeriod: 0s\nportRange: \"\"\nshowHiddenMetricsForVersion: \"\"\nclientConnection: {qps: 0, burst: 0, contentType: \"\", acceptContentTypes: \"\"}\n";
+        let s = resolve(&cfg(quiet).unwrap(), &FlagOverrides::default()).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let loud = "ipvs: {strictARP: true}\nlogging: {verbosity: 4}\nenableProfiling: true\noomScoreAdj: -999\nconfigSyncPeriod: 15m\nclientConnection: {burst: 10}\niptables: {syncPeriod: 30s}\nwindowsRunAsService: true\n";
+        let s = resolve(&cfg(loud).unwrap(), &FlagOverrides::default()).unwrap();
+        let fields: Vec<&str> = s
+            .warnings
+            .iter()
+            .map(|w| w.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "ipvs",
+                "windowsRunAsService",
+                "logging",
+                "enableProfiling",
+                "oomScoreAdj",
+                "configSyncPeriod",
+                "clientConnection.burst",
+                "iptables"
+            ]
+        );
+    }
+
+    #[test]
+    fn durations_that_cannot_be_represented_are_errors() {
+        let e = resolve(
+            &cfg("nftables: {syncPeriod: 9999999999999999h}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("nftables.syncPeriod: \"9999999999999999h\"") && e.contains("too long"),
+            "{e}"
+        );
+        let e = resolve(
+            &cfg("conntrack: {udpTimeout: 99999999999999999999s}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("conntrack.udpTimeout"), "{e}");
+        // The longest one is fine, and nothing downstream overflows on it.
+        let s = resolve(
+            &cfg("nftables: {syncPeriod: 2562047h47m16.854775807s, minSyncPeriod: 2562047h}\nconntrack: {maxPerCore: 2147483647, min: 2147483647}\n").unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.sync_period, crate::cli::MAX_DURATION);
+        assert!(effective_yaml(&s).contains("syncPeriod: 2562047h47m16.854775807s"));
+    }
+
+    #[test]
     fn durations_print_as_go_does() {
         for (secs, text) in [
             (3600.0, "1h0m0s"),
@@ -811,6 +1034,9 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
             (90.0, "1m30s"),
             (1.5, "1.5s"),
             (0.0, "0s"),
+            (0.0015, "1.5ms"),
+            (0.000002, "2µs"),
+            (7200.25, "2h0m0.25s"),
         ] {
             assert_eq!(go_duration(Duration::from_secs_f64(secs)), text);
         }
