@@ -259,13 +259,11 @@ impl FromStr for GoDuration {
             return Ok(GoDuration(Duration::ZERO));
         }
         if s.starts_with('-') {
-            return Err(format!("{s:?}: a duration cannot be negative"));
+            return Err("a duration cannot be negative".into());
         }
-        let malformed = || format!("{s:?} is not a duration (e.g. 1s, 500ms, 1h30m)");
+        let malformed = || "not a duration (e.g. 1s, 500ms, 1h30m)".to_string();
         let too_long = || {
-            format!(
-                "{s:?} is too long: a duration is at most 2562047h47m16.854775807s (about 292 years)"
-            )
+            "too long: a duration is at most 2562047h47m16.854775807s (about 292 years)".to_string()
         };
         let mut rest = s.strip_prefix('+').unwrap_or(s);
         if rest.is_empty() {
@@ -806,7 +804,7 @@ mod tests {
             "18446744073709551616s",
         ] {
             let e = d(huge).unwrap_err();
-            assert!(e.contains("too long") && e.contains(huge), "{huge}: {e}");
+            assert!(e.starts_with("too long"), "{huge}: {e}");
         }
     }
 }
