@@ -308,7 +308,7 @@ fn is_zero(v: &Value) -> bool {
 
 /// The same for a typed section: its fields, as JSON.
 fn section_is_zero(v: &impl serde::Serialize) -> bool {
-    serde_json::to_value(v).map_or(false, |v| is_zero(&v))
+    serde_json::to_value(v).is_ok_and(|v| is_zero(&v))
 }
 
 fn bind(field: &str, text: &str, default_port: u16) -> Result<Option<SocketAddr>, ConfigError> {
