@@ -330,9 +330,10 @@ fn cidrs(field: &str, text: &str) -> Result<Vec<IpNet>, ConfigError> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
-            p.parse::<IpNet>()
+            // Read as kube-proxy reads it (ParseCIDRSloppy: leading zeros are decimal).
+            crate::convert::parse_cidr(p)
                 .map(|n| n.trunc())
-                .map_err(|_| invalid(field, p, "not a CIDR (e.g. 10.244.0.0/16)"))
+                .ok_or_else(|| invalid(field, p, "not a CIDR (e.g. 10.244.0.0/16)"))
         })
         .collect()
 }
@@ -506,9 +507,8 @@ pub fn resolve(
     let node_ip = match file.bind_address.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => {
-            let ip: IpAddr = text
-                .parse()
-                .map_err(|_| invalid("bindAddress", text, "not an IP address"))?;
+            let ip: IpAddr = crate::convert::parse_ip(text)
+                .ok_or_else(|| invalid("bindAddress", text, "not an IP address"))?;
             (!ip.is_unspecified()).then_some(ip)
         }
     };
@@ -782,7 +782,7 @@ mod tests {
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: nftables
-clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+clusterCIDR: 10.244.000.0/16,fd00:10:244::/56
 bindAddress: 0.0.0.0
 healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1:10249
@@ -800,6 +800,11 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
     fn kube_proxy_configuration_is_honoured() {
         let s = resolve(&cfg(FULL).unwrap(), &FlagOverrides::default()).unwrap();
         assert_eq!(s.proxy.cluster_cidrs.len(), 2);
+        assert_eq!(
+            s.proxy.cluster_cidrs[0].to_string(),
+            "10.244.0.0/16",
+            "read sloppily"
+        );
         assert!(s.proxy.masquerade_all);
         assert_eq!(s.proxy.masquerade_bit, 15);
         assert_eq!(s.sync_period, Duration::from_secs(1800));
