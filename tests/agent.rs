@@ -567,6 +567,10 @@ async fn dump_of_the_cluster_exits_2_and_names_what_it_skipped() {
 /// The agent leaves out a bad element, keeps the rest of its object, and counts what it left
 /// out, by kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn the_agent_skips_bad_elements_and_counts_them() {
     let Some(ns) = agent_netns("skipped") else {
         return;
