@@ -193,6 +193,28 @@ fn exit_codes() {
     );
     assert!(err.contains("document 3"), "{err}");
 
+    // One bad element costs only itself: the rest of its Service is compiled, and the leading
+    // zeros the apiserver once accepted are read as kube-proxy reads them.
+    let partial = dir.path().join("partial.yaml");
+    std::fs::write(
+        &partial,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: web}\nspec: {clusterIP: 10.0.0.003, externalIPs: [203.0.113.7, 203.0.113.x], ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = svcproxy(&["dump", "--from", partial.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "skipped: {}: Service web/c: spec.externalIPs[1]: \"203.0.113.x\" is not an IP address",
+            partial.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        out.contains("10.0.0.3 . tcp . 80") && out.contains("203.0.113.7 . tcp . 80"),
+        "{out}"
+    );
+
     // The slice is read (its bad endpoint alone is left out): something usable, so 2.
     let (code, _, err) = svcproxy(&["dump", "--from", bad.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
