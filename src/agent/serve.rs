@@ -1110,6 +1110,79 @@ mod tests {
         assert!(ips(Only("127.0.0.1".parse().unwrap()), IpFamily::V6).is_empty());
     }
 
+    /// A plain HTTP/1.0 GET: the whole answer.
+    fn get(addr: SocketAddr) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, 2 * S).expect("connect");
+        s.set_read_timeout(Some(5 * S)).unwrap();
+        write!(s, "GET /anything HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_check_servers_answer_each_family_with_its_count() {
+        let have_v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let health = Arc::new(Health::new(60 * S));
+        health.updated(SystemTime::now());
+        // nodePortAddresses of the loopbacks: kube-proxy listens on the interface addresses
+        // inside them (read from the host's interfaces here).
+        let cidrs = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let servers = HealthCheckServers::new(
+            HealthCheckAddresses::NodePorts(NodePortAddresses::Cidrs(cidrs)),
+            health.clone(),
+        );
+        let want = |v4: usize, v6: usize| {
+            BTreeMap::from([(
+                port,
+                HealthCheckWant {
+                    service: ObjectRef::new("ns", "dual"),
+                    local_ready: BTreeMap::from([(IpFamily::V4, v4), (IpFamily::V6, v6)]),
+                },
+            )])
+        };
+        let node = NodeInfo::default();
+        servers.update(&node, &want(1, 2)).await;
+        assert_eq!(servers.ports(), vec![port]);
+        let v4: SocketAddr = ([127, 0, 0, 1], port).into();
+        let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
+        let out = tokio::task::spawn_blocking(move || get(v4)).await.unwrap();
+        assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+        assert!(out.contains("\"localEndpoints\": 1"), "{out}");
+        let lower = out.to_lowercase();
+        assert!(
+            lower.contains("x-load-balancing-endpoint-weight: 1"),
+            "{out}"
+        );
+        assert!(lower.contains("x-content-type-options: nosniff"), "{out}");
+        assert!(lower.contains("content-type: application/json"), "{out}");
+        if have_v6 {
+            let out = tokio::task::spawn_blocking(move || get(v6)).await.unwrap();
+            assert!(out.contains("\"localEndpoints\": 2"), "{out}");
+        }
+        // The counts follow; the proxy going unhealthy turns a 200 into a 503.
+        servers.update(&node, &want(0, 2)).await;
+        let out = tokio::task::spawn_blocking(move || get(v4)).await.unwrap();
+        assert!(out.starts_with("HTTP/1.0 503"), "{out}");
+        assert!(out.contains("\"localEndpoints\": 0"), "{out}");
+        let late = SystemTime::now() - 120 * S;
+        health.updated(late);
+        health.queued(late);
+        servers.update(&node, &want(1, 2)).await;
+        let out = tokio::task::spawn_blocking(move || get(v4)).await.unwrap();
+        assert!(out.starts_with("HTTP/1.0 503"), "{out}");
+        assert!(out.contains("\"serviceProxyHealthy\": false"), "{out}");
+        // Gone with the Service.
+        servers.update(&node, &BTreeMap::new()).await;
+        assert!(servers.ports().is_empty());
+    }
+
     #[tokio::test]
     async fn listening_on_an_unspecified_address_takes_both_families() {
         let l = listen("0.0.0.0:0".parse().unwrap()).await.unwrap();
