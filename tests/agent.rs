@@ -468,6 +468,10 @@ async fn health_metrics_and_health_check_node_ports() {
 /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so that load balancers drain the node;
 /// `/livez` does not (the proxy itself is fine, the kubelet must not restart it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn healthz_fails_while_the_node_goes_away() {
     let Some(ns) = agent_netns("nodegone") else {
         return;

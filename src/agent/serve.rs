@@ -641,13 +641,11 @@ impl HealthCheckServers {
         port: u16,
         want: &HealthCheckWant,
         node: &NodeInfo,
+        local: &dyn Fn() -> std::io::Result<Vec<IpAddr>>,
     ) -> Vec<(IpFamily, SocketAddr)> {
         let mut out = Vec::new();
         for family in want.local_ready.keys() {
-            for ip in self
-                .addresses
-                .of_family(*family, node, &interface_addresses)
-            {
+            for ip in self.addresses.of_family(*family, node, local) {
                 out.push((*family, SocketAddr::new(ip, port)));
             }
         }
@@ -658,6 +656,14 @@ impl HealthCheckServers {
     /// [`HealthCheckAddresses::of_family`] says for `node`. A server whose Service or
     /// addresses changed is reopened; one that cannot listen is retried at the next sync.
     pub async fn update(&self, node: &NodeInfo, wanted: &BTreeMap<u16, HealthCheckWant>) {
+        // The interface addresses, read once per update and only if the CIDRs need them.
+        let interfaces = std::sync::OnceLock::new();
+        let local = || -> std::io::Result<Vec<IpAddr>> {
+            match interfaces.get_or_init(|| interface_addresses().map_err(|e| e.to_string())) {
+                Ok(a) => Ok(a.clone()),
+                Err(e) => Err(std::io::Error::other(e.clone())),
+            }
+        };
         let mut to_start = Vec::new();
         {
             let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
@@ -665,7 +671,7 @@ impl HealthCheckServers {
                 let keep = wanted.get(port).is_some_and(|w| {
                     w.service == hc.service
                         && self
-                            .addresses_for(*port, w, node)
+                            .addresses_for(*port, w, node, &local)
                             .into_iter()
                             .map(|(_, a)| a)
                             .eq(hc.addresses.iter().copied())
@@ -690,7 +696,7 @@ impl HealthCheckServers {
             }
         }
         for (port, want) in to_start {
-            let addresses = self.addresses_for(port, &want, node);
+            let addresses = self.addresses_for(port, &want, node, &local);
             // All or nothing, as kube-proxy: a port half open would look like a healthy node
             // to some probes only.
             let mut listeners = Vec::new();
