@@ -554,8 +554,13 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> ConvertResult<Endpoin
     }))
 }
 
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
 /// Converts the proxy's own Node. Unusable addresses or CIDRs are reported and left out; the rest
 /// of the Node is still used, since losing the whole Node would lose more than the bad field.
+/// Its deletion and the autoscaler's taint are kept for health only (kube-proxy's `/healthz`
+/// fails on such a node so that load balancers drain it).
 pub fn node(node: &core::Node) -> (NodeInfo, Vec<Rejected>) {
     let name = node.metadata.name.clone().unwrap_or_default();
     let cx = Ctx {
@@ -582,6 +587,12 @@ pub fn node(node: &core::Node) -> (NodeInfo, Vec<Rejected>) {
             }
         }
     }
+    info.deleting = node.metadata.deletion_timestamp.is_some();
+    info.autoscaler_removing = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     if let Some(spec) = node.spec.as_ref() {
         let (field, cidrs): (&str, Vec<&String>) = match (&spec.pod_cidrs, &spec.pod_cidr) {
             (Some(list), _) if !list.is_empty() => ("spec.podCIDRs", list.iter().collect()),

@@ -160,9 +160,20 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
     pub zone: Option<String>,
     pub pod_cidrs: Vec<IpNet>,
+    /// The Node has a `deletionTimestamp`: it is going away.
+    pub deleting: bool,
+    /// The Node carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint.
+    pub autoscaler_removing: bool,
 }
 
 impl NodeInfo {
+    /// Whether load balancers should keep sending traffic to this node: not while it is being
+    /// deleted or the cluster autoscaler is removing it (kube-proxy's "node eligible", which
+    /// its `/healthz` reports so that load balancers drain the node first).
+    pub fn eligible(&self) -> bool {
+        !self.deleting && !self.autoscaler_removing
+    }
+
     /// The node's primary address of a family: the first one listed.
     pub fn primary(&self, family: IpFamily) -> Option<IpAddr> {
         self.addresses

@@ -327,30 +327,55 @@ async fn health_metrics_and_health_check_node_ports() {
     });
     agent.next_sync(5 * SECOND).await.expect("the first sync");
 
-    let (status, body) = tokio::task::spawn_blocking(move || http_get(healthz, "/healthz"))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    // 200 once the agent has seen its Node too (its watch may come in after the first sync).
+    let mut last = (0, String::new());
     assert!(
-        body.contains("\"lastUpdated\":\"20") && body.contains("\"currentTime\""),
+        eventually(5 * SECOND, || {
+            last = http_get(healthz, "/healthz");
+            last.0 == 200
+        })
+        .await,
+        "{last:?}"
+    );
+    let body = last.1;
+    let json_body = |out: &str| -> Value {
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or("")).expect(out)
+    };
+    let v = json_body(&body);
+    assert!(
+        v["lastUpdated"].as_str().unwrap().starts_with("20"),
         "{body}"
     );
-    let (status, _) = tokio::task::spawn_blocking(move || http_get(healthz, "/livez"))
+    assert!(v["currentTime"].is_string(), "{body}");
+    assert_eq!(v["nodeEligible"], true, "{body}");
+    assert_eq!(v["healthy"], true, "{body}");
+    assert_eq!(v["status"]["IPv4"]["healthy"], true, "{body}");
+    assert!(
+        body.to_lowercase()
+            .contains("x-content-type-options: nosniff"),
+        "{body}"
+    );
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(healthz, "/livez"))
         .await
         .unwrap();
     assert_eq!(status, 200);
+    assert!(json_body(&body).get("nodeEligible").is_none(), "{body}");
     let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
         .await
         .unwrap();
     assert_eq!(status, 200);
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
-        "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+        r#"kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"} 1"#,
+        r#"kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv6"} 1"#,
         "kubeproxy_network_programming_duration_seconds_count",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#,
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 0",
+        r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 0"#,
+        r#"kubeproxy_proxy_healthz_total{code="200"} 1"#, // (a 503 before is possible)
+        r#"kubeproxy_proxy_livez_total{code="200"} 1"#,
+        r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"} 0"#,
     ] {
         assert!(body.contains(name), "missing {name} in\n{body}");
     }
@@ -368,12 +393,62 @@ async fn health_metrics_and_health_check_node_ports() {
         "{body}"
     );
     assert!(
-        body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"lb\""),
+        body.contains("\"localEndpoints\": 1")
+            && body.contains("\"name\": \"lb\"")
+            && body.contains("\"serviceProxyHealthy\": true"),
         "{body}"
     );
-    // ...503 once the endpoint is on another node...
+    // ...503 with 0 when the only local endpoint is serving but terminating (it still gets
+    // traffic, but the load balancer must drain the node)...
+    lb_slice["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    api.apply(lb_slice.clone());
+    let mut last = (0, String::new());
+    assert!(
+        eventually(3 * SECOND, || {
+            last = http_get(hc, "/");
+            last.0 == 503
+        })
+        .await,
+        "{last:?}"
+    );
+    assert!(
+        last.1.contains("\"localEndpoints\": 0")
+            && last
+                .1
+                .to_lowercase()
+                .contains("x-load-balancing-endpoint-weight: 0"),
+        "{last:?}"
+    );
+    assert!(
+        ns.nft_ruleset().contains("10.244.1.41"),
+        "the terminating endpoint still serves"
+    );
+    // ...back to 200 when it is ready, 503 once the endpoint is on another node...
+    lb_slice["endpoints"][0]["conditions"] = json!({"ready": true});
+    api.apply(lb_slice.clone());
+    assert!(
+        eventually(3 * SECOND, || {
+            last = http_get(hc, "/");
+            last.0 == 200
+        })
+        .await,
+        "{last:?}"
+    );
     lb_slice["endpoints"][0]["nodeName"] = json!("node-b");
     api.apply(lb_slice);
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        eventually(3 * SECOND, || {
+            let (_, body) = http_get(metrics, "/metrics");
+            body.contains(r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="external"} 1"#)
+        })
+        .await,
+        "no local endpoint for the eTP=Local Service:\n{body}"
+    );
     let mut last = (0, String::new());
     assert!(
         eventually(3 * SECOND, || {
@@ -386,6 +461,109 @@ async fn health_metrics_and_health_check_node_ports() {
     // ...and closed with the Service.
     api.delete("Service", "default", "lb");
     assert!(eventually(3 * SECOND, || std::net::TcpStream::connect(hc).is_err()).await);
+    agent.stop().await;
+}
+
+/// kube-proxy's `/healthz` fails while its Node is being deleted or carries the cluster
+/// autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so that load balancers drain the node;
+/// `/livez` does not (the proxy itself is fine, the kubelet must not restart it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+async fn healthz_fails_while_the_node_goes_away() {
+    let Some(ns) = agent_netns("nodegone") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service("web", "10.96.0.10", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.11"]));
+    let (healthz, metrics) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let mut agent = Agent::start(&api, &ns, |c| {
+        c.healthz_address = Some(healthz);
+        c.metrics_address = Some(metrics);
+    });
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    let get = move |path: &'static str| http_get(healthz, path);
+    let body_of = |out: &str| -> Value {
+        serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or("")).expect(out)
+    };
+    // Eligible once the agent has seen its Node (its watch may come in after the first sync).
+    let mut last = (0, String::new());
+    assert!(
+        eventually(5 * SECOND, || {
+            last = get("/healthz");
+            last.0 == 200
+        })
+        .await,
+        "{last:?}"
+    );
+
+    // The autoscaler taints the node: /healthz 503 with nodeEligible false, /livez 200.
+    let mut tainted = node();
+    tainted["spec"] = json!({"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1795309323", "effect": "NoSchedule"}]});
+    api.apply(tainted);
+    assert!(
+        eventually(5 * SECOND, || {
+            last = get("/healthz");
+            last.0 == 503
+        })
+        .await,
+        "{last:?}"
+    );
+    let v = body_of(&last.1);
+    assert_eq!(v["nodeEligible"], false, "{last:?}");
+    assert_eq!(v["healthy"], true, "the proxy itself is healthy: {last:?}");
+    assert_eq!(get("/livez").0, 200);
+
+    // Another taint only: eligible again.
+    let mut other = node();
+    other["spec"] = json!({"taints": [{"key": "example.com/maintenance", "effect": "NoSchedule"}]});
+    api.apply(other);
+    assert!(
+        eventually(5 * SECOND, || {
+            last = get("/healthz");
+            last.0 == 200
+        })
+        .await,
+        "{last:?}"
+    );
+
+    // The Node is being deleted (finalizers hold it): 503 again, /livez still 200.
+    let mut deleting = node();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-22T01:02:03Z");
+    deleting["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    api.apply(deleting);
+    assert!(
+        eventually(5 * SECOND, || {
+            last = get("/healthz");
+            last.0 == 503
+        })
+        .await,
+        "{last:?}"
+    );
+    assert_eq!(body_of(&last.1)["nodeEligible"], false, "{last:?}");
+    let (code, livez) = get("/livez");
+    assert_eq!(code, 200, "{livez}");
+    assert!(body_of(&livez).get("nodeEligible").is_none(), "{livez}");
+    let (_, text) = http_get(metrics, "/metrics");
+    for line in [
+        r#"kubeproxy_proxy_healthz_total{code="503"}"#,
+        r#"kubeproxy_proxy_healthz_total{code="200"}"#,
+        r#"kubeproxy_proxy_livez_total{code="200"} 2"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(
+        !text.contains(r#"kubeproxy_proxy_livez_total{code="503"}"#),
+        "{text}"
+    );
     agent.stop().await;
 }
 

@@ -13,13 +13,12 @@ mod mirror;
 pub mod serve;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch as signal};
 
 use crate::backend::Backend;
@@ -27,10 +26,10 @@ use crate::conntrack::{Conntrack, StaleFlows};
 use crate::convert::{self, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
-use crate::plan::{Plan, Route};
+use crate::plan::Plan;
 use metrics::Metrics;
 use mirror::Mirror;
-use serve::{Health, HealthCheckServers};
+use serve::{Health, HealthCheckAddresses, HealthCheckServers};
 use watch::{Changes, Stores};
 
 /// Everything the agent is configured with.
@@ -45,7 +44,9 @@ pub struct AgentConfig {
     pub sync_period: Duration,
     pub healthz_address: Option<SocketAddr>,
     pub metrics_address: Option<SocketAddr>,
-    /// Where health check node ports listen (all addresses by default).
+    /// Where health check node ports listen: unspecified (`0.0.0.0`, the default) for
+    /// kube-proxy's addresses, derived from `nodePortAddresses`; a specific address for that
+    /// address alone (tests).
     pub health_check_address: IpAddr,
     pub nft: NftCommand,
     /// The iptables mode's programs (`None`: the nftables mode).
@@ -106,19 +107,28 @@ pub async fn run(
     let client = kube::Client::try_from(config.kube.clone())?;
     let changes = Arc::new(Changes::default());
     let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
-    let health = Arc::new(Health::new(config.sync_period.saturating_mul(2)));
+    let health = Arc::new(Health::new(serve::health_timeout(config.sync_period)));
+    // As kube-proxy when its sync loop starts: healthy unless a change then waits too long.
+    let started = SystemTime::now();
+    health.updated(started);
+    metrics.queued(started);
     if let Some(address) = config.healthz_address {
-        let listener = TcpListener::bind(address)
+        let listener = serve::listen(address)
             .await
             .map_err(|source| AgentError::Listen {
                 what: "healthz",
                 address,
                 source,
             })?;
-        tokio::spawn(serve::serve_health(listener, health.clone(), stop.clone()));
+        tokio::spawn(serve::serve_health(
+            listener,
+            health.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
     }
     if let Some(address) = config.metrics_address {
-        let listener = TcpListener::bind(address)
+        let listener = serve::listen(address)
             .await
             .map_err(|source| AgentError::Listen {
                 what: "metrics",
@@ -133,7 +143,14 @@ pub async fn run(
     }
     let stores = watch::start(client, &config.node_name, changes.clone());
     let syncer = Syncer {
-        health_checks: HealthCheckServers::new(config.health_check_address),
+        health_checks: HealthCheckServers::new(
+            if config.health_check_address.is_unspecified() {
+                HealthCheckAddresses::NodePorts(config.proxy.nodeport_addresses.clone())
+            } else {
+                HealthCheckAddresses::Only(config.health_check_address)
+            },
+            health.clone(),
+        ),
         config,
         stores,
         changes,
@@ -193,26 +210,31 @@ impl Syncer {
         let mut next_full = later(Instant::now(), self.config.sync_period);
         let mut failures = 0u32;
         let mut retry_at: Option<Instant> = None;
-        // The first sync is due now.
+        // The first sync is due now (as kube-proxy's, not a queued change for health).
         let mut pending: Option<Instant> = Some(Instant::now());
-        self.health.queued(SystemTime::now());
         loop {
             if pending.is_none() {
-                tokio::select! {
+                let change = tokio::select! {
                     _ = self.changes.notify.notified() => {
                         if !self.changes.dirty.load(Ordering::Acquire) {
                             continue;
                         }
+                        true
                     }
                     _ = tokio::time::sleep_until(next_full.into()) => {
                         backend.as_mut().expect("backend").invalidate();
+                        false
                     }
                     _ = stopped(&mut stop) => return,
-                }
+                };
                 pending = Some(Instant::now());
-                let now = SystemTime::now();
-                self.health.queued(now);
-                self.metrics.last_queued_timestamp.set(unix_seconds(now));
+                // A change waits for a sync (health and the queued timestamp); the periodic
+                // resync is not one, as in kube-proxy.
+                if change {
+                    let now = SystemTime::now();
+                    self.health.queued(now);
+                    self.metrics.queued(now);
+                }
             }
             // Coalesce: at most one sync per min_sync_period, and wait out a retry backoff.
             let mut earliest =
@@ -273,7 +295,7 @@ impl Syncer {
                     let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
                         .min(Duration::from_secs(30));
                     retry_at = Some(Instant::now() + backoff);
-                    self.metrics.sync_failures.inc();
+                    self.metrics.sync_failed();
                     tracing::error!(
                         "sync failed (the kernel keeps its previous rules), retrying as a full sync in {backoff:?}: {e}"
                     );
@@ -316,25 +338,14 @@ impl Syncer {
         let elapsed = start.elapsed();
         let now = SystemTime::now();
         self.health.updated(now);
-        self.metrics.last_sync_timestamp.set(unix_seconds(now));
-        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
-        match report.kind {
-            SyncKind::Full => self
-                .metrics
-                .full_sync_duration
-                .observe(elapsed.as_secs_f64()),
-            SyncKind::Partial => self
-                .metrics
-                .partial_sync_duration
-                .observe(elapsed.as_secs_f64()),
-        }
+        self.metrics.synced(report.kind, elapsed, now, plan);
         if let Some(since) = pending {
-            self.metrics
-                .network_programming
-                .observe(since.elapsed().as_secs_f64());
+            for family in crate::model::IpFamily::ALL {
+                self.metrics.network_programmed(family, since.elapsed());
+            }
         }
         self.health_checks
-            .update(&health_check_ports(snapshot, plan))
+            .update(&snapshot.node, &serve::health_check_ports(snapshot))
             .await;
         // A sync that found nothing to change (a Node heartbeat, say) is logged quietly.
         macro_rules! synced {
@@ -413,6 +424,7 @@ impl Syncer {
             name: self.config.node_name.clone(),
             ..NodeInfo::default()
         };
+        let mut seen = false;
         if let Some(n) = self
             .stores
             .node
@@ -423,7 +435,10 @@ impl Syncer {
             let (info, node_problems) = convert::node(&n);
             node = info;
             skipped.extend(node_problems);
+            seen = true;
         }
+        // `/healthz` fails while the Node is going away (or unknown), as kube-proxy's.
+        self.health.node(seen.then(|| node.eligible()));
         if !self.config.node_ips.is_empty() {
             node.addresses = self.config.node_ips.clone();
         }
@@ -464,43 +479,12 @@ impl Syncer {
     }
 }
 
-/// The health check node ports this node must answer, with each Service's local endpoint count.
-fn health_check_ports(
-    snapshot: &Snapshot,
-    plan: &Plan,
-) -> BTreeMap<u16, (crate::model::ObjectRef, usize)> {
-    let mut local: BTreeMap<&crate::model::ObjectRef, BTreeSet<IpAddr>> = BTreeMap::new();
-    for d in plan.families.iter().flat_map(|f| &f.destinations) {
-        if let Route::ExternalLocal { local: Some(b), .. } = &d.route {
-            local
-                .entry(&d.service)
-                .or_default()
-                .extend(b.endpoints.iter().map(|e| e.ip()));
-        }
-    }
-    snapshot
-        .services
-        .values()
-        .filter_map(|s| {
-            let port = s.health_check_node_port?;
-            let n = local.get(&s.id).map_or(0, BTreeSet::len);
-            Some((port, (s.id.clone(), n)))
-        })
-        .collect()
-}
-
 /// `t + d`, or as late as an `Instant` goes: configured periods are bounded (Go's ~292 years),
 /// but no configured value may make the agent panic.
 fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .or_else(|| t.checked_add(crate::cli::MAX_DURATION))
         .unwrap_or(t)
-}
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 /// Sends a state line to systemd's notification socket (`$NOTIFY_SOCKET`), if there is one.
