@@ -493,30 +493,26 @@ async fn healthz_fails_while_the_node_goes_away() {
     let body_of = |out: &str| -> Value {
         serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or("")).expect(out)
     };
-    // Eligible once the agent has seen its Node (its watch may come in after the first sync).
-    let mut last = (0, String::new());
-    assert!(
-        eventually(5 * SECOND, || {
+    // Waits (generously) until /healthz answers `code`; returns that answer.
+    let healthz_becomes = |code: u16| async move {
+        let mut last = (0, String::new());
+        let answered = eventually(20 * SECOND, || {
             last = get("/healthz");
-            last.0 == 200
+            last.0 == code
         })
-        .await,
-        "{last:?}"
-    );
+        .await;
+        assert!(answered, "/healthz never answered {code}: {last:?}");
+        last
+    };
+    // Eligible once the agent has seen its Node (its watch may come in after the first sync).
+    healthz_becomes(200).await;
 
     // The autoscaler taints the node: /healthz 503 with nodeEligible false, /livez 200.
     let mut tainted = node();
     tainted["spec"] = json!({"taints": [
         {"key": "ToBeDeletedByClusterAutoscaler", "value": "1795309323", "effect": "NoSchedule"}]});
     api.apply(tainted);
-    assert!(
-        eventually(5 * SECOND, || {
-            last = get("/healthz");
-            last.0 == 503
-        })
-        .await,
-        "{last:?}"
-    );
+    let last = healthz_becomes(503).await;
     let v = body_of(&last.1);
     assert_eq!(v["nodeEligible"], false, "{last:?}");
     assert_eq!(v["healthy"], true, "the proxy itself is healthy: {last:?}");
@@ -526,28 +522,14 @@ async fn healthz_fails_while_the_node_goes_away() {
     let mut other = node();
     other["spec"] = json!({"taints": [{"key": "example.com/maintenance", "effect": "NoSchedule"}]});
     api.apply(other);
-    assert!(
-        eventually(5 * SECOND, || {
-            last = get("/healthz");
-            last.0 == 200
-        })
-        .await,
-        "{last:?}"
-    );
+    healthz_becomes(200).await;
 
     // The Node is being deleted (finalizers hold it): 503 again, /livez still 200.
     let mut deleting = node();
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-22T01:02:03Z");
     deleting["metadata"]["finalizers"] = json!(["example.com/hold"]);
     api.apply(deleting);
-    assert!(
-        eventually(5 * SECOND, || {
-            last = get("/healthz");
-            last.0 == 503
-        })
-        .await,
-        "{last:?}"
-    );
+    let last = healthz_becomes(503).await;
     assert_eq!(body_of(&last.1)["nodeEligible"], false, "{last:?}");
     let (code, livez) = get("/livez");
     assert_eq!(code, 200, "{livez}");
