@@ -12,8 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::model::{
-    EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef, Protocol, ProxyConfig,
-    Service, ServicePort, Snapshot, TrafficPolicy,
+    DetectLocal, EndpointHints, EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef,
+    Protocol, ProxyConfig, Service, ServicePort, Snapshot, TrafficPolicy,
 };
 
 /// The whole plan: one part per IP family, IPv4 first.
@@ -48,12 +48,64 @@ impl fmt::Display for Conflict {
 /// Which traffic to a ClusterIP is masqueraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterIpMasquerade {
-    /// None (no cluster CIDR is known, and masquerade-all is off).
+    /// None (pod traffic cannot be recognised, and masquerade-all is off).
     Never,
-    /// Traffic whose source is outside the cluster CIDRs (it would not find its way back).
-    OutsideClusterCidrs,
+    /// Traffic that is not from a pod ([`FamilyPlan::local_traffic`]): its reply would not
+    /// find its way back through this node otherwise.
+    NotLocal,
     /// All of it (`--masquerade-all`).
     Always,
+}
+
+/// How a packet from a pod is recognised, for one family: kube-proxy's "local traffic
+/// detector" (`detectLocalMode`). It decides two things only: which ClusterIP traffic is
+/// masqueraded ([`ClusterIpMasquerade::NotLocal`]), and which clients of an
+/// externalTrafficPolicy Local address are pods, sent to any endpoint ([`Route::ExternalLocal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// Not recognisable (no CIDR of this family is known): nothing is treated as pod traffic.
+    Unknown,
+    /// Sources inside these CIDRs (`ClusterCIDR`: the cluster's pod network; `NodeCIDR`: the
+    /// Node's `spec.podCIDRs`).
+    FromCidrs(Vec<IpNet>),
+    /// Packets arriving on an interface whose name starts with this prefix
+    /// (`InterfaceNamePrefix`).
+    FromInterfacePrefix(String),
+    /// Packets arriving on this interface (`BridgeInterface`).
+    FromInterface(String),
+}
+
+impl LocalTraffic {
+    /// The detector for `family`, from the configured mode and the Node.
+    pub fn new(
+        mode: &DetectLocal,
+        cluster_cidrs: &[IpNet],
+        node: &NodeInfo,
+        family: IpFamily,
+    ) -> Self {
+        let cidrs = |nets: &[IpNet]| {
+            let mine: Vec<IpNet> = nets
+                .iter()
+                .filter(|n| IpFamily::of_net(n) == family)
+                .map(IpNet::trunc)
+                .collect();
+            if mine.is_empty() {
+                LocalTraffic::Unknown
+            } else {
+                LocalTraffic::FromCidrs(mine)
+            }
+        };
+        match mode {
+            DetectLocal::ClusterCidr => cidrs(cluster_cidrs),
+            DetectLocal::NodeCidr => cidrs(&node.pod_cidrs),
+            DetectLocal::InterfaceNamePrefix(p) => LocalTraffic::FromInterfacePrefix(p.clone()),
+            DetectLocal::BridgeInterface(i) => LocalTraffic::FromInterface(i.clone()),
+        }
+    }
+
+    pub fn is_known(&self) -> bool {
+        *self != LocalTraffic::Unknown
+    }
 }
 
 /// Which destination addresses answer NodePorts, for one family.
@@ -73,7 +125,7 @@ pub enum NodePortMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyPlan {
     pub family: IpFamily,
-    pub cluster_cidrs: Vec<IpNet>,
+    pub local_traffic: LocalTraffic,
     pub clusterip_masquerade: ClusterIpMasquerade,
     pub nodeports: NodePortMatch,
     /// Every ClusterIP in use, with its Service: traffic to a port the Service lacks is rejected.
@@ -163,7 +215,7 @@ pub enum Route {
     /// An external destination with externalTrafficPolicy Local. Clients outside the cluster go
     /// to this node's endpoints only, unmasqueraded so that the pod sees the real client address;
     /// with none (`local: None`) their traffic is dropped (the load balancer's health check sees
-    /// this node as empty). Pods (sources in the cluster CIDRs) and the node itself are not
+    /// this node as empty). Pods ([`FamilyPlan::local_traffic`]) and the node itself are not
     /// "external": they go to the cluster-wide endpoints, and the node's traffic is masqueraded.
     ExternalLocal {
         cluster: Backends,
@@ -193,18 +245,19 @@ pub struct Backends {
 
 /// One endpoint of one Service port, merged over all slices.
 #[derive(Debug, Clone, Copy)]
-struct Candidate {
+struct Candidate<'a> {
     addr: SocketAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
     local: bool,
+    hints: Option<&'a EndpointHints>,
 }
 
 /// The usable endpoints among `candidates`: the ready ones; if there are none, the ones that
 /// are serving but terminating (so that a rolling update or a scale-down to zero does not cut
 /// traffic while the last pods finish).
-fn usable(candidates: impl Iterator<Item = Candidate> + Clone) -> Vec<SocketAddr> {
+fn usable<'a>(candidates: impl Iterator<Item = Candidate<'a>> + Clone) -> Vec<SocketAddr> {
     let ready: Vec<SocketAddr> = candidates
         .clone()
         .filter(|c| c.ready)
@@ -219,15 +272,94 @@ fn usable(candidates: impl Iterator<Item = Candidate> + Clone) -> Vec<SocketAddr
         .collect()
 }
 
+/// Which endpoints cluster-wide traffic may use on this node, as the EndpointSlice controller's
+/// hints say (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go). kube-proxy reads
+/// neither `trafficDistribution` nor the `topology-mode` annotation: the controller turns
+/// them into hints, and the proxy follows the hints it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    /// No usable hints: every endpoint.
+    Any,
+    /// Endpoints hinted for this node (`hints.forNodes`, `PreferSameNode`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (`hints.forZones`, `PreferClose`,
+    /// `PreferSameZone`, `topology-mode: Auto`).
+    SameZone,
+}
+
+impl Topology {
+    /// The mode for one Service port. Only ready endpoints count: node hints are used when
+    /// every ready endpoint has one and at least one names this node; otherwise zone hints,
+    /// when every ready endpoint has one and at least one names this node's zone; otherwise
+    /// none. Hints are all or nothing, so that a half-updated slice (the controller adding
+    /// hints one slice at a time) never concentrates the traffic on the hinted few.
+    fn from_hints(cands: &[Candidate], node_name: &str, zone: Option<&str>) -> Topology {
+        let mut any_ready = false;
+        let (mut all_node_hints, mut for_node) = (true, false);
+        let (mut all_zone_hints, mut for_zone) = (true, false);
+        for c in cands.iter().filter(|c| c.ready) {
+            any_ready = true;
+            let (nodes, zones) = match c.hints {
+                Some(h) => (h.for_nodes.as_slice(), h.for_zones.as_slice()),
+                None => (&[][..], &[][..]),
+            };
+            if nodes.is_empty() {
+                all_node_hints = false;
+            } else if !node_name.is_empty() && nodes.iter().any(|n| n == node_name) {
+                for_node = true;
+            }
+            if zones.is_empty() {
+                all_zone_hints = false;
+            } else if zone.is_some_and(|z| zones.iter().any(|h| h == z)) {
+                for_zone = true;
+            }
+        }
+        if !any_ready {
+            Topology::Any
+        } else if all_node_hints && for_node {
+            Topology::SameNode
+        } else if all_zone_hints && for_zone {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    fn admits(self, c: &Candidate, node_name: &str, zone: Option<&str>) -> bool {
+        let hints = c.hints;
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => hints.is_some_and(|h| h.for_nodes.iter().any(|n| n == node_name)),
+            Topology::SameZone => {
+                hints.is_some_and(|h| zone.is_some_and(|z| h.for_zones.iter().any(|x| x == z)))
+            }
+        }
+    }
+}
+
+/// The endpoints cluster-wide traffic uses: the ready ones the hints give this node; if none is
+/// ready anywhere, the serving-but-terminating ones, hints aside (as kube-proxy's
+/// `CategorizeEndpoints`: the hints only ever name ready endpoints).
+fn cluster_usable(cands: &[Candidate], node_name: &str, zone: Option<&str>) -> Vec<SocketAddr> {
+    match Topology::from_hints(cands, node_name, zone) {
+        Topology::Any => usable(cands.iter().copied()),
+        mode => cands
+            .iter()
+            .filter(|c| c.ready && mode.admits(c, node_name, zone))
+            .map(|c| c.addr)
+            .collect(),
+    }
+}
+
 /// The endpoints of one Service port in one family, from every slice of the Service: each
 /// slice resolves the target port by the Service port's name and protocol in its own port list.
-fn candidates(
-    slices: &[&EndpointSlice],
+fn candidates<'a>(
+    slices: &[&'a EndpointSlice],
     family: IpFamily,
     port: &ServicePort,
     node_name: &str,
-) -> Vec<Candidate> {
-    let mut by_addr: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+) -> Vec<Candidate<'a>> {
+    let mut by_addr: BTreeMap<SocketAddr, Candidate<'a>> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == family) {
         let Some(target) = slice
             .ports
@@ -243,6 +375,7 @@ fn candidates(
                 serving: ep.serving,
                 terminating: ep.terminating,
                 local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
+                hints: ep.hints.as_deref(),
             };
             // The same endpoint in two slices (a pod moving between slices): merge the views.
             by_addr
@@ -252,6 +385,7 @@ fn candidates(
                     m.serving |= c.serving;
                     m.terminating &= c.terminating;
                     m.local |= c.local;
+                    m.hints = m.hints.or(c.hints);
                 })
                 .or_insert(c);
         }
@@ -306,25 +440,23 @@ pub fn plan_counted(snapshot: &Snapshot, config: &ProxyConfig) -> (Plan, Vec<Fam
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyContext {
     pub family: IpFamily,
-    pub cluster_cidrs: Vec<IpNet>,
+    pub local_traffic: LocalTraffic,
     pub clusterip_masquerade: ClusterIpMasquerade,
     pub nodeports: NodePortMatch,
-    /// The node's name: endpoints on it are local.
+    /// The node's name: endpoints on it are local, and node hints name it.
     pub node_name: String,
+    /// The node's zone (its `topology.kubernetes.io/zone` label), for zone hints.
+    pub zone: Option<String>,
 }
 
 impl FamilyContext {
     pub fn new(node: &NodeInfo, config: &ProxyConfig, family: IpFamily) -> FamilyContext {
-        let cluster_cidrs: Vec<IpNet> = config
-            .cluster_cidrs
-            .iter()
-            .filter(|n| IpFamily::of_net(n) == family)
-            .map(IpNet::trunc)
-            .collect();
+        let local_traffic =
+            LocalTraffic::new(&config.detect_local, &config.cluster_cidrs, node, family);
         let clusterip_masquerade = if config.masquerade_all {
             ClusterIpMasquerade::Always
-        } else if !cluster_cidrs.is_empty() {
-            ClusterIpMasquerade::OutsideClusterCidrs
+        } else if local_traffic.is_known() {
+            ClusterIpMasquerade::NotLocal
         } else {
             ClusterIpMasquerade::Never
         };
@@ -351,10 +483,11 @@ impl FamilyContext {
         };
         FamilyContext {
             family,
-            cluster_cidrs,
+            local_traffic,
             clusterip_masquerade,
             nodeports,
             node_name: node.name.clone(),
+            zone: node.zone.clone().filter(|z| !z.is_empty()),
         }
     }
 }
@@ -394,7 +527,7 @@ pub fn plan_service(
                 .filter(|c| c.local && (c.ready || c.serving))
                 .map(|c| c.addr.ip()),
         );
-        let routes = Routes::new(svc, &cands);
+        let routes = Routes::new(ctx, svc, &cands);
         let mut add = |address: Address, port_no: u16, kind: DestinationKind, route: Route| {
             part.destinations.push(Destination {
                 address,
@@ -482,7 +615,7 @@ fn plan_family(
 
     let plan = FamilyPlan {
         family,
-        cluster_cidrs: ctx.cluster_cidrs,
+        local_traffic: ctx.local_traffic,
         clusterip_masquerade: ctx.clusterip_masquerade,
         nodeports: ctx.nodeports,
         cluster_ips,
@@ -507,8 +640,12 @@ struct Routes {
 }
 
 impl Routes {
-    fn new(svc: &Service, cands: &[Candidate]) -> Routes {
-        let cluster = usable(cands.iter().copied());
+    /// kube-proxy's `CategorizeEndpoints`: cluster-wide traffic (ClusterIPs under
+    /// internalTrafficPolicy Cluster, external addresses under externalTrafficPolicy Cluster,
+    /// and pods and the node itself under externalTrafficPolicy Local) follows the topology
+    /// hints; traffic kept on this node by a Local policy ignores them (it is as close as can be).
+    fn new(ctx: &FamilyContext, svc: &Service, cands: &[Candidate]) -> Routes {
+        let cluster = cluster_usable(cands, &ctx.node_name, ctx.zone.as_deref());
         let local = usable(cands.iter().copied().filter(|c| c.local));
         if cluster.is_empty() {
             return Routes {
@@ -581,6 +718,7 @@ mod tests {
             terminating,
             node_name: Some(node.to_string()),
             zone: None,
+            hints: None,
         }
     }
 
