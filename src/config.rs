@@ -1174,4 +1174,92 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
         assert_eq!(again.sync_period, s.sync_period);
         assert_eq!(again.min_sync_period, s.min_sync_period);
     }
+
+    #[test]
+    fn detect_local_modes() {
+        let resolved = |text: &str| resolve(&cfg(text).unwrap(), &FlagOverrides::default());
+        let mode = |text: &str| resolved(text).unwrap().proxy.detect_local;
+        assert_eq!(mode(""), DetectLocal::ClusterCidr);
+        assert_eq!(mode("detectLocalMode: \"\"\n"), DetectLocal::ClusterCidr);
+        assert_eq!(mode("detectLocalMode: NodeCIDR\n"), DetectLocal::NodeCidr);
+        assert_eq!(
+            mode(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: veth}\n"
+            ),
+            DetectLocal::InterfaceNamePrefix("veth".into())
+        );
+        assert_eq!(
+            mode("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: cbr0}\n"),
+            DetectLocal::BridgeInterface("cbr0".into())
+        );
+        // kubeadm writes both names empty: no warning.
+        let s = resolved(
+            "detectLocalMode: ClusterCIDR\ndetectLocal: {bridgeInterface: \"\", interfaceNamePrefix: \"\"}\n",
+        )
+        .unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        // A name for another mode is not used: said so.
+        let s = resolved("detectLocal: {interfaceNamePrefix: veth}\n").unwrap();
+        assert_eq!(s.proxy.detect_local, DetectLocal::ClusterCidr);
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with("detectLocal.interfaceNamePrefix")),
+            "{:?}",
+            s.warnings
+        );
+        // Flags win over the file.
+        let flags = FlagOverrides {
+            detect_local_mode: Some("BridgeInterface".into()),
+            pod_bridge_interface: Some("br0".into()),
+            ..FlagOverrides::default()
+        };
+        let s = resolve(&cfg("detectLocalMode: NodeCIDR\n").unwrap(), &flags).unwrap();
+        assert_eq!(
+            s.proxy.detect_local,
+            DetectLocal::BridgeInterface("br0".into())
+        );
+        // Refused: an unknown mode, a mode without its name, a name no interface can have.
+        for (text, needle) in [
+            ("detectLocalMode: PodCIDR\n", "expected one of"),
+            ("detectLocalMode: InterfaceNamePrefix\n", "must be set"),
+            (
+                "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: \"\"}\n",
+                "must be set",
+            ),
+            (
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: \"ve th\"}\n",
+                "cannot be part",
+            ),
+            (
+                "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: averyverylongbridge}\n",
+                "15 bytes",
+            ),
+        ] {
+            let e = resolved(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        // The effective configuration keeps the mode and its name.
+        let s = resolved(
+            "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}\n",
+        )
+        .unwrap();
+        let again = resolve(
+            &cfg(&effective_yaml(&s)).unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(again.proxy.detect_local, s.proxy.detect_local);
+    }
+
+    #[test]
+    fn prefer_same_traffic_distribution_is_locked_on() {
+        let resolved = |text: &str| resolve(&cfg(text).unwrap(), &FlagOverrides::default());
+        let s = resolved("featureGates: {PreferSameTrafficDistribution: true}\n").unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let e = resolved("featureGates: {PreferSameTrafficDistribution: false}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be turned off"), "{e}");
+    }
 }

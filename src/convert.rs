@@ -1025,4 +1025,70 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "status.addresses[3].address");
     }
+
+    #[test]
+    fn endpoint_hints_are_read() {
+        let s = slice(json!({
+            "metadata": {"name": "s", "namespace": "ns", "labels": {SERVICE_NAME_LABEL: "a"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "b"}, {"name": "a"}, {"name": "a"}],
+                                                      "forNodes": [{"name": "n1"}]}},
+                {"addresses": ["10.0.0.2"], "hints": {}},
+                {"addresses": ["10.0.0.3"]},
+                {"addresses": ["10.0.0.4"], "hints": {"forZones": [{"name": ""}]}},
+            ]
+        }))
+        .unwrap()
+        .unwrap();
+        let hints: Vec<Option<EndpointHints>> = s
+            .endpoints
+            .iter()
+            .map(|e| e.hints.as_deref().cloned())
+            .collect();
+        assert_eq!(
+            hints,
+            vec![
+                Some(EndpointHints {
+                    for_zones: vec!["a".into(), "b".into()],
+                    for_nodes: vec!["n1".into()],
+                }),
+                None,
+                None,
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_topology_values_are_warned_about() {
+        let warnings =
+            |v: serde_json::Value| topology_warnings(&serde_json::from_value(v).unwrap());
+        let spec = json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]});
+        for td in ["PreferClose", "PreferSameZone", "PreferSameNode"] {
+            let mut spec = spec.clone();
+            spec["trafficDistribution"] = json!(td);
+            assert!(warnings(json!({"metadata": {"name": "a"}, "spec": spec})).is_empty());
+        }
+        let mut odd = spec.clone();
+        odd["trafficDistribution"] = json!("PreferNearby");
+        let w = warnings(json!({"metadata": {"name": "a"}, "spec": odd}));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("spec.trafficDistribution: \"PreferNearby\""),
+            "{w:?}"
+        );
+        for (key, value, n) in [
+            (TOPOLOGY_MODE_ANNOTATION, "Auto", 0),
+            (TOPOLOGY_MODE_ANNOTATION, "Disabled", 0),
+            (TOPOLOGY_MODE_ANNOTATION, "aUto", 1),
+            (TOPOLOGY_HINTS_ANNOTATION, "auto", 0),
+            (TOPOLOGY_HINTS_ANNOTATION, "yes", 1),
+        ] {
+            let w = warnings(
+                json!({"metadata": {"name": "a", "annotations": {key: value}}, "spec": spec}),
+            );
+            assert_eq!(w.len(), n, "{key}={value}: {w:?}");
+        }
+    }
 }

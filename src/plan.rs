@@ -1030,4 +1030,597 @@ mod tests {
             NodePortMatch::LocalIn(vec!["192.168.0.0/16".parse().unwrap()])
         );
     }
+
+    /// One endpoint of a topology case, from a compact spelling: the address's last octet,
+    /// then words: `ready`, `unready`, `terminating` (serving, terminating, not ready),
+    /// `dead` (neither ready nor serving), `local`, `z=a,b` (zone hints), `n=me,x` (node hints).
+    fn topo_ep(spec: &str) -> Endpoint {
+        let mut words = spec.split_whitespace();
+        let addr = format!("10.0.0.{}", words.next().unwrap());
+        let mut e = ep(&addr, true, true, false, "other");
+        let mut hints = EndpointHints::default();
+        for w in words {
+            match w {
+                "ready" => {}
+                "unready" | "dead" => (e.ready, e.serving) = (false, false),
+                "terminating" => (e.ready, e.serving, e.terminating) = (false, true, true),
+                "local" => e.node_name = Some("me".into()),
+                _ if w.starts_with("z=") => {
+                    hints.for_zones = w[2..].split(',').map(String::from).collect()
+                }
+                _ if w.starts_with("n=") => {
+                    hints.for_nodes = w[2..].split(',').map(String::from).collect()
+                }
+                other => panic!("unknown word {other:?}"),
+            }
+        }
+        if !hints.for_zones.is_empty() || !hints.for_nodes.is_empty() {
+            e.hints = Some(Box::new(hints));
+        }
+        e
+    }
+
+    struct TopologyCase {
+        name: &'static str,
+        /// The node's `topology.kubernetes.io/zone` label.
+        zone: Option<&'static str>,
+        itp_local: bool,
+        etp_local: bool,
+        /// Externally accessible (a NodePort): only then does externalTrafficPolicy count.
+        external: bool,
+        endpoints: &'static [&'static str],
+        /// The endpoints cluster-wide traffic uses (last octets); `None`: the Service never
+        /// uses cluster-wide endpoints.
+        cluster: Option<&'static [u8]>,
+        /// The endpoints traffic kept on this node uses; `None`: no Local policy applies.
+        local: Option<&'static [u8]>,
+    }
+
+    /// The backends of a forwarding route, as last octets (empty for reject and drop).
+    fn octets(b: Option<&Backends>) -> Vec<u8> {
+        b.map(|b| {
+            b.endpoints
+                .iter()
+                .map(|a| match a.ip() {
+                    IpAddr::V4(v4) => v4.octets()[3],
+                    IpAddr::V6(_) => unreachable!(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The cases of kube-proxy's TestCategorizeEndpoints (pkg/proxy/topology_test.go in
+    /// kubernetes/kubernetes, the table as of 1.31-1.35, endpoints 10.1.2.x renumbered to
+    /// 10.0.0.x), followed by cases for node hints (`PreferSameNode`, KEP-3015) written from
+    /// the rules of `topologyModeFromHints` in pkg/proxy/topology.go (1.33+), whose table
+    /// the reference corpus here lacks. kube-proxy's `clusterEndpoints` is the plan's
+    /// cluster-wide route (the ClusterIP's under internalTrafficPolicy Cluster, else the
+    /// external addresses' cluster part); its `localEndpoints` the node-local one.
+    #[test]
+    fn topology_as_kube_proxy_categorizes_endpoints() {
+        let a = Some("zone-a");
+        let cases = [
+            TopologyCase {
+                name: "topology used: all endpoints have hints, some for the node's zone",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a", "4 z=zone-b", "5 z=zone-c", "6 z=zone-a"],
+                cluster: Some(&[3, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: a,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &[
+                    "3 local z=zone-a",
+                    "4 local z=zone-b",
+                    "5 z=zone-c",
+                    "6 z=zone-a",
+                ],
+                cluster: Some(&[3, 6]),
+                local: Some(&[3, 4]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: a,
+                itp_local: true,
+                etp_local: false,
+                external: true,
+                endpoints: &[
+                    "3 local z=zone-a",
+                    "4 local z=zone-b",
+                    "5 z=zone-c",
+                    "6 z=zone-a",
+                ],
+                cluster: Some(&[3, 6]),
+                local: Some(&[3, 4]),
+            },
+            TopologyCase {
+                name: "empty node labels",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "empty zone label",
+                zone: Some(""),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node in different zone, no endpoint filtering",
+                zone: Some("zone-b"),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "unready endpoint",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 z=zone-a",
+                    "4 z=zone-b",
+                    "5 z=zone-c",
+                    "6 unready z=zone-a",
+                ],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "only unready endpoints in same zone (should not filter)",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 unready z=zone-a",
+                    "4 z=zone-b",
+                    "5 z=zone-c",
+                    "6 unready z=zone-a",
+                ],
+                cluster: Some(&[4, 5]),
+                local: None,
+            },
+            TopologyCase {
+                name: "missing hints, no filtering applied",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a", "4 z=zone-b", "5", "6 z=zone-a"],
+                cluster: Some(&[3, 4, 5, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "multiple hints per endpoint, filtering includes any endpoint with zone included",
+                zone: Some("zone-c"),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 z=zone-a,zone-b,zone-c",
+                    "4 z=zone-b,zone-c",
+                    "5 z=zone-b,zone-d",
+                    "6 z=zone-c",
+                ],
+                cluster: Some(&[3, 4, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "conflicting topology and localness require merging allEndpoints",
+                zone: a,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &[
+                    "0 local z=zone-a",
+                    "1 local z=zone-b",
+                    "2 z=zone-a",
+                    "3 z=zone-b",
+                ],
+                cluster: Some(&[0, 2]),
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, with empty endpoints",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &[],
+                cluster: None,
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, but all endpoints are remote",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0", "1"],
+                cluster: None,
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, all endpoints are local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local", "1 local"],
+                cluster: None,
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, some endpoints are local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local", "1"],
+                cluster: None,
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, endpoints not Ready",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 dead", "1 dead"],
+                cluster: Some(&[]),
+                local: None,
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, some endpoints are Ready",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 dead", "1"],
+                cluster: Some(&[1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, all endpoints are terminating",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 terminating local", "1 terminating"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Cluster, some endpoints local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Cluster, eTP: Local, some endpoints local",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, some endpoints local",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, all endpoints remote",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, all endpoints remote and terminating",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 terminating", "1 terminating"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "iTP: Cluster, eTP: Local, with terminating endpoints",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0", "1 dead local", "2 terminating local", "3 terminating"],
+                cluster: Some(&[0]),
+                local: Some(&[2]),
+            },
+            TopologyCase {
+                name: "externalTrafficPolicy ignored if not externally accessible",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: false,
+                endpoints: &["0", "1 local"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "no cluster endpoints for iTP:Local internal-only service",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0", "1 local"],
+                cluster: None,
+                local: Some(&[1]),
+            },
+            // Node hints (PreferSameNode), from topologyModeFromHints' rules.
+            TopologyCase {
+                name: "node hints: every ready endpoint has one, some name this node",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1 n=x z=zone-a", "2 n=y z=zone-b"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints win over zone hints even for an endpoint hinted elsewhere",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 n=me z=zone-b", "1 n=x z=zone-a"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, none for this node: zone hints decide",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 n=x z=zone-a", "1 n=y z=zone-a", "2 n=z z=zone-b"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, one ready endpoint lacks one: zone hints decide",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1 z=zone-a", "2 n=y z=zone-b"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, neither complete: every endpoint",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1", "2 n=y z=zone-b"],
+                cluster: Some(&[0, 1, 2]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints: an unready endpoint without hints does not count",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me", "1 n=x", "2 unready"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints only, node without a zone label",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me", "1 n=x"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints: externalTrafficPolicy Local ignores them for outside clients",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local n=me", "1 local n=x", "2 n=y"],
+                cluster: Some(&[0]),
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "hints, but no endpoint is ready: terminating ones, hints aside",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 terminating z=zone-b", "1 terminating z=zone-a"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+        ];
+        for case in &cases {
+            let mut svc = service("a", "10.96.0.1");
+            if case.itp_local {
+                svc.internal_policy = TrafficPolicy::Local;
+            }
+            if case.etp_local {
+                svc.external_policy = TrafficPolicy::Local;
+            }
+            if case.external {
+                svc.ports[0].node_port = Some(30000);
+            }
+            let slices = if case.endpoints.is_empty() {
+                vec![]
+            } else {
+                vec![slice(
+                    "a-1",
+                    "a",
+                    "",
+                    80,
+                    case.endpoints.iter().map(|e| topo_ep(e)).collect(),
+                )]
+            };
+            let mut s = snapshot(vec![svc], slices);
+            s.node.zone = case.zone.map(String::from);
+            let p = plan(&s, &ProxyConfig::default());
+            let internal = route_of(&p, Address::Ip(ip("10.96.0.1")), 80);
+            let external = case
+                .external
+                .then(|| route_of(&p, Address::NodePort, 30000));
+            // The cluster-wide route: external traffic's when the Service is reachable from
+            // outside (it is used even under eTP Local, for pods and the node), else the
+            // ClusterIP's under iTP Cluster.
+            let cluster = match (external, case.itp_local) {
+                (Some(Route::ExternalCluster(b)), _) => Some(octets(Some(b))),
+                (Some(Route::ExternalLocal { cluster, .. }), _) => Some(octets(Some(cluster))),
+                (Some(Route::Reject), _) => Some(vec![]),
+                (Some(other), _) => panic!("{}: external route {other:?}", case.name),
+                (None, false) => match internal {
+                    Route::Internal(b) => Some(octets(Some(b))),
+                    Route::Reject => Some(vec![]),
+                    other => panic!("{}: internal route {other:?}", case.name),
+                },
+                (None, true) => None,
+            };
+            let mut local = None;
+            if case.itp_local {
+                local = Some(match internal {
+                    Route::Internal(b) => {
+                        assert_eq!(b.scope, Scope::Local, "{}", case.name);
+                        octets(Some(b))
+                    }
+                    Route::Drop | Route::Reject => vec![],
+                    other => panic!("{}: internal route {other:?}", case.name),
+                });
+            }
+            if case.external && case.etp_local {
+                let l = match external {
+                    Some(Route::ExternalLocal { local, .. }) => octets(local.as_ref()),
+                    Some(Route::Reject) => vec![],
+                    other => panic!("{}: external route {other:?}", case.name),
+                };
+                if let Some(from_itp) = &local {
+                    assert_eq!(from_itp, &l, "{}: local endpoints differ", case.name);
+                }
+                local = Some(l);
+            }
+            assert_eq!(
+                cluster.as_deref(),
+                case.cluster,
+                "{}: cluster endpoints",
+                case.name
+            );
+            assert_eq!(
+                local.as_deref(),
+                case.local,
+                "{}: local endpoints",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn local_traffic_follows_detect_local_mode() {
+        let mut s = snapshot(vec![service("a", "10.96.0.1")], vec![]);
+        s.node.pod_cidrs = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
+        let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        let families = |detect_local: DetectLocal, cluster_cidrs: &[IpNet]| {
+            let cfg = ProxyConfig {
+                detect_local,
+                cluster_cidrs: cluster_cidrs.to_vec(),
+                ..ProxyConfig::default()
+            };
+            let p = plan(&s, &cfg);
+            p.families
+                .iter()
+                .map(|f| (f.local_traffic.clone(), f.clusterip_masquerade))
+                .collect::<Vec<_>>()
+        };
+        use ClusterIpMasquerade::*;
+        assert_eq!(
+            families(DetectLocal::ClusterCidr, &cluster),
+            vec![
+                (LocalTraffic::FromCidrs(cluster.clone()), NotLocal),
+                (LocalTraffic::Unknown, Never)
+            ]
+        );
+        assert_eq!(
+            families(DetectLocal::ClusterCidr, &[]),
+            vec![
+                (LocalTraffic::Unknown, Never),
+                (LocalTraffic::Unknown, Never)
+            ]
+        );
+        assert_eq!(
+            families(DetectLocal::NodeCidr, &cluster),
+            vec![
+                (
+                    LocalTraffic::FromCidrs(vec!["10.244.1.0/24".parse().unwrap()]),
+                    NotLocal
+                ),
+                (
+                    LocalTraffic::FromCidrs(vec!["fd00:1::/64".parse().unwrap()]),
+                    NotLocal
+                ),
+            ]
+        );
+        let prefix = LocalTraffic::FromInterfacePrefix("veth".into());
+        assert_eq!(
+            families(DetectLocal::InterfaceNamePrefix("veth".into()), &[]),
+            vec![(prefix.clone(), NotLocal), (prefix, NotLocal)]
+        );
+        let bridge = LocalTraffic::FromInterface("cbr0".into());
+        assert_eq!(
+            families(DetectLocal::BridgeInterface("cbr0".into()), &[]),
+            vec![(bridge.clone(), NotLocal), (bridge, NotLocal)]
+        );
+    }
 }
