@@ -1028,7 +1028,7 @@ mod tests {
 
     #[test]
     fn endpoint_hints_are_read() {
-        let s = slice(json!({
+        let s = slice_full(json!({
             "metadata": {"name": "s", "namespace": "ns", "labels": {SERVICE_NAME_LABEL: "a"}},
             "addressType": "IPv4",
             "endpoints": [
@@ -1040,7 +1040,8 @@ mod tests {
             ]
         }))
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .object;
         let hints: Vec<Option<EndpointHints>> = s
             .endpoints
             .iter()
