@@ -121,6 +121,7 @@ fn measure(n: usize, backend_name: &str, seconds: u64, runs: usize) {
                 terminating: false,
                 node_name: Some("node-0".into()),
                 zone: None,
+                hints: None,
             }],
         };
         snapshot.slices.insert(slice.id.clone(), slice.into());

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use crate::convert::Converted;
 use crate::manifests;
-use crate::model::{NodeInfo, NodePortAddresses, ProxyConfig, Snapshot};
+use crate::model::{DetectLocal, NodeInfo, NodePortAddresses, ProxyConfig, Snapshot};
 
 /// svcproxy: Kubernetes Services on this node, programmed into nftables (or iptables).
 #[derive(Debug, Parser)]
@@ -148,6 +148,23 @@ pub struct NodeArgs {
     /// The packet mark bit (0-31) that flags packets for masquerading.
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(0..32))]
     pub masquerade_bit: u8,
+    /// How traffic from pods is recognised: ClusterCIDR (sources in --cluster-cidr), NodeCIDR
+    /// (sources in the Node's spec.podCIDRs), InterfaceNamePrefix, BridgeInterface.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "ClusterCIDR",
+        value_parser = clap::builder::PossibleValuesParser::new(crate::config::DETECT_LOCAL_MODES)
+    )]
+    pub detect_local_mode: String,
+    /// With --detect-local-mode InterfaceNamePrefix: pods' interfaces start with this (`veth`).
+    #[arg(long, value_name = "PREFIX", value_parser = crate::config::interface_name,
+          required_if_eq("detect_local_mode", "InterfaceNamePrefix"))]
+    pub pod_interface_name_prefix: Option<String>,
+    /// With --detect-local-mode BridgeInterface: the bridge pods are attached to (`cbr0`).
+    #[arg(long, value_name = "NAME", value_parser = crate::config::interface_name,
+          required_if_eq("detect_local_mode", "BridgeInterface"))]
+    pub pod_bridge_interface: Option<String>,
 }
 
 impl NodeArgs {
@@ -161,7 +178,31 @@ impl NodeArgs {
                 .unwrap_or_default(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
+            detect_local: self.detect_local(),
         }
+    }
+
+    /// clap has checked the flags (a known mode, and the name it needs); a name given for
+    /// another mode is not used, and said so.
+    fn detect_local(&self) -> DetectLocal {
+        let prefix = self.pod_interface_name_prefix.clone();
+        let bridge = self.pod_bridge_interface.clone();
+        let detect = match (self.detect_local_mode.as_str(), &prefix, &bridge) {
+            ("NodeCIDR", _, _) => DetectLocal::NodeCidr,
+            ("InterfaceNamePrefix", Some(p), _) => DetectLocal::InterfaceNamePrefix(p.clone()),
+            ("BridgeInterface", _, Some(b)) => DetectLocal::BridgeInterface(b.clone()),
+            _ => DetectLocal::ClusterCidr,
+        };
+        let mode = detect.mode_name();
+        if prefix.is_some() && mode != "InterfaceNamePrefix" {
+            tracing::warn!(
+                "--pod-interface-name-prefix is not used with --detect-local-mode {mode}"
+            );
+        }
+        if bridge.is_some() && mode != "BridgeInterface" {
+            tracing::warn!("--pod-bridge-interface is not used with --detect-local-mode {mode}");
+        }
+        detect
     }
 
     /// The node name: the flag, else $NODE_NAME, else the host name (as kube-proxy does).
@@ -357,6 +398,16 @@ pub struct RunArgs {
     /// Which local addresses answer NodePorts: `primary`, or comma-separated CIDRs.
     #[arg(long, value_name = "CIDRS|primary", value_delimiter = ',')]
     pub nodeport_addresses: Option<Vec<String>>,
+    /// How traffic from pods is recognised: ClusterCIDR (default), NodeCIDR,
+    /// InterfaceNamePrefix, BridgeInterface (`detectLocalMode`).
+    #[arg(long, value_name = "MODE")]
+    pub detect_local_mode: Option<String>,
+    /// The pods' interface name prefix, for InterfaceNamePrefix (`detectLocal.interfaceNamePrefix`).
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+    /// The pods' bridge, for BridgeInterface (`detectLocal.bridgeInterface`).
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
     /// Masquerade all traffic sent to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -402,6 +453,9 @@ impl RunArgs {
             metrics_bind_address: self.metrics_bind_address.clone(),
             sync_period: self.sync_period.clone(),
             min_sync_period: self.min_sync_period.clone(),
+            detect_local_mode: self.detect_local_mode.clone(),
+            pod_interface_name_prefix: self.pod_interface_name_prefix.clone(),
+            pod_bridge_interface: self.pod_bridge_interface.clone(),
         };
         crate::config::resolve(&file, &flags)
     }

@@ -21,7 +21,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::model::{NodePortAddresses, ProxyConfig};
+use crate::model::{DetectLocal, NodePortAddresses, ProxyConfig};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -77,7 +77,7 @@ pub struct KubeProxyConfiguration {
     pub windows: Option<Value>,
     pub linux: Option<LinuxConfig>,
     pub detect_local_mode: Option<String>,
-    pub detect_local: Option<Value>,
+    pub detect_local: Option<DetectLocalConfig>,
     #[serde(rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
     pub node_port_addresses: Option<Vec<String>>,
@@ -87,6 +87,13 @@ pub struct KubeProxyConfiguration {
     pub port_range: Option<String>,
     pub logging: Option<Value>,
     pub windows_run_as_service: Option<bool>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DetectLocalConfig {
+    pub bridge_interface: Option<String>,
+    pub interface_name_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -251,6 +258,9 @@ pub struct FlagOverrides {
     pub metrics_bind_address: Option<String>,
     pub sync_period: Option<String>,
     pub min_sync_period: Option<String>,
+    pub detect_local_mode: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
+    pub pod_bridge_interface: Option<String>,
 }
 
 /// Feature gates of kube-proxy that svcproxy knows of (accepted; none changes its behaviour).
@@ -262,6 +272,7 @@ const KNOWN_FEATURE_GATES: &[&str] = &[
     "ProxyTerminatingEndpoints",
     "LoadBalancerIPMode",
     "KubeProxyDrainingTerminatingNodes",
+    "PreferSameTrafficDistribution",
     "AllAlpha",
     "AllBeta",
 ];
@@ -271,6 +282,90 @@ const KNOWN_FEATURE_GATES: &[&str] = &[
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 /// kube-proxy's `minSyncPeriod` default.
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+
+/// The modes of kube-proxy's `detectLocalMode`.
+pub const DETECT_LOCAL_MODES: [&str; 4] = [
+    "ClusterCIDR",
+    "NodeCIDR",
+    "InterfaceNamePrefix",
+    "BridgeInterface",
+];
+
+/// An interface name or prefix as `detectLocal` takes it. Beyond kube-proxy's check (not
+/// empty), it must fit in a Linux interface name (15 bytes) and hold no character that the
+/// nftables and iptables spellings give a meaning (quotes, blanks, the `*`/`+` wildcards).
+pub fn interface_name(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if text.len() > 15 {
+        return Err("longer than an interface name (15 bytes)".into());
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | '*' | '+' | '/'))
+    {
+        return Err(format!("{c:?} cannot be part of an interface name"));
+    }
+    Ok(text.to_string())
+}
+
+/// `detectLocalMode` with the `detectLocal` setting it needs, validated as kube-proxy does
+/// (unset or empty: `ClusterCIDR`; `InterfaceNamePrefix` and `BridgeInterface` need their
+/// name). A name given for another mode is not used: that is a warning.
+pub fn detect_local(
+    mode: Option<&str>,
+    prefix: Option<&str>,
+    bridge: Option<&str>,
+    warnings: &mut Vec<String>,
+) -> Result<DetectLocal, ConfigError> {
+    let prefix = prefix.filter(|p| !p.is_empty());
+    let bridge = bridge.filter(|b| !b.is_empty());
+    let named = |field: &str, mode: &str, value: Option<&str>| match value {
+        Some(v) => interface_name(v).map_err(|reason| invalid(field, v, reason)),
+        None => Err(invalid(
+            field,
+            "",
+            format!("must be set when detectLocalMode is {mode}"),
+        )),
+    };
+    let detect = match mode.unwrap_or("") {
+        "" | "ClusterCIDR" => DetectLocal::ClusterCidr,
+        "NodeCIDR" => DetectLocal::NodeCidr,
+        "InterfaceNamePrefix" => DetectLocal::InterfaceNamePrefix(named(
+            "detectLocal.interfaceNamePrefix",
+            "InterfaceNamePrefix",
+            prefix,
+        )?),
+        "BridgeInterface" => DetectLocal::BridgeInterface(named(
+            "detectLocal.bridgeInterface",
+            "BridgeInterface",
+            bridge,
+        )?),
+        other => {
+            return Err(invalid(
+                "detectLocalMode",
+                other,
+                format!("expected one of {}", DETECT_LOCAL_MODES.join(", ")),
+            ));
+        }
+    };
+    if prefix.is_some() && !matches!(detect, DetectLocal::InterfaceNamePrefix(_)) {
+        warnings.push(format!(
+            "detectLocal.interfaceNamePrefix: used only with detectLocalMode InterfaceNamePrefix \
+             (the mode is {}); ignored",
+            detect.mode_name()
+        ));
+    }
+    if bridge.is_some() && !matches!(detect, DetectLocal::BridgeInterface(_)) {
+        warnings.push(format!(
+            "detectLocal.bridgeInterface: used only with detectLocalMode BridgeInterface \
+             (the mode is {}); ignored",
+            detect.mode_name()
+        ));
+    }
+    Ok(detect)
+}
 
 /// Parses a Go duration (`1h0m0s`, `500ms`); negative durations are refused.
 pub fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -389,7 +484,6 @@ pub fn resolve(
         "portRange",
         file.port_range.as_deref().is_some_and(|p| !p.is_empty()),
     );
-    ignored("detectLocal", set(&file.detect_local));
     if let Some(cc) = &file.client_connection {
         ignored(
             "clientConnection.acceptContentTypes",
@@ -455,12 +549,22 @@ pub fn resolve(
         }
     };
 
-    match file.detect_local_mode.as_deref() {
-        None | Some("") | Some("ClusterCIDR") => {}
-        Some(other) => warnings.push(format!(
-            "detectLocalMode: {other:?} is not supported; pods are told apart by clusterCIDR"
-        )),
-    }
+    let file_detect = file.detect_local.clone().unwrap_or_default();
+    let detect_local = detect_local(
+        flags
+            .detect_local_mode
+            .as_deref()
+            .or(file.detect_local_mode.as_deref()),
+        flags
+            .pod_interface_name_prefix
+            .as_deref()
+            .or(file_detect.interface_name_prefix.as_deref()),
+        flags
+            .pod_bridge_interface
+            .as_deref()
+            .or(file_detect.bridge_interface.as_deref()),
+        &mut warnings,
+    )?;
 
     let linux = file.linux.clone().unwrap_or_default();
     let cluster_cidrs = match flags.cluster_cidr.as_ref().or(file.cluster_cidr.as_ref()) {
@@ -579,7 +683,15 @@ pub fn resolve(
     )?;
 
     let feature_gates = file.feature_gates.clone().unwrap_or_default();
-    for gate in feature_gates.keys() {
+    for (gate, on) in &feature_gates {
+        // GA and locked on in kube-proxy 1.35, which refuses to start with it off.
+        if gate == "PreferSameTrafficDistribution" && !on {
+            return Err(invalid(
+                "featureGates.PreferSameTrafficDistribution",
+                "false",
+                "the feature is GA and cannot be turned off (node hints are always followed)",
+            ));
+        }
         if !KNOWN_FEATURE_GATES.contains(&gate.as_str()) {
             warnings.push(format!("featureGates.{gate}: unknown to svcproxy, ignored"));
         }
@@ -604,6 +716,7 @@ pub fn resolve(
             nodeport_addresses,
             masquerade_all,
             masquerade_bit: masquerade_bit as u8,
+            detect_local,
         },
         node_ip,
         healthz_bind_address: bind("healthzBindAddress", &healthz, 10256)?,
@@ -755,7 +868,12 @@ pub fn effective_yaml(s: &Settings) -> String {
         "healthzBindAddress": addr(&s.healthz_bind_address),
         "metricsBindAddress": addr(&s.metrics_bind_address),
         "clusterCIDR": s.proxy.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        "detectLocalMode": "ClusterCIDR",
+        "detectLocalMode": s.proxy.detect_local.mode_name(),
+        "detectLocal": match &s.proxy.detect_local {
+            DetectLocal::InterfaceNamePrefix(p) => json!({"interfaceNamePrefix": p}),
+            DetectLocal::BridgeInterface(b) => json!({"bridgeInterface": b}),
+            _ => json!({}),
+        },
         "nodePortAddresses": nodeport,
         "clientConnection": {"kubeconfig": s.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default()},
         s.mode.as_str(): {
@@ -1055,5 +1173,93 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
         assert_eq!(again.proxy, s.proxy);
         assert_eq!(again.sync_period, s.sync_period);
         assert_eq!(again.min_sync_period, s.min_sync_period);
+    }
+
+    #[test]
+    fn detect_local_modes() {
+        let resolved = |text: &str| resolve(&cfg(text).unwrap(), &FlagOverrides::default());
+        let mode = |text: &str| resolved(text).unwrap().proxy.detect_local;
+        assert_eq!(mode(""), DetectLocal::ClusterCidr);
+        assert_eq!(mode("detectLocalMode: \"\"\n"), DetectLocal::ClusterCidr);
+        assert_eq!(mode("detectLocalMode: NodeCIDR\n"), DetectLocal::NodeCidr);
+        assert_eq!(
+            mode(
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: veth}\n"
+            ),
+            DetectLocal::InterfaceNamePrefix("veth".into())
+        );
+        assert_eq!(
+            mode("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: cbr0}\n"),
+            DetectLocal::BridgeInterface("cbr0".into())
+        );
+        // kubeadm writes both names empty: no warning.
+        let s = resolved(
+            "detectLocalMode: ClusterCIDR\ndetectLocal: {bridgeInterface: \"\", interfaceNamePrefix: \"\"}\n",
+        )
+        .unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        // A name for another mode is not used: said so.
+        let s = resolved("detectLocal: {interfaceNamePrefix: veth}\n").unwrap();
+        assert_eq!(s.proxy.detect_local, DetectLocal::ClusterCidr);
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with("detectLocal.interfaceNamePrefix")),
+            "{:?}",
+            s.warnings
+        );
+        // Flags win over the file.
+        let flags = FlagOverrides {
+            detect_local_mode: Some("BridgeInterface".into()),
+            pod_bridge_interface: Some("br0".into()),
+            ..FlagOverrides::default()
+        };
+        let s = resolve(&cfg("detectLocalMode: NodeCIDR\n").unwrap(), &flags).unwrap();
+        assert_eq!(
+            s.proxy.detect_local,
+            DetectLocal::BridgeInterface("br0".into())
+        );
+        // Refused: an unknown mode, a mode without its name, a name no interface can have.
+        for (text, needle) in [
+            ("detectLocalMode: PodCIDR\n", "expected one of"),
+            ("detectLocalMode: InterfaceNamePrefix\n", "must be set"),
+            (
+                "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: \"\"}\n",
+                "must be set",
+            ),
+            (
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: \"ve th\"}\n",
+                "cannot be part",
+            ),
+            (
+                "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: averyverylongbridge}\n",
+                "15 bytes",
+            ),
+        ] {
+            let e = resolved(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        // The effective configuration keeps the mode and its name.
+        let s = resolved(
+            "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}\n",
+        )
+        .unwrap();
+        let again = resolve(
+            &cfg(&effective_yaml(&s)).unwrap(),
+            &FlagOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(again.proxy.detect_local, s.proxy.detect_local);
+    }
+
+    #[test]
+    fn prefer_same_traffic_distribution_is_locked_on() {
+        let resolved = |text: &str| resolve(&cfg(text).unwrap(), &FlagOverrides::default());
+        let s = resolved("featureGates: {PreferSameTrafficDistribution: true}\n").unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let e = resolved("featureGates: {PreferSameTrafficDistribution: false}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be turned off"), "{e}");
     }
 }

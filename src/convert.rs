@@ -23,8 +23,8 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol, Service,
-    ServicePort, TrafficPolicy,
+    Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol,
+    Service, ServicePort, TrafficPolicy,
 };
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -33,6 +33,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Node label holding the node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Annotation asking the EndpointSlice controller for topology-aware routing (`Auto`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// Its deprecated predecessor, read by the controller when the first is absent.
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 /// kube-proxy's default ClientIP affinity timeout: 3 hours.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 /// The API's upper bound for `sessionAffinityConfig.clientIP.timeoutSeconds`: one day.
@@ -428,6 +432,10 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         _ => None,
     };
 
+    for w in topology_warnings(svc) {
+        tracing::warn!("Service {object}: {w}");
+    }
+
     Ok(Some(Usable {
         object: Service {
             id,
@@ -442,6 +450,75 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         },
         skipped,
     }))
+}
+
+/// What a Service asks of topology that svcproxy does not know. Like kube-proxy, svcproxy
+/// reads neither `spec.trafficDistribution` nor the topology annotations: the EndpointSlice
+/// controller turns them into hints, and the hints decide (see `plan`). A value the controller
+/// does not know publishes no hints, so every endpoint is used: that is worth a warning.
+pub fn topology_warnings(svc: &core::Service) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(td) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        && !matches!(td, "" | "PreferClose" | "PreferSameZone" | "PreferSameNode")
+    {
+        out.push(format!(
+            "spec.trafficDistribution: {td:?} is not known to svcproxy (PreferClose, \
+             PreferSameZone, PreferSameNode); the EndpointSlice hints are followed as published"
+        ));
+    }
+    let annotations = svc.metadata.annotations.as_ref();
+    let annotation = [TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_HINTS_ANNOTATION]
+        .into_iter()
+        .find_map(|key| Some((key, annotations?.get(key)?)));
+    if let Some((key, value)) = annotation
+        && !matches!(
+            value.as_str(),
+            "" | "Auto" | "auto" | "Disabled" | "disabled"
+        )
+    {
+        out.push(format!(
+            "metadata.annotations[{key}]: {value:?} is neither Auto nor Disabled: the \
+             EndpointSlice controller publishes no hints for it, and every endpoint is used"
+        ));
+    }
+    out
+}
+
+/// An endpoint's `hints`, sorted and without duplicates or empty names; `None` when it has none.
+fn endpoint_hints(hints: Option<&discovery::EndpointHints>) -> Option<Box<EndpointHints>> {
+    let hints = hints?;
+    let names = |names: Vec<&str>| {
+        let mut v: Vec<String> = names
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let h = EndpointHints {
+        for_zones: names(
+            hints
+                .for_zones
+                .iter()
+                .flatten()
+                .map(|z| z.name.as_str())
+                .collect(),
+        ),
+        for_nodes: names(
+            hints
+                .for_nodes
+                .iter()
+                .flatten()
+                .map(|n| n.name.as_str())
+                .collect(),
+        ),
+    };
+    (!h.for_zones.is_empty() || !h.for_nodes.is_empty()).then(|| Box::new(h))
 }
 
 /// Converts an EndpointSlice. `Ok(None)`: a slice the proxy does not use (FQDN, or no owning
@@ -539,6 +616,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> ConvertResult<Endpoin
             terminating,
             node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
             zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            hints: endpoint_hints(ep.hints.as_ref()),
         });
     }
 
@@ -957,5 +1035,72 @@ mod tests {
         assert_eq!(info.pod_cidrs.len(), 1);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "status.addresses[3].address");
+    }
+
+    #[test]
+    fn endpoint_hints_are_read() {
+        let s = slice_full(json!({
+            "metadata": {"name": "s", "namespace": "ns", "labels": {SERVICE_NAME_LABEL: "a"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "b"}, {"name": "a"}, {"name": "a"}],
+                                                      "forNodes": [{"name": "n1"}]}},
+                {"addresses": ["10.0.0.2"], "hints": {}},
+                {"addresses": ["10.0.0.3"]},
+                {"addresses": ["10.0.0.4"], "hints": {"forZones": [{"name": ""}]}},
+            ]
+        }))
+        .unwrap()
+        .unwrap()
+        .object;
+        let hints: Vec<Option<EndpointHints>> = s
+            .endpoints
+            .iter()
+            .map(|e| e.hints.as_deref().cloned())
+            .collect();
+        assert_eq!(
+            hints,
+            vec![
+                Some(EndpointHints {
+                    for_zones: vec!["a".into(), "b".into()],
+                    for_nodes: vec!["n1".into()],
+                }),
+                None,
+                None,
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_topology_values_are_warned_about() {
+        let warnings =
+            |v: serde_json::Value| topology_warnings(&serde_json::from_value(v).unwrap());
+        let spec = json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]});
+        for td in ["PreferClose", "PreferSameZone", "PreferSameNode"] {
+            let mut spec = spec.clone();
+            spec["trafficDistribution"] = json!(td);
+            assert!(warnings(json!({"metadata": {"name": "a"}, "spec": spec})).is_empty());
+        }
+        let mut odd = spec.clone();
+        odd["trafficDistribution"] = json!("PreferNearby");
+        let w = warnings(json!({"metadata": {"name": "a"}, "spec": odd}));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("spec.trafficDistribution: \"PreferNearby\""),
+            "{w:?}"
+        );
+        for (key, value, n) in [
+            (TOPOLOGY_MODE_ANNOTATION, "Auto", 0),
+            (TOPOLOGY_MODE_ANNOTATION, "Disabled", 0),
+            (TOPOLOGY_MODE_ANNOTATION, "aUto", 1),
+            (TOPOLOGY_HINTS_ANNOTATION, "auto", 0),
+            (TOPOLOGY_HINTS_ANNOTATION, "yes", 1),
+        ] {
+            let w = warnings(
+                json!({"metadata": {"name": "a", "annotations": {key: value}}, "spec": spec}),
+            );
+            assert_eq!(w.len(), n, "{key}={value}: {w:?}");
+        }
     }
 }

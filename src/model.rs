@@ -131,6 +131,18 @@ pub struct Endpoint {
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone: Option<String>,
+    /// `hints`: where the EndpointSlice controller wants this endpoint used (topology-aware
+    /// routing, `trafficDistribution`). `None` when the endpoint has no hint at all; boxed
+    /// because most endpoints have none and a cluster has millions of endpoints.
+    pub hints: Option<Box<EndpointHints>>,
+}
+
+/// An endpoint's topology hints (`hints.forZones[].name`, `hints.forNodes[].name`), each list
+/// sorted and without duplicates; at least one of them is non-empty.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EndpointHints {
+    pub for_zones: Vec<String>,
+    pub for_nodes: Vec<String>,
 }
 
 /// One port of an EndpointSlice: the Service port name it serves and the number the pods listen on.
@@ -195,18 +207,49 @@ pub enum NodePortAddresses {
     Cidrs(Vec<IpNet>),
 }
 
+/// How traffic from this node's pods is told apart from other traffic (kube-proxy's
+/// `detectLocalMode`). "Local" traffic is what ClusterIP masquerading leaves alone (unless
+/// masquerade-all) and what reaches externalTrafficPolicy Local addresses through any endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DetectLocal {
+    /// Sources inside [`ProxyConfig::cluster_cidrs`] (of the packet's family).
+    #[default]
+    ClusterCidr,
+    /// Sources inside the Node's `spec.podCIDRs` (of the packet's family).
+    NodeCidr,
+    /// Packets arriving on an interface whose name starts with this prefix (`veth`, `cali`).
+    InterfaceNamePrefix(String),
+    /// Packets arriving on this bridge (`cbr0`).
+    BridgeInterface(String),
+}
+
+impl DetectLocal {
+    /// kube-proxy's name of the mode.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            DetectLocal::ClusterCidr => "ClusterCIDR",
+            DetectLocal::NodeCidr => "NodeCIDR",
+            DetectLocal::InterfaceNamePrefix(_) => "InterfaceNamePrefix",
+            DetectLocal::BridgeInterface(_) => "BridgeInterface",
+        }
+    }
+}
+
 /// How the proxy is configured on this node: everything the compiler needs that is not a
 /// Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
-    /// The pod network(s) of the cluster; traffic from outside it to a ClusterIP is masqueraded.
-    /// Empty means unknown: then no such masquerading (as kube-proxy without `--cluster-cidr`).
+    /// The pod network(s) of the cluster. With `detectLocalMode: ClusterCIDR` (the default),
+    /// traffic from outside it to a ClusterIP is masqueraded; empty means unknown: then no such
+    /// masquerading (as kube-proxy without `--cluster-cidr`).
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: NodePortAddresses,
     /// Masquerade all traffic to ClusterIPs.
     pub masquerade_all: bool,
     /// The packet mark bit used to flag packets for masquerading (kube-proxy's default 14).
     pub masquerade_bit: u8,
+    /// How pod traffic is recognised (`detectLocalMode`).
+    pub detect_local: DetectLocal,
 }
 
 impl Default for ProxyConfig {
@@ -216,6 +259,7 @@ impl Default for ProxyConfig {
             nodeport_addresses: NodePortAddresses::All,
             masquerade_all: false,
             masquerade_bit: 14,
+            detect_local: DetectLocal::ClusterCidr,
         }
     }
 }

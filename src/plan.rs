@@ -12,8 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::model::{
-    EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef, Protocol, ProxyConfig,
-    Service, ServicePort, Snapshot, TrafficPolicy,
+    DetectLocal, EndpointHints, EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef,
+    Protocol, ProxyConfig, Service, ServicePort, Snapshot, TrafficPolicy,
 };
 
 /// The whole plan: one part per IP family, IPv4 first.
@@ -48,12 +48,64 @@ impl fmt::Display for Conflict {
 /// Which traffic to a ClusterIP is masqueraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterIpMasquerade {
-    /// None (no cluster CIDR is known, and masquerade-all is off).
+    /// None (pod traffic cannot be recognised, and masquerade-all is off).
     Never,
-    /// Traffic whose source is outside the cluster CIDRs (it would not find its way back).
-    OutsideClusterCidrs,
+    /// Traffic that is not from a pod ([`FamilyPlan::local_traffic`]): its reply would not
+    /// find its way back through this node otherwise.
+    NotLocal,
     /// All of it (`--masquerade-all`).
     Always,
+}
+
+/// How a packet from a pod is recognised, for one family: kube-proxy's "local traffic
+/// detector" (`detectLocalMode`). It decides two things only: which ClusterIP traffic is
+/// masqueraded ([`ClusterIpMasquerade::NotLocal`]), and which clients of an
+/// externalTrafficPolicy Local address are pods, sent to any endpoint ([`Route::ExternalLocal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// Not recognisable (no CIDR of this family is known): nothing is treated as pod traffic.
+    Unknown,
+    /// Sources inside these CIDRs (`ClusterCIDR`: the cluster's pod network; `NodeCIDR`: the
+    /// Node's `spec.podCIDRs`).
+    FromCidrs(Vec<IpNet>),
+    /// Packets arriving on an interface whose name starts with this prefix
+    /// (`InterfaceNamePrefix`).
+    FromInterfacePrefix(String),
+    /// Packets arriving on this interface (`BridgeInterface`).
+    FromInterface(String),
+}
+
+impl LocalTraffic {
+    /// The detector for `family`, from the configured mode and the Node.
+    pub fn new(
+        mode: &DetectLocal,
+        cluster_cidrs: &[IpNet],
+        node: &NodeInfo,
+        family: IpFamily,
+    ) -> Self {
+        let cidrs = |nets: &[IpNet]| {
+            let mine: Vec<IpNet> = nets
+                .iter()
+                .filter(|n| IpFamily::of_net(n) == family)
+                .map(IpNet::trunc)
+                .collect();
+            if mine.is_empty() {
+                LocalTraffic::Unknown
+            } else {
+                LocalTraffic::FromCidrs(mine)
+            }
+        };
+        match mode {
+            DetectLocal::ClusterCidr => cidrs(cluster_cidrs),
+            DetectLocal::NodeCidr => cidrs(&node.pod_cidrs),
+            DetectLocal::InterfaceNamePrefix(p) => LocalTraffic::FromInterfacePrefix(p.clone()),
+            DetectLocal::BridgeInterface(i) => LocalTraffic::FromInterface(i.clone()),
+        }
+    }
+
+    pub fn is_known(&self) -> bool {
+        *self != LocalTraffic::Unknown
+    }
 }
 
 /// Which destination addresses answer NodePorts, for one family.
@@ -73,7 +125,7 @@ pub enum NodePortMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyPlan {
     pub family: IpFamily,
-    pub cluster_cidrs: Vec<IpNet>,
+    pub local_traffic: LocalTraffic,
     pub clusterip_masquerade: ClusterIpMasquerade,
     pub nodeports: NodePortMatch,
     /// Every ClusterIP in use, with its Service: traffic to a port the Service lacks is rejected.
@@ -163,7 +215,7 @@ pub enum Route {
     /// An external destination with externalTrafficPolicy Local. Clients outside the cluster go
     /// to this node's endpoints only, unmasqueraded so that the pod sees the real client address;
     /// with none (`local: None`) their traffic is dropped (the load balancer's health check sees
-    /// this node as empty). Pods (sources in the cluster CIDRs) and the node itself are not
+    /// this node as empty). Pods ([`FamilyPlan::local_traffic`]) and the node itself are not
     /// "external": they go to the cluster-wide endpoints, and the node's traffic is masqueraded.
     ExternalLocal {
         cluster: Backends,
@@ -193,18 +245,19 @@ pub struct Backends {
 
 /// One endpoint of one Service port, merged over all slices.
 #[derive(Debug, Clone, Copy)]
-struct Candidate {
+struct Candidate<'a> {
     addr: SocketAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
     local: bool,
+    hints: Option<&'a EndpointHints>,
 }
 
 /// The usable endpoints among `candidates`: the ready ones; if there are none, the ones that
 /// are serving but terminating (so that a rolling update or a scale-down to zero does not cut
 /// traffic while the last pods finish).
-fn usable(candidates: impl Iterator<Item = Candidate> + Clone) -> Vec<SocketAddr> {
+fn usable<'a>(candidates: impl Iterator<Item = Candidate<'a>> + Clone) -> Vec<SocketAddr> {
     let ready: Vec<SocketAddr> = candidates
         .clone()
         .filter(|c| c.ready)
@@ -219,15 +272,94 @@ fn usable(candidates: impl Iterator<Item = Candidate> + Clone) -> Vec<SocketAddr
         .collect()
 }
 
+/// Which endpoints cluster-wide traffic may use on this node, as the EndpointSlice controller's
+/// hints say (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go). kube-proxy reads
+/// neither `trafficDistribution` nor the `topology-mode` annotation: the controller turns
+/// them into hints, and the proxy follows the hints it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    /// No usable hints: every endpoint.
+    Any,
+    /// Endpoints hinted for this node (`hints.forNodes`, `PreferSameNode`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (`hints.forZones`, `PreferClose`,
+    /// `PreferSameZone`, `topology-mode: Auto`).
+    SameZone,
+}
+
+impl Topology {
+    /// The mode for one Service port. Only ready endpoints count: node hints are used when
+    /// every ready endpoint has one and at least one names this node; otherwise zone hints,
+    /// when every ready endpoint has one and at least one names this node's zone; otherwise
+    /// none. Hints are all or nothing, so that a half-updated slice (the controller adding
+    /// hints one slice at a time) never concentrates the traffic on the hinted few.
+    fn from_hints(cands: &[Candidate], node_name: &str, zone: Option<&str>) -> Topology {
+        let mut any_ready = false;
+        let (mut all_node_hints, mut for_node) = (true, false);
+        let (mut all_zone_hints, mut for_zone) = (true, false);
+        for c in cands.iter().filter(|c| c.ready) {
+            any_ready = true;
+            let (nodes, zones) = match c.hints {
+                Some(h) => (h.for_nodes.as_slice(), h.for_zones.as_slice()),
+                None => (&[][..], &[][..]),
+            };
+            if nodes.is_empty() {
+                all_node_hints = false;
+            } else if !node_name.is_empty() && nodes.iter().any(|n| n == node_name) {
+                for_node = true;
+            }
+            if zones.is_empty() {
+                all_zone_hints = false;
+            } else if zone.is_some_and(|z| zones.iter().any(|h| h == z)) {
+                for_zone = true;
+            }
+        }
+        if !any_ready {
+            Topology::Any
+        } else if all_node_hints && for_node {
+            Topology::SameNode
+        } else if all_zone_hints && for_zone {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    fn admits(self, c: &Candidate, node_name: &str, zone: Option<&str>) -> bool {
+        let hints = c.hints;
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => hints.is_some_and(|h| h.for_nodes.iter().any(|n| n == node_name)),
+            Topology::SameZone => {
+                hints.is_some_and(|h| zone.is_some_and(|z| h.for_zones.iter().any(|x| x == z)))
+            }
+        }
+    }
+}
+
+/// The endpoints cluster-wide traffic uses: the ready ones the hints give this node; if none is
+/// ready anywhere, the serving-but-terminating ones, hints aside (as kube-proxy's
+/// `CategorizeEndpoints`: the hints only ever name ready endpoints).
+fn cluster_usable(cands: &[Candidate], node_name: &str, zone: Option<&str>) -> Vec<SocketAddr> {
+    match Topology::from_hints(cands, node_name, zone) {
+        Topology::Any => usable(cands.iter().copied()),
+        mode => cands
+            .iter()
+            .filter(|c| c.ready && mode.admits(c, node_name, zone))
+            .map(|c| c.addr)
+            .collect(),
+    }
+}
+
 /// The endpoints of one Service port in one family, from every slice of the Service: each
 /// slice resolves the target port by the Service port's name and protocol in its own port list.
-fn candidates(
-    slices: &[&EndpointSlice],
+fn candidates<'a>(
+    slices: &[&'a EndpointSlice],
     family: IpFamily,
     port: &ServicePort,
     node_name: &str,
-) -> Vec<Candidate> {
-    let mut by_addr: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+) -> Vec<Candidate<'a>> {
+    let mut by_addr: BTreeMap<SocketAddr, Candidate<'a>> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == family) {
         let Some(target) = slice
             .ports
@@ -243,6 +375,7 @@ fn candidates(
                 serving: ep.serving,
                 terminating: ep.terminating,
                 local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
+                hints: ep.hints.as_deref(),
             };
             // The same endpoint in two slices (a pod moving between slices): merge the views.
             by_addr
@@ -252,6 +385,7 @@ fn candidates(
                     m.serving |= c.serving;
                     m.terminating &= c.terminating;
                     m.local |= c.local;
+                    m.hints = m.hints.or(c.hints);
                 })
                 .or_insert(c);
         }
@@ -306,25 +440,23 @@ pub fn plan_counted(snapshot: &Snapshot, config: &ProxyConfig) -> (Plan, Vec<Fam
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyContext {
     pub family: IpFamily,
-    pub cluster_cidrs: Vec<IpNet>,
+    pub local_traffic: LocalTraffic,
     pub clusterip_masquerade: ClusterIpMasquerade,
     pub nodeports: NodePortMatch,
-    /// The node's name: endpoints on it are local.
+    /// The node's name: endpoints on it are local, and node hints name it.
     pub node_name: String,
+    /// The node's zone (its `topology.kubernetes.io/zone` label), for zone hints.
+    pub zone: Option<String>,
 }
 
 impl FamilyContext {
     pub fn new(node: &NodeInfo, config: &ProxyConfig, family: IpFamily) -> FamilyContext {
-        let cluster_cidrs: Vec<IpNet> = config
-            .cluster_cidrs
-            .iter()
-            .filter(|n| IpFamily::of_net(n) == family)
-            .map(IpNet::trunc)
-            .collect();
+        let local_traffic =
+            LocalTraffic::new(&config.detect_local, &config.cluster_cidrs, node, family);
         let clusterip_masquerade = if config.masquerade_all {
             ClusterIpMasquerade::Always
-        } else if !cluster_cidrs.is_empty() {
-            ClusterIpMasquerade::OutsideClusterCidrs
+        } else if local_traffic.is_known() {
+            ClusterIpMasquerade::NotLocal
         } else {
             ClusterIpMasquerade::Never
         };
@@ -351,10 +483,11 @@ impl FamilyContext {
         };
         FamilyContext {
             family,
-            cluster_cidrs,
+            local_traffic,
             clusterip_masquerade,
             nodeports,
             node_name: node.name.clone(),
+            zone: node.zone.clone().filter(|z| !z.is_empty()),
         }
     }
 }
@@ -394,7 +527,7 @@ pub fn plan_service(
                 .filter(|c| c.local && (c.ready || c.serving))
                 .map(|c| c.addr.ip()),
         );
-        let routes = Routes::new(svc, &cands);
+        let routes = Routes::new(ctx, svc, &cands);
         let mut add = |address: Address, port_no: u16, kind: DestinationKind, route: Route| {
             part.destinations.push(Destination {
                 address,
@@ -482,7 +615,7 @@ fn plan_family(
 
     let plan = FamilyPlan {
         family,
-        cluster_cidrs: ctx.cluster_cidrs,
+        local_traffic: ctx.local_traffic,
         clusterip_masquerade: ctx.clusterip_masquerade,
         nodeports: ctx.nodeports,
         cluster_ips,
@@ -507,8 +640,12 @@ struct Routes {
 }
 
 impl Routes {
-    fn new(svc: &Service, cands: &[Candidate]) -> Routes {
-        let cluster = usable(cands.iter().copied());
+    /// kube-proxy's `CategorizeEndpoints`: cluster-wide traffic (ClusterIPs under
+    /// internalTrafficPolicy Cluster, external addresses under externalTrafficPolicy Cluster,
+    /// and pods and the node itself under externalTrafficPolicy Local) follows the topology
+    /// hints; traffic kept on this node by a Local policy ignores them (it is as close as can be).
+    fn new(ctx: &FamilyContext, svc: &Service, cands: &[Candidate]) -> Routes {
+        let cluster = cluster_usable(cands, &ctx.node_name, ctx.zone.as_deref());
         let local = usable(cands.iter().copied().filter(|c| c.local));
         if cluster.is_empty() {
             return Routes {
@@ -581,6 +718,7 @@ mod tests {
             terminating,
             node_name: Some(node.to_string()),
             zone: None,
+            hints: None,
         }
     }
 
@@ -890,6 +1028,599 @@ mod tests {
         assert_eq!(
             p.families[0].nodeports,
             NodePortMatch::LocalIn(vec!["192.168.0.0/16".parse().unwrap()])
+        );
+    }
+
+    /// One endpoint of a topology case, from a compact spelling: the address's last octet,
+    /// then words: `ready`, `unready`, `terminating` (serving, terminating, not ready),
+    /// `dead` (neither ready nor serving), `local`, `z=a,b` (zone hints), `n=me,x` (node hints).
+    fn topo_ep(spec: &str) -> Endpoint {
+        let mut words = spec.split_whitespace();
+        let addr = format!("10.0.0.{}", words.next().unwrap());
+        let mut e = ep(&addr, true, true, false, "other");
+        let mut hints = EndpointHints::default();
+        for w in words {
+            match w {
+                "ready" => {}
+                "unready" | "dead" => (e.ready, e.serving) = (false, false),
+                "terminating" => (e.ready, e.serving, e.terminating) = (false, true, true),
+                "local" => e.node_name = Some("me".into()),
+                _ if w.starts_with("z=") => {
+                    hints.for_zones = w[2..].split(',').map(String::from).collect()
+                }
+                _ if w.starts_with("n=") => {
+                    hints.for_nodes = w[2..].split(',').map(String::from).collect()
+                }
+                other => panic!("unknown word {other:?}"),
+            }
+        }
+        if !hints.for_zones.is_empty() || !hints.for_nodes.is_empty() {
+            e.hints = Some(Box::new(hints));
+        }
+        e
+    }
+
+    struct TopologyCase {
+        name: &'static str,
+        /// The node's `topology.kubernetes.io/zone` label.
+        zone: Option<&'static str>,
+        itp_local: bool,
+        etp_local: bool,
+        /// Externally accessible (a NodePort): only then does externalTrafficPolicy count.
+        external: bool,
+        endpoints: &'static [&'static str],
+        /// The endpoints cluster-wide traffic uses (last octets); `None`: the Service never
+        /// uses cluster-wide endpoints.
+        cluster: Option<&'static [u8]>,
+        /// The endpoints traffic kept on this node uses; `None`: no Local policy applies.
+        local: Option<&'static [u8]>,
+    }
+
+    /// The backends of a forwarding route, as last octets (empty for reject and drop).
+    fn octets(b: Option<&Backends>) -> Vec<u8> {
+        b.map(|b| {
+            b.endpoints
+                .iter()
+                .map(|a| match a.ip() {
+                    IpAddr::V4(v4) => v4.octets()[3],
+                    IpAddr::V6(_) => unreachable!(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The cases of kube-proxy's TestCategorizeEndpoints (pkg/proxy/topology_test.go in
+    /// kubernetes/kubernetes, the table as of 1.31-1.35, endpoints 10.1.2.x renumbered to
+    /// 10.0.0.x), followed by cases for node hints (`PreferSameNode`, KEP-3015) written from
+    /// the rules of `topologyModeFromHints` in pkg/proxy/topology.go (1.33+), whose table
+    /// the reference corpus here lacks. kube-proxy's `clusterEndpoints` is the plan's
+    /// cluster-wide route (the ClusterIP's under internalTrafficPolicy Cluster, else the
+    /// external addresses' cluster part); its `localEndpoints` the node-local one.
+    #[test]
+    fn topology_as_kube_proxy_categorizes_endpoints() {
+        let a = Some("zone-a");
+        let cases = [
+            TopologyCase {
+                name: "topology used: all endpoints have hints, some for the node's zone",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a", "4 z=zone-b", "5 z=zone-c", "6 z=zone-a"],
+                cluster: Some(&[3, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: a,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &[
+                    "3 local z=zone-a",
+                    "4 local z=zone-b",
+                    "5 z=zone-c",
+                    "6 z=zone-a",
+                ],
+                cluster: Some(&[3, 6]),
+                local: Some(&[3, 4]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, topology ignored for Local endpoints",
+                zone: a,
+                itp_local: true,
+                etp_local: false,
+                external: true,
+                endpoints: &[
+                    "3 local z=zone-a",
+                    "4 local z=zone-b",
+                    "5 z=zone-c",
+                    "6 z=zone-a",
+                ],
+                cluster: Some(&[3, 6]),
+                local: Some(&[3, 4]),
+            },
+            TopologyCase {
+                name: "empty node labels",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "empty zone label",
+                zone: Some(""),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node in different zone, no endpoint filtering",
+                zone: Some("zone-b"),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a"],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "unready endpoint",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 z=zone-a",
+                    "4 z=zone-b",
+                    "5 z=zone-c",
+                    "6 unready z=zone-a",
+                ],
+                cluster: Some(&[3]),
+                local: None,
+            },
+            TopologyCase {
+                name: "only unready endpoints in same zone (should not filter)",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 unready z=zone-a",
+                    "4 z=zone-b",
+                    "5 z=zone-c",
+                    "6 unready z=zone-a",
+                ],
+                cluster: Some(&[4, 5]),
+                local: None,
+            },
+            TopologyCase {
+                name: "missing hints, no filtering applied",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["3 z=zone-a", "4 z=zone-b", "5", "6 z=zone-a"],
+                cluster: Some(&[3, 4, 5, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "multiple hints per endpoint, filtering includes any endpoint with zone included",
+                zone: Some("zone-c"),
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &[
+                    "3 z=zone-a,zone-b,zone-c",
+                    "4 z=zone-b,zone-c",
+                    "5 z=zone-b,zone-d",
+                    "6 z=zone-c",
+                ],
+                cluster: Some(&[3, 4, 6]),
+                local: None,
+            },
+            TopologyCase {
+                name: "conflicting topology and localness require merging allEndpoints",
+                zone: a,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &[
+                    "0 local z=zone-a",
+                    "1 local z=zone-b",
+                    "2 z=zone-a",
+                    "3 z=zone-b",
+                ],
+                cluster: Some(&[0, 2]),
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, with empty endpoints",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &[],
+                cluster: None,
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, but all endpoints are remote",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0", "1"],
+                cluster: None,
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, all endpoints are local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local", "1 local"],
+                cluster: None,
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "internalTrafficPolicy: Local, some endpoints are local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local", "1"],
+                cluster: None,
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, endpoints not Ready",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 dead", "1 dead"],
+                cluster: Some(&[]),
+                local: None,
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, some endpoints are Ready",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 dead", "1"],
+                cluster: Some(&[1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "Cluster traffic policy, all endpoints are terminating",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 terminating local", "1 terminating"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Cluster, some endpoints local",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Cluster, eTP: Local, some endpoints local",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, some endpoints local",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[0]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, all endpoints remote",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0", "1"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "iTP: Local, eTP: Local, all endpoints remote and terminating",
+                zone: None,
+                itp_local: true,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 terminating", "1 terminating"],
+                cluster: Some(&[0, 1]),
+                local: Some(&[]),
+            },
+            TopologyCase {
+                name: "iTP: Cluster, eTP: Local, with terminating endpoints",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0", "1 dead local", "2 terminating local", "3 terminating"],
+                cluster: Some(&[0]),
+                local: Some(&[2]),
+            },
+            TopologyCase {
+                name: "externalTrafficPolicy ignored if not externally accessible",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: false,
+                endpoints: &["0", "1 local"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "no cluster endpoints for iTP:Local internal-only service",
+                zone: None,
+                itp_local: true,
+                etp_local: false,
+                external: false,
+                endpoints: &["0", "1 local"],
+                cluster: None,
+                local: Some(&[1]),
+            },
+            // Node hints (PreferSameNode), from topologyModeFromHints' rules.
+            TopologyCase {
+                name: "node hints: every ready endpoint has one, some name this node",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1 n=x z=zone-a", "2 n=y z=zone-b"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints win over zone hints even for an endpoint hinted elsewhere",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 n=me z=zone-b", "1 n=x z=zone-a"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, none for this node: zone hints decide",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 n=x z=zone-a", "1 n=y z=zone-a", "2 n=z z=zone-b"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, one ready endpoint lacks one: zone hints decide",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1 z=zone-a", "2 n=y z=zone-b"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints, neither complete: every endpoint",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me z=zone-a", "1", "2 n=y z=zone-b"],
+                cluster: Some(&[0, 1, 2]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints: an unready endpoint without hints does not count",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me", "1 n=x", "2 unready"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints only, node without a zone label",
+                zone: None,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 local n=me", "1 n=x"],
+                cluster: Some(&[0]),
+                local: None,
+            },
+            TopologyCase {
+                name: "node hints: externalTrafficPolicy Local ignores them for outside clients",
+                zone: None,
+                itp_local: false,
+                etp_local: true,
+                external: true,
+                endpoints: &["0 local n=me", "1 local n=x", "2 n=y"],
+                cluster: Some(&[0]),
+                local: Some(&[0, 1]),
+            },
+            TopologyCase {
+                name: "hints, but no endpoint is ready: terminating ones, hints aside",
+                zone: a,
+                itp_local: false,
+                etp_local: false,
+                external: false,
+                endpoints: &["0 terminating z=zone-b", "1 terminating z=zone-a"],
+                cluster: Some(&[0, 1]),
+                local: None,
+            },
+        ];
+        for case in &cases {
+            let mut svc = service("a", "10.96.0.1");
+            if case.itp_local {
+                svc.internal_policy = TrafficPolicy::Local;
+            }
+            if case.etp_local {
+                svc.external_policy = TrafficPolicy::Local;
+            }
+            if case.external {
+                svc.ports[0].node_port = Some(30000);
+            }
+            let slices = if case.endpoints.is_empty() {
+                vec![]
+            } else {
+                vec![slice(
+                    "a-1",
+                    "a",
+                    "",
+                    80,
+                    case.endpoints.iter().map(|e| topo_ep(e)).collect(),
+                )]
+            };
+            let mut s = snapshot(vec![svc], slices);
+            s.node.zone = case.zone.map(String::from);
+            let p = plan(&s, &ProxyConfig::default());
+            let internal = route_of(&p, Address::Ip(ip("10.96.0.1")), 80);
+            let external = case
+                .external
+                .then(|| route_of(&p, Address::NodePort, 30000));
+            // The cluster-wide route: external traffic's when the Service is reachable from
+            // outside (it is used even under eTP Local, for pods and the node), else the
+            // ClusterIP's under iTP Cluster.
+            let cluster = match (external, case.itp_local) {
+                (Some(Route::ExternalCluster(b)), _) => Some(octets(Some(b))),
+                (Some(Route::ExternalLocal { cluster, .. }), _) => Some(octets(Some(cluster))),
+                (Some(Route::Reject), _) => Some(vec![]),
+                (Some(other), _) => panic!("{}: external route {other:?}", case.name),
+                (None, false) => match internal {
+                    Route::Internal(b) => Some(octets(Some(b))),
+                    Route::Reject => Some(vec![]),
+                    other => panic!("{}: internal route {other:?}", case.name),
+                },
+                (None, true) => None,
+            };
+            let mut local = None;
+            if case.itp_local {
+                local = Some(match internal {
+                    Route::Internal(b) => {
+                        assert_eq!(b.scope, Scope::Local, "{}", case.name);
+                        octets(Some(b))
+                    }
+                    Route::Drop | Route::Reject => vec![],
+                    other => panic!("{}: internal route {other:?}", case.name),
+                });
+            }
+            if case.external && case.etp_local {
+                let l = match external {
+                    Some(Route::ExternalLocal { local, .. }) => octets(local.as_ref()),
+                    Some(Route::Reject) => vec![],
+                    other => panic!("{}: external route {other:?}", case.name),
+                };
+                if let Some(from_itp) = &local {
+                    assert_eq!(from_itp, &l, "{}: local endpoints differ", case.name);
+                }
+                local = Some(l);
+            }
+            assert_eq!(
+                cluster.as_deref(),
+                case.cluster,
+                "{}: cluster endpoints",
+                case.name
+            );
+            assert_eq!(
+                local.as_deref(),
+                case.local,
+                "{}: local endpoints",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn local_traffic_follows_detect_local_mode() {
+        let mut s = snapshot(vec![service("a", "10.96.0.1")], vec![]);
+        s.node.pod_cidrs = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
+        let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        let families = |detect_local: DetectLocal, cluster_cidrs: &[IpNet]| {
+            let cfg = ProxyConfig {
+                detect_local,
+                cluster_cidrs: cluster_cidrs.to_vec(),
+                ..ProxyConfig::default()
+            };
+            let p = plan(&s, &cfg);
+            p.families
+                .iter()
+                .map(|f| (f.local_traffic.clone(), f.clusterip_masquerade))
+                .collect::<Vec<_>>()
+        };
+        use ClusterIpMasquerade::*;
+        assert_eq!(
+            families(DetectLocal::ClusterCidr, &cluster),
+            vec![
+                (LocalTraffic::FromCidrs(cluster.clone()), NotLocal),
+                (LocalTraffic::Unknown, Never)
+            ]
+        );
+        assert_eq!(
+            families(DetectLocal::ClusterCidr, &[]),
+            vec![
+                (LocalTraffic::Unknown, Never),
+                (LocalTraffic::Unknown, Never)
+            ]
+        );
+        assert_eq!(
+            families(DetectLocal::NodeCidr, &cluster),
+            vec![
+                (
+                    LocalTraffic::FromCidrs(vec!["10.244.1.0/24".parse().unwrap()]),
+                    NotLocal
+                ),
+                (
+                    LocalTraffic::FromCidrs(vec!["fd00:1::/64".parse().unwrap()]),
+                    NotLocal
+                ),
+            ]
+        );
+        let prefix = LocalTraffic::FromInterfacePrefix("veth".into());
+        assert_eq!(
+            families(DetectLocal::InterfaceNamePrefix("veth".into()), &[]),
+            vec![(prefix.clone(), NotLocal), (prefix, NotLocal)]
+        );
+        let bridge = LocalTraffic::FromInterface("cbr0".into());
+        assert_eq!(
+            families(DetectLocal::BridgeInterface("cbr0".into()), &[]),
+            vec![(bridge.clone(), NotLocal), (bridge, NotLocal)]
         );
     }
 }

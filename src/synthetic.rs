@@ -68,6 +68,7 @@ pub fn slice(i: usize, endpoints: usize) -> EndpointSlice {
                 terminating: false,
                 node_name: Some(format!("node-{}", (i + j * 7) % NODES)),
                 zone: None,
+                hints: None,
             })
             .collect(),
     }

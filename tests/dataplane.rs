@@ -121,6 +121,9 @@ on_every_backend!(
     apply_and_cleanup_commands_leave_other_rules_alone,
     switching_modes_removes_the_other_modes_rules,
     dual_stack_service_answers_on_both_families,
+    zone_hints_keep_traffic_in_the_zone_and_fall_back_when_incomplete,
+    node_hints_keep_traffic_on_the_node,
+    detect_local_modes_decide_which_sources_are_pods,
 );
 
 /// A world plus svcproxy's backend in its node namespace.
@@ -152,7 +155,14 @@ impl Proxy {
 
     /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
     fn apply(&mut self, yaml: &str) -> ApplyReport {
-        let (plan, desired) = self.desired(yaml);
+        self.apply_with(yaml, &[])
+    }
+
+    /// [`Proxy::apply`], with more `dump` flags after the usual ones.
+    fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
+        let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
+        let (plan, ruleset) = common::compile_yaml(yaml, &flags);
+        let desired = self.backend.desired(&plan, ruleset);
         let report = self
             .backend
             .apply(desired)
@@ -994,4 +1004,245 @@ fn variant_detection_follows_what_the_node_uses() {
     let (v, why) = chosen();
     assert_eq!(v, Variant::Legacy, "{why}");
     assert!(why.contains("kubelet"), "{why}");
+}
+
+/// The proxy's Node, in a zone, with its pod CIDR.
+fn node_a(zone: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}\nspec: {{podCIDRs: [10.244.1.0/24]}}\n"
+    )
+}
+
+/// An EndpointSlice whose endpoints carry topology hints: (pod, zone of the endpoint, hints in
+/// YAML flow form or "" for none).
+fn hinted_slice(name: &str, service: &str, eps: &[(&Pod, &str, &str)]) -> String {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|(p, zone, hints)| {
+            let hints = if hints.is_empty() {
+                String::new()
+            } else {
+                format!(", hints: {hints}")
+            };
+            format!(
+                "{{addresses: [{}], nodeName: {}, zone: {zone}, conditions: {READY}{hints}}}",
+                p.ip, p.node
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+/// Zone hints (`trafficDistribution: PreferClose` / `PreferSameZone`, `topology-mode: Auto`:
+/// the EndpointSlice controller writes `hints.forZones`), as kube-proxy follows them
+/// (pkg/proxy/topology.go): this node is in zone-a, so its traffic goes to the endpoints
+/// hinted for zone-a, wherever they run, from pods and from outside (NodePort, Cluster
+/// policy) alike. One ready endpoint without a hint, and every endpoint is used again.
+/// internalTrafficPolicy Local wins over hints.
+fn zone_hints_keep_traffic_in_the_zone_and_fall_back_when_incomplete(mut p: Proxy) {
+    let (a1, b1, b2, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("b1", true),
+        p.w.pod("b2", true),
+        p.w.pod("c", false),
+    );
+    for pod in [&a1, &b1, &b2] {
+        p.w.serve(pod, 8080);
+    }
+    let za = "{forZones: [{name: zone-a}]}";
+    let zb = "{forZones: [{name: zone-b}]}";
+    let services = svc(
+        "close",
+        "{type: NodePort, clusterIP: 10.96.0.70, trafficDistribution: PreferClose, ports: [{port: 80, targetPort: 8080, nodePort: 30070}]}",
+    ) + &svc(
+        "close-local",
+        "{clusterIP: 10.96.0.71, internalTrafficPolicy: Local, trafficDistribution: PreferClose, ports: [{port: 80, targetPort: 8080}]}",
+    );
+    let hinted = |b2_hints: &str| {
+        hinted_slice(
+            "close-1",
+            "close",
+            &[
+                (&a1, "zone-a", za),
+                (&b1, "zone-a", za),
+                (&b2, "zone-b", b2_hints),
+            ],
+        ) + &hinted_slice(
+            // a1 (on this node) hinted for the other zone: Local policy still picks it.
+            "close-local-1",
+            "close-local",
+            &[(&a1, "zone-a", zb), (&b1, "zone-a", za)],
+        )
+    };
+    p.apply(&(services.clone() + &node_a("zone-a") + &hinted(zb)));
+    let zone_a = BTreeSet::from(["a1", "b1"]);
+    let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 40);
+    assert_eq!(names(&seen), zone_a, "from a pod: {seen:?}");
+    let node_port = SocketAddr::new(NODE_IP.parse().unwrap(), 30070);
+    let seen = who_answers(&p.w.client, node_port, 40);
+    assert_eq!(names(&seen), zone_a, "from outside, NodePort: {seen:?}");
+    let seen = who_answers(&c.ns, sa("10.96.0.71:80"), 10);
+    assert_eq!(names(&seen), BTreeSet::from(["a1"]), "iTP Local: {seen:?}");
+
+    // b2 loses its hint (the controller mid-update): hints are all or nothing.
+    p.apply(&(services.clone() + &node_a("zone-a") + &hinted("")));
+    let all = BTreeSet::from(["a1", "b1", "b2"]);
+    let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
+    assert_eq!(names(&seen), all, "incomplete hints: {seen:?}");
+
+    // A node in a zone no endpoint is hinted for: every endpoint too.
+    p.apply(&(services + &node_a("zone-c") + &hinted(zb)));
+    let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
+    assert_eq!(names(&seen), all, "no hint for this zone: {seen:?}");
+}
+
+/// Node hints (`trafficDistribution: PreferSameNode`: `hints.forNodes`): when every ready
+/// endpoint has one and some name this node, only those are used (kube-proxy 1.35, where the
+/// PreferSameTrafficDistribution gate is locked on). One endpoint without a node hint: the
+/// zone hints decide instead.
+fn node_hints_keep_traffic_on_the_node(mut p: Proxy) {
+    let (a1, b1, b2, c) = (
+        p.w.pod("a1", false),
+        p.w.pod("b1", true),
+        p.w.pod("b2", true),
+        p.w.pod("c", false),
+    );
+    for pod in [&a1, &b1, &b2] {
+        p.w.serve(pod, 8080);
+    }
+    let yaml = |b1_hints: &str| {
+        svc(
+            "same-node",
+            "{clusterIP: 10.96.0.72, trafficDistribution: PreferSameNode, ports: [{port: 80, targetPort: 8080}]}",
+        ) + &node_a("zone-a")
+            + &hinted_slice(
+                "same-node-1",
+                "same-node",
+                &[
+                    (
+                        &a1,
+                        "zone-a",
+                        "{forNodes: [{name: node-a}], forZones: [{name: zone-a}]}",
+                    ),
+                    (&b1, "zone-a", b1_hints),
+                    (
+                        &b2,
+                        "zone-b",
+                        "{forNodes: [{name: node-b}], forZones: [{name: zone-b}]}",
+                    ),
+                ],
+            )
+    };
+    p.apply(&yaml(
+        "{forNodes: [{name: node-b}], forZones: [{name: zone-a}]}",
+    ));
+    let seen = who_answers(&c.ns, sa("10.96.0.72:80"), 20);
+    assert_eq!(names(&seen), BTreeSet::from(["a1"]), "{seen:?}");
+    let seen = who_answers(&p.w.client, sa("10.96.0.72:80"), 10);
+    assert_eq!(
+        names(&seen),
+        BTreeSet::from(["a1"]),
+        "from outside: {seen:?}"
+    );
+
+    p.apply(&yaml("{forZones: [{name: zone-a}]}"));
+    let seen = who_answers(&c.ns, sa("10.96.0.72:80"), 40);
+    assert_eq!(
+        names(&seen),
+        BTreeSet::from(["a1", "b1"]),
+        "a node hint missing, zone hints: {seen:?}"
+    );
+}
+
+/// `detectLocalMode` decides which sources are pods: their ClusterIP traffic keeps its
+/// source address, everything else is masqueraded; and pods reach an externalTrafficPolicy
+/// Local NodePort through any endpoint while outside clients are dropped without a local one.
+/// Pods here sit behind veths named `vpK` (pod c is `vp1`, d is `vp2`), like a ptp CNI.
+fn detect_local_modes_decide_which_sources_are_pods(mut p: Proxy) {
+    let (c, d, b1) = (
+        p.w.pod("c", false),
+        p.w.pod("d", false),
+        p.w.pod("b1", true),
+    );
+    p.w.serve(&b1, 8080);
+    let yaml = svc(
+        "web",
+        "{clusterIP: 10.96.0.80, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("web-1", "web", "[{port: 8080}]", &[(&b1, READY)])
+        + &svc(
+            "elsewhere",
+            "{type: NodePort, clusterIP: 10.96.0.81, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080, nodePort: 30081}]}",
+        )
+        + &slice(
+            "elsewhere-1",
+            "elsewhere",
+            "[{port: 8080}]",
+            &[(&b1, READY)],
+        )
+        + &node_a("zone-a");
+    let node_port = SocketAddr::new(NODE_IP.parse().unwrap(), 30081);
+    for (flags, pods, not_pods) in [
+        (
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "vp",
+            ][..],
+            vec![&c, &d],
+            vec![],
+        ),
+        (
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "vp1",
+            ][..],
+            vec![&c],
+            vec![&d],
+        ),
+        (
+            &["--detect-local-mode", "NodeCIDR"][..],
+            vec![&c, &d],
+            vec![],
+        ),
+    ] {
+        p.apply_with(&yaml, flags);
+        for pod in &pods {
+            let r = tcp(&pod.ns, sa("10.96.0.80:80"), T).unwrap();
+            assert_eq!(
+                r.peer, pod.ip,
+                "{flags:?}: {} is a pod: not masqueraded",
+                pod.name
+            );
+            let r = tcp(&pod.ns, node_port, T).unwrap();
+            assert_eq!(
+                r.pod, "b1",
+                "{flags:?}: {} short-circuits eTP Local",
+                pod.name
+            );
+        }
+        for pod in &not_pods {
+            let r = tcp(&pod.ns, sa("10.96.0.80:80"), T).unwrap();
+            assert_ne!(r.peer, pod.ip, "{flags:?}: {} is not a pod here", pod.name);
+        }
+        let r = tcp(&p.w.client, sa("10.96.0.80:80"), T).unwrap();
+        assert_ne!(
+            r.peer.to_string(),
+            CLIENT_IP,
+            "{flags:?}: outside is masqueraded"
+        );
+        let e = tcp(&p.w.client, node_port, Duration::from_millis(700)).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{flags:?}: eTP Local without a local endpoint drops outside clients: {e:?}"
+        );
+    }
 }

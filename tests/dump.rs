@@ -48,6 +48,65 @@ fn golden_ruleset_per_example() {
     }
 }
 
+/// Each `detectLocalMode` on the Service that uses both of its effects (ClusterIP masquerading
+/// and the externalTrafficPolicy Local short-circuit for pods), in both modes' languages.
+#[test]
+fn golden_detect_local_modes() {
+    let node = examples_dir().join("00-node.yaml").display().to_string();
+    let file = examples_dir()
+        .join("05-kubia-loadbalancer-local.yaml")
+        .display()
+        .to_string();
+    for (name, flags) in [
+        ("node-cidr", &["--detect-local-mode", "NodeCIDR"][..]),
+        (
+            "interface-name-prefix",
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth",
+            ][..],
+        ),
+        (
+            "bridge-interface",
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0",
+            ][..],
+        ),
+    ] {
+        for mode in ["nftables", "iptables"] {
+            let mut args = vec![
+                "dump",
+                "--from",
+                &node,
+                &file,
+                "--node",
+                "node-a",
+                "--proxy-mode",
+                mode,
+            ];
+            args.extend_from_slice(flags);
+            let (code, out, err) = svcproxy(&args);
+            assert_eq!(code, 0, "{args:?}: {err}");
+            insta::assert_snapshot!(format!("detect-local-{name}-{mode}"), out);
+        }
+    }
+    // The mode's name is required with its mode.
+    let (code, _, err) = svcproxy(&[
+        "dump",
+        "--from",
+        &node,
+        "--detect-local-mode",
+        "InterfaceNamePrefix",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--pod-interface-name-prefix"), "{err}");
+}
+
 #[test]
 fn golden_all_examples_nft_and_json() {
     let dir = examples_dir().display().to_string();
@@ -98,6 +157,19 @@ fn nft_accepts_every_example() {
             &["--cluster-cidr", "172.17.0.0/16,fd00:17::/48"][..],
             &["--masquerade-all", "--nodeport-addresses", "primary"][..],
             &["--nodeport-addresses", "192.168.64.0/24,fd00::/8"][..],
+            &["--detect-local-mode", "NodeCIDR"][..],
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth",
+            ][..],
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0",
+            ][..],
         ] {
             let mut args = vec!["dump", "--node", "node-a", "--from"];
             args.extend(input.iter().map(String::as_str));
@@ -432,6 +504,19 @@ fn iptables_restore_loads_every_example() {
             &["--cluster-cidr", "172.17.0.0/16,172.18.0.0/16"][..],
             &["--masquerade-all", "--nodeport-addresses", "primary"][..],
             &["--nodeport-addresses", "192.168.64.0/24,fd00::/8"][..],
+            &["--detect-local-mode", "NodeCIDR"][..],
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth",
+            ][..],
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0",
+            ][..],
         ] {
             let mut args = vec![
                 "dump",

@@ -304,7 +304,7 @@ fn external_traffic_policy_local() {
     assert_has(&s, "198.51.100.9 . tcp . 80 : goto endpoints-of-2");
     assert_has(
         &s,
-        "ip saddr @cluster-cidrs ip daddr . meta l4proto . th dport vmap @local-policy-ips-internal",
+        "ip saddr @pod-cidrs ip daddr . meta l4proto . th dport vmap @local-policy-ips-internal",
     );
     assert_has(&s, "fib saddr type local jump mark-for-masquerade");
     // ...and no masquerading of outside clients.
@@ -351,12 +351,12 @@ fn masquerade_rules() {
     );
     // No cluster CIDR known: ClusterIP traffic is not masqueraded.
     let s = script(&y, &[]);
-    assert_lacks(&s, "@cluster-cidrs");
+    assert_lacks(&s, "@pod-cidrs");
     // From outside the cluster CIDR: masqueraded.
     let s = script(&y, &["--cluster-cidr", "10.1.0.0/16"]);
     assert_has(
         &s,
-        "ip daddr @cluster-ips ip saddr != @cluster-cidrs jump mark-for-masquerade comment \"ClusterIP traffic from outside the cluster\"",
+        "ip daddr @cluster-ips ip saddr != @pod-cidrs jump mark-for-masquerade comment \"ClusterIP traffic not from a pod\"",
     );
     assert_has(&s, "10.1.0.0/16");
     // All of it.

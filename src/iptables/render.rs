@@ -43,7 +43,7 @@ use ipnet::IpNet;
 
 use crate::model::{IpFamily, Protocol};
 use crate::plan::{
-    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan,
+    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan, LocalTraffic,
     NodePortMatch, Plan, Route, Scope,
 };
 
@@ -266,6 +266,19 @@ impl Fam {
 }
 
 /// `-p tcp -m tcp --dport 80`.
+/// The matches for "from a pod" (`negate`: "not from a pod"), as `detectLocalMode` says, one
+/// per alternative (several CIDRs are several rules; negated, only one CIDR is ever asked for:
+/// several go through their own chain of RETURNs). Empty when pods cannot be recognised.
+fn local_matches(local: &LocalTraffic, negate: bool) -> Vec<String> {
+    let not = if negate { "! " } else { "" };
+    match local {
+        LocalTraffic::Unknown => Vec::new(),
+        LocalTraffic::FromCidrs(nets) => nets.iter().map(|n| format!("{not}-s {n}")).collect(),
+        LocalTraffic::FromInterfacePrefix(prefix) => vec![format!("{not}-i {prefix}+")],
+        LocalTraffic::FromInterface(name) => vec![format!("{not}-i {name}")],
+    }
+}
+
 fn port_match(protocol: Protocol, port: u16) -> String {
     let p = protocol.as_str();
     format!("-p {p} -m {p} --dport {port}")
@@ -403,16 +416,16 @@ impl Builder<'_> {
             self.fam.host(ip),
             port_match(d.protocol, d.port)
         );
-        let rule = match (
-            self.plan.clusterip_masquerade,
-            self.plan.cluster_cidrs.as_slice(),
-        ) {
-            (ClusterIpMasquerade::Never, _) => return,
+        let rule = match (self.plan.clusterip_masquerade, &self.plan.local_traffic) {
             (ClusterIpMasquerade::Always, _) => format!("{dest} -j {MARK_MASQ}"),
-            (ClusterIpMasquerade::OutsideClusterCidrs, [one]) => {
-                format!("! -s {one} {dest} -j {MARK_MASQ}")
+            (ClusterIpMasquerade::Never, _) | (_, LocalTraffic::Unknown) => return,
+            (ClusterIpMasquerade::NotLocal, LocalTraffic::FromCidrs(nets)) if nets.len() > 1 => {
+                format!("{dest} -j {CIDR_MASQ}")
             }
-            (ClusterIpMasquerade::OutsideClusterCidrs, _) => format!("{dest} -j {CIDR_MASQ}"),
+            (ClusterIpMasquerade::NotLocal, local) => {
+                let not_from_pod = local_matches(local, true).join(" ");
+                format!("{not_from_pod} {dest} -j {MARK_MASQ}")
+            }
         };
         self.backends
             .get_mut(chain)
@@ -440,9 +453,9 @@ impl Builder<'_> {
             }
             Route::ExternalLocal { cluster, local } => {
                 let svc = self.backends(d, cluster);
-                for net in &self.plan.cluster_cidrs {
+                for from_pod in local_matches(&self.plan.local_traffic, false) {
                     rules.push(format!(
-                        "-s {net} {} -j {svc}",
+                        "{from_pod} {} -j {svc}",
                         comment("pods reach every endpoint")
                     ));
                 }
@@ -592,14 +605,11 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
             rules: vec![format!("-j MARK --or-mark {mark:#x}")],
         },
     ];
-    if plan.clusterip_masquerade == ClusterIpMasquerade::OutsideClusterCidrs
-        && plan.cluster_cidrs.len() > 1
+    if let (ClusterIpMasquerade::NotLocal, LocalTraffic::FromCidrs(nets)) =
+        (plan.clusterip_masquerade, &plan.local_traffic)
+        && nets.len() > 1
     {
-        let mut rules: Vec<String> = plan
-            .cluster_cidrs
-            .iter()
-            .map(|n| format!("-s {n} -j RETURN"))
-            .collect();
+        let mut rules: Vec<String> = nets.iter().map(|n| format!("-s {n} -j RETURN")).collect();
         rules.push(format!("-j {MARK_MASQ}"));
         nat.push(Chain {
             name: CIDR_MASQ.into(),

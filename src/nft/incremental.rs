@@ -28,8 +28,8 @@ use crate::nft::apply::{ApplyError, ApplyReport, DiffParts, NftCommand, SyncKind
 use crate::nft::render::{self, Fragment, Lane};
 use crate::nft::syntax::{Element, Family, Ruleset, Value};
 use crate::plan::{
-    ClusterIpMasquerade, Destination, FamilyContext, FamilyPlan, FamilyRefs, NodePortMatch, Plan,
-    ServicePart, plan_counted, plan_service,
+    ClusterIpMasquerade, Destination, FamilyContext, FamilyPlan, FamilyRefs, LocalTraffic,
+    NodePortMatch, Plan, ServicePart, plan_counted, plan_service,
 };
 
 /// Above this many changed Services a whole compile is cheaper than patching one by one.
@@ -576,7 +576,7 @@ fn empty_plan(like: &Plan) -> Plan {
             .iter()
             .map(|f| FamilyPlan {
                 family: f.family,
-                cluster_cidrs: Vec::new(),
+                local_traffic: LocalTraffic::Unknown,
                 clusterip_masquerade: ClusterIpMasquerade::Never,
                 nodeports: NodePortMatch::Nothing,
                 cluster_ips: BTreeMap::new(),
@@ -931,6 +931,7 @@ mod tests {
                             terminating,
                             node_name: Some(if here { "node-0" } else { "node-1" }.into()),
                             zone: None,
+                            hints: None,
                         })
                         .collect(),
                 })

@@ -43,7 +43,7 @@ use crate::nft::syntax::{
     Verdict,
 };
 use crate::plan::{
-    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan,
+    Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan, LocalTraffic,
     NodePortMatch, Plan, Route, Scope,
 };
 
@@ -471,6 +471,25 @@ pub(crate) fn pick_chain(lane: Lane, n: usize) -> Chain {
     }])
 }
 
+/// The match for "this packet comes from a pod" (`Op::Eq`) or "does not" (`Op::Ne`), as
+/// `detectLocalMode` says; `None` when pods cannot be recognised. Interfaces are matched by
+/// name (`iifname`), so a bridge or a pod interface that does not exist yet when the rules are
+/// loaded still counts once it appears.
+fn local_match(plan: &FamilyPlan, op: Op) -> Option<Stmt> {
+    let (left, right) = match &plan.local_traffic {
+        LocalTraffic::Unknown => return None,
+        LocalTraffic::FromCidrs(_) => (
+            Expr::ip(family_of(plan.family), "saddr"),
+            Expr::set("pod-cidrs"),
+        ),
+        LocalTraffic::FromInterfacePrefix(prefix) => {
+            (Expr::Meta("iifname"), Expr::Str(format!("{prefix}*")))
+        }
+        LocalTraffic::FromInterface(name) => (Expr::Meta("iifname"), Expr::Str(name.clone())),
+    };
+    Some(Stmt::Match { left, op, right })
+}
+
 fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
     let family = family_of(plan.family);
     let mut b = Builder::new(family);
@@ -489,11 +508,13 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
             Element::key(vec![Value::Addr(*ip), Value::Addr(*ip)]),
         );
     }
-    for net in &plan.cluster_cidrs {
-        b.sets
-            .entry("cluster-cidrs")
-            .or_default()
-            .push(Element::key(vec![Value::Net(*net)]));
+    if let LocalTraffic::FromCidrs(nets) = &plan.local_traffic {
+        for net in nets {
+            b.sets
+                .entry("pod-cidrs")
+                .or_default()
+                .push(Element::key(vec![Value::Net(*net)]));
+        }
     }
     match &plan.nodeports {
         NodePortMatch::Addresses(ips) => {
@@ -545,10 +566,15 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
         "every ClusterIP",
         sets,
     );
-    if sets.contains_key("cluster-cidrs") {
-        let mut s = Set::new("cluster-cidrs", vec![addr], None);
+    if sets.contains_key("pod-cidrs") {
+        let mut s = Set::new("pod-cidrs", vec![addr], None);
         s.flags = vec!["interval"];
-        push("cluster-cidrs", s, "the cluster's pod network", sets);
+        push(
+            "pod-cidrs",
+            s,
+            "sources that are pods (detectLocalMode)",
+            sets,
+        );
     }
     if sets.contains_key("nodeport-ips") {
         push(
@@ -687,7 +713,7 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
         NodePortMatch::Addresses(_) => Some(vec![Stmt::eq(daddr(), Expr::set("nodeport-ips"))]),
         NodePortMatch::Nothing => None,
     };
-    let has_cidrs = !plan.cluster_cidrs.is_empty();
+    let from_pod = local_match(plan, Op::Eq);
     let mark_masq = || Stmt::jump("mark-for-masquerade");
     let with = |mut stmts: Vec<Stmt>, more: Vec<Stmt>| {
         stmts.extend(more);
@@ -728,13 +754,15 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
     let mut services = Chain::new("services").with_comment("find the Service of a new connection");
     match plan.clusterip_masquerade {
         ClusterIpMasquerade::Never => {}
-        ClusterIpMasquerade::OutsideClusterCidrs => {
-            services = services.rule(vec![
-                Stmt::eq(daddr(), Expr::set("cluster-ips")),
-                Stmt::ne(saddr(), Expr::set("cluster-cidrs")),
-                mark_masq(),
-                Stmt::Comment("ClusterIP traffic from outside the cluster".into()),
-            ]);
+        ClusterIpMasquerade::NotLocal => {
+            if let Some(not_from_pod) = local_match(plan, Op::Ne) {
+                services = services.rule(vec![
+                    Stmt::eq(daddr(), Expr::set("cluster-ips")),
+                    not_from_pod,
+                    mark_masq(),
+                    Stmt::Comment("ClusterIP traffic not from a pod".into()),
+                ]);
+            }
         }
         ClusterIpMasquerade::Always => {
             services = services.rule(vec![
@@ -783,9 +811,9 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
         ),
     ] {
         let mut c = Chain::new(name).with_comment("externalTrafficPolicy Local");
-        if has_cidrs {
+        if let Some(from_pod) = &from_pod {
             c = c.rule(vec![
-                Stmt::eq(saddr(), Expr::set("cluster-cidrs")),
+                from_pod.clone(),
                 Stmt::Vmap {
                     key: key.clone(),
                     map: internal.into(),

@@ -343,6 +343,8 @@ pub enum Expr {
     AnonSet(Vec<Value>),
     /// A named set or map (`@name`).
     SetRef(String),
+    /// A string constant (an interface name; a trailing `*` is nft's prefix wildcard).
+    Str(String),
 }
 
 impl Expr {
@@ -381,6 +383,7 @@ impl Expr {
                     .join(", ")
             ),
             Expr::SetRef(n) => format!("@{n}"),
+            Expr::Str(v) => format!("\"{v}\""),
         }
     }
 
@@ -399,6 +402,7 @@ impl Expr {
             Expr::Keyword(k) => json!(k),
             Expr::AnonSet(vs) => json!({"set": vs.iter().map(Value::json).collect::<Vec<_>>()}),
             Expr::SetRef(n) => json!(format!("@{n}")),
+            Expr::Str(v) => json!(v),
         }
     }
 }
