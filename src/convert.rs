@@ -20,6 +20,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
@@ -44,6 +45,7 @@ pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl fmt::Display for ObjectKind {
@@ -52,6 +54,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Node => "Node",
+            ObjectKind::ServiceCidr => "ServiceCIDR",
         })
     }
 }
@@ -428,6 +431,8 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         _ => None,
     };
 
+    let (load_balancer_source_ranges, bad_ranges) = source_ranges(svc, &cx);
+    skipped.extend(bad_ranges);
     Ok(Some(Usable {
         object: Service {
             id,
@@ -435,6 +440,7 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
             ports,
             external_ips,
             load_balancer_ips,
+            load_balancer_source_ranges,
             affinity_timeout,
             external_policy,
             internal_policy,
@@ -442,6 +448,53 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         },
         skipped,
     }))
+}
+
+/// `spec.loadBalancerSourceRanges`, read as kube-proxy reads them: each trimmed of whitespace
+/// (`" 203.0.113.0/25"` is valid) and truncated to its network; an unparsable one is left out
+/// (the others still guard the load balancer) and reported.
+fn source_ranges(svc: &core::Service, cx: &Ctx) -> (Vec<IpNet>, Vec<Rejected>) {
+    let mut ranges = Vec::new();
+    let mut problems = Vec::new();
+    let texts = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref());
+    for (i, text) in texts.into_iter().flatten().enumerate() {
+        match text.trim().parse::<IpNet>() {
+            Ok(net) => ranges.push(net.trunc()),
+            Err(_) => problems.push(cx.err(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{text:?} is not a CIDR; this range is ignored"),
+            )),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    (ranges, problems)
+}
+
+/// The CIDRs of a `networking.k8s.io/v1` ServiceCIDR (`spec.cidrs`); an unparsable one is left
+/// out and reported.
+pub fn service_cidr(obj: &networking::ServiceCIDR) -> (Vec<IpNet>, Vec<Rejected>) {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let cx = Ctx {
+        kind: ObjectKind::ServiceCidr,
+        object: &name,
+    };
+    let mut cidrs = Vec::new();
+    let mut problems = Vec::new();
+    let texts = obj.spec.as_ref().and_then(|s| s.cidrs.as_ref());
+    for (i, text) in texts.into_iter().flatten().enumerate() {
+        match text.trim().parse::<IpNet>() {
+            Ok(net) => cidrs.push(net.trunc()),
+            Err(_) => problems.push(cx.err(
+                format!("spec.cidrs[{i}]"),
+                format!("{text:?} is not a CIDR"),
+            )),
+        }
+    }
+    (cidrs, problems)
 }
 
 /// Converts an EndpointSlice. `Ok(None)`: a slice the proxy does not use (FQDN, or no owning
@@ -605,6 +658,8 @@ pub struct Converted {
     pub services: BTreeMap<ObjectRef, Arc<Service>>,
     pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Every ServiceCIDR's CIDRs, sorted and deduplicated.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Converted {
@@ -631,6 +686,15 @@ impl Converted {
             Ok(None) => Vec::new(),
             Err(e) => vec![e],
         }
+    }
+
+    /// Adds a ServiceCIDR; the problems are the CIDRs left out of it.
+    pub fn add_service_cidr(&mut self, obj: &networking::ServiceCIDR) -> Vec<Rejected> {
+        let (cidrs, problems) = service_cidr(obj);
+        self.service_cidrs.extend(cidrs);
+        self.service_cidrs.sort();
+        self.service_cidrs.dedup();
+        problems
     }
 
     /// Adds a Node; the problems are the fields left out of it.

@@ -22,6 +22,11 @@ pub struct Plan {
     /// The packet mark bit (as a mask) that flags a packet for masquerading.
     pub masquerade_mark: u32,
     pub families: Vec<FamilyPlan>,
+    /// Drop forwarded packets that conntrack marks INVALID (unless `conntrack.tcpBeLiberal`).
+    /// kube-proxy does so in its iptables mode only (an out-of-window TCP packet that is not
+    /// dropped reaches the pod unNATed and is answered with a reset that kills the
+    /// connection); its nftables mode does not, and neither does svcproxy's.
+    pub drop_invalid: bool,
     /// Destinations claimed by more than one Service: the first Service (in namespace/name
     /// order) keeps it, the others are listed here so that the caller can report them.
     pub conflicts: Vec<Conflict>,
@@ -78,6 +83,9 @@ pub struct FamilyPlan {
     pub nodeports: NodePortMatch,
     /// Every ClusterIP in use, with its Service: traffic to a port the Service lacks is rejected.
     pub cluster_ips: BTreeMap<IpAddr, ObjectRef>,
+    /// The Service CIDRs of this family (aggregated): traffic to an address inside them that is
+    /// not in [`FamilyPlan::cluster_ips`] is dropped.
+    pub service_cidrs: Vec<IpNet>,
     /// Endpoints on this node: a pod reaching itself through a Service is masqueraded so that
     /// its reply comes back through the proxy's NAT.
     pub hairpin: BTreeSet<IpAddr>,
@@ -124,6 +132,9 @@ pub struct Destination {
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
     pub route: Route,
+    /// loadBalancerSourceRanges of a load-balancer IP: new connections from sources outside
+    /// these (aggregated, sorted) are dropped, whatever the route. Empty: no firewall.
+    pub allowed_sources: Vec<IpNet>,
 }
 
 impl Destination {
@@ -296,6 +307,7 @@ pub fn plan_counted(snapshot: &Snapshot, config: &ProxyConfig) -> (Plan, Vec<Fam
     let plan = Plan {
         masquerade_mark: config.masquerade_mark(),
         families,
+        drop_invalid: !config.tcp_be_liberal,
         conflicts,
     };
     (plan, refs)
@@ -311,6 +323,9 @@ pub struct FamilyContext {
     pub nodeports: NodePortMatch,
     /// The node's name: endpoints on it are local.
     pub node_name: String,
+    /// The node's primary address of this family: if a load balancer's source ranges hold it,
+    /// the node may reach the load-balancer IP (see [`allowed_sources`]).
+    pub node_ip: Option<IpAddr>,
 }
 
 impl FamilyContext {
@@ -355,6 +370,7 @@ impl FamilyContext {
             clusterip_masquerade,
             nodeports,
             node_name: node.name.clone(),
+            node_ip: node.primary(family),
         }
     }
 }
@@ -404,6 +420,7 @@ pub fn plan_service(
                 service: svc.id.clone(),
                 port_name: port.name.clone(),
                 route,
+                allowed_sources: Vec::new(),
             });
         };
         add(
@@ -439,7 +456,63 @@ pub fn plan_service(
             );
         }
     }
+    let firewall = allowed_sources(ctx, svc);
+    if !firewall.is_empty() {
+        for d in &mut part.destinations {
+            if d.kind == DestinationKind::LoadBalancer {
+                d.allowed_sources.clone_from(&firewall);
+            }
+        }
+    }
     Some(part)
+}
+
+/// loadBalancerSourceRanges, as kube-proxy reads them, for one family: the Service's ranges of
+/// the family (a Service whose ranges are all of the other family has no firewall in this one,
+/// as kube-proxy's per-family proxier sees it); and, when the node's own address is inside
+/// them, the load-balancer IPs themselves: a VIP-like load balancer often puts its IP on the
+/// node, so the node's requests to it loop back with that IP as source ("SNATted to the LB
+/// IP"). NodePorts are never guarded, as in kube-proxy. Aggregated, so that an interval set
+/// never holds overlapping ranges.
+pub fn allowed_sources(ctx: &FamilyContext, svc: &Service) -> Vec<IpNet> {
+    let ranges: Vec<IpNet> = svc
+        .load_balancer_source_ranges
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == ctx.family)
+        .map(IpNet::trunc)
+        .collect();
+    if ranges.is_empty() {
+        return ranges;
+    }
+    let from_node = ctx
+        .node_ip
+        .is_some_and(|ip| ranges.iter().any(|n| n.contains(&ip)));
+    let mut allowed = ranges;
+    if from_node {
+        allowed.extend(
+            svc.load_balancer_ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == ctx.family)
+                .map(|ip| IpNet::from(*ip)),
+        );
+    }
+    IpNet::aggregate(&allowed)
+}
+
+/// The Service CIDRs of a family: the cluster's ServiceCIDR objects, else the configured ones
+/// (kube-proxy only drops unallocated ClusterIPs when it knows the CIDRs).
+fn service_cidrs(snapshot: &Snapshot, config: &ProxyConfig, family: IpFamily) -> Vec<IpNet> {
+    let source = if snapshot.service_cidrs.is_empty() {
+        &config.service_cidrs
+    } else {
+        &snapshot.service_cidrs
+    };
+    let mine: Vec<IpNet> = source
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == family)
+        .map(IpNet::trunc)
+        .collect();
+    IpNet::aggregate(&mine)
 }
 
 fn plan_family(
@@ -486,6 +559,7 @@ fn plan_family(
         clusterip_masquerade: ctx.clusterip_masquerade,
         nodeports: ctx.nodeports,
         cluster_ips,
+        service_cidrs: service_cidrs(snapshot, config, family),
         hairpin,
         destinations: destinations.into_values().collect(),
     };
@@ -566,6 +640,7 @@ mod tests {
             }],
             external_ips: vec![],
             load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
             affinity_timeout: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
@@ -625,6 +700,7 @@ mod tests {
                 addresses: vec![ip("192.168.0.2")],
                 ..NodeInfo::default()
             },
+            service_cidrs: vec![],
         }
     }
 

@@ -462,6 +462,9 @@ fn delta(state: &State, new: &Snapshot, config: &ProxyConfig) -> Result<Delta, S
     if old.node != new.node {
         return Err("the Node changed".into());
     }
+    if old.service_cidrs != new.service_cidrs {
+        return Err("the ServiceCIDRs changed".into());
+    }
     if !state.plan.conflicts.is_empty() {
         return Err("Services claim the same destination".into());
     }
@@ -580,10 +583,12 @@ fn empty_plan(like: &Plan) -> Plan {
                 clusterip_masquerade: ClusterIpMasquerade::Never,
                 nodeports: NodePortMatch::Nothing,
                 cluster_ips: BTreeMap::new(),
+                service_cidrs: Vec::new(),
                 hairpin: BTreeSet::new(),
                 destinations: Vec::new(),
             })
             .collect(),
+        drop_invalid: like.drop_invalid,
         conflicts: Vec::new(),
     }
 }
@@ -883,6 +888,7 @@ mod tests {
                         .collect(),
                     external_ips: ext,
                     load_balancer_ips: vec![],
+                    load_balancer_source_ranges: vec![],
                     affinity_timeout: affinity,
                     external_policy: etp,
                     internal_policy: itp,
@@ -963,6 +969,7 @@ mod tests {
                         addresses: vec!["192.168.0.2".parse().unwrap()],
                         ..NodeInfo::default()
                     },
+                    service_cidrs: vec![],
                 })
         }
 
