@@ -65,6 +65,9 @@ pub const FILTER: &str = "SVCP-FILTER";
 const FILTER_NODEPORTS: &str = "SVCP-NODEPORTS";
 /// The filter chain that refuses: TCP reset, else ICMP port unreachable.
 const REJECT: &str = "SVCP-REJECT";
+/// The filter chain run for every forwarded packet (kube-proxy's `KUBE-FORWARD`): drops
+/// `ctstate INVALID` unless `conntrack.tcpBeLiberal`.
+pub const FORWARD: &str = "SVCP-FORWARD";
 
 /// A netfilter table svcproxy writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,6 +144,14 @@ pub fn jump_rules() -> &'static [JumpRule] {
         "-j",
         POSTROUTING,
     ];
+    const FORWARD_JUMP: &[&str] = &[
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: forwarding rules",
+        "-j",
+        FORWARD,
+    ];
     const FILTER_JUMP: &[&str] = &[
         "-m",
         "conntrack",
@@ -183,6 +194,11 @@ pub fn jump_rules() -> &'static [JumpRule] {
             table: Table::Filter,
             chain: "OUTPUT",
             spec: FILTER_JUMP,
+        },
+        JumpRule {
+            table: Table::Filter,
+            chain: "FORWARD",
+            spec: FORWARD_JUMP,
         },
     ]
 }
@@ -233,7 +249,7 @@ pub fn render(plan: &Plan) -> Ruleset {
         families: plan
             .families
             .iter()
-            .map(|f| render_family(f, plan.masquerade_mark))
+            .map(|f| render_family(f, plan.masquerade_mark, plan.drop_invalid))
             .collect(),
     }
 }
@@ -501,10 +517,41 @@ impl Builder<'_> {
                     // Outside clients: nothing DNATs them in nat; they are dropped here.
                     filter.push(format!("{filter_match} -j DROP"));
                 }
-                let chain = self.external(d);
+                let mut chain = self.external(d);
+                if !d.allowed_sources.is_empty() {
+                    chain = self.firewall(d, &chain);
+                }
                 self.dispatch(nodeport, format!("{nat_match} -j {chain}"));
             }
         }
+        if !d.allowed_sources.is_empty() {
+            // What the firewall chain did not DNAT (a source outside the ranges, or no
+            // endpoint at all) is dropped here, as in kube-proxy's KUBE-PROXY-FIREWALL.
+            let fw = hashed("FW", &port_id(d));
+            self.filter_drops.push(format!(
+                "{} {} -j DROP",
+                nat_match.split(" -m comment").next().unwrap_or(&nat_match),
+                comment(&format!("{} traffic not accepted by {fw}", describe(d)))
+            ));
+        }
+    }
+
+    /// loadBalancerSourceRanges, as kube-proxy's iptables mode does it: the load-balancer IPs
+    /// of a Service port enter `SVCP-FW-<hash>`, which sends sources in the ranges on to the
+    /// external chain; the rest leave it unDNATed and are dropped in filter.
+    fn firewall(&mut self, d: &Destination, next: &str) -> String {
+        let name = hashed("FW", &port_id(d));
+        if self.others.contains_key(&name) {
+            return name;
+        }
+        let c = comment(&describe(d));
+        let rules = d
+            .allowed_sources
+            .iter()
+            .map(|net| format!("-s {net} {c} -j {next}"))
+            .collect();
+        self.others.insert(name.clone(), rules);
+        name
     }
 
     fn dispatch(&mut self, nodeport: bool, rule: String) {
@@ -547,7 +594,33 @@ fn dnat(protocol: Protocol, ep: &SocketAddr) -> String {
     format!("-p {p} -m {p} -j DNAT --to-destination {ep}")
 }
 
-fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
+/// `SVCP-FORWARD`: kube-proxy's iptables mode drops forwarded packets conntrack marks INVALID
+/// (an out-of-window TCP segment would otherwise reach the pod unNATed, and its reset kill the
+/// connection), unless `conntrack.tcpBeLiberal` makes the kernel accept such packets.
+fn forward_chain(drop_invalid: bool) -> Chain {
+    let mut rules = Vec::new();
+    if drop_invalid {
+        rules.push(format!(
+            "-m conntrack --ctstate INVALID {} -j DROP",
+            comment("conntrack INVALID (conntrack.tcpBeLiberal is off)")
+        ));
+    }
+    Chain {
+        name: FORWARD.into(),
+        rules,
+    }
+}
+
+/// Drops new connections to an address in the Service CIDRs that no Service holds (after the
+/// rules refusing unknown ports of allocated ClusterIPs), as kube-proxy's nftables mode does.
+fn unallocated_cluster_ips(plan: &FamilyPlan) -> Vec<String> {
+    plan.service_cidrs
+        .iter()
+        .map(|net| format!("-d {net} {} -j DROP", comment("unallocated ClusterIP")))
+        .collect()
+}
+
+fn render_family(plan: &FamilyPlan, mark: u32, drop_invalid: bool) -> FamilyRules {
     let fam = Fam(plan.family);
     let mut b = Builder {
         plan,
@@ -631,6 +704,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
             comment(&format!("{svc}: a port the Service does not have"))
         ));
     }
+    filter_rules.extend(unallocated_cluster_ips(plan));
     filter_rules.extend(b.nodeport_jumps(FILTER_NODEPORTS));
     let filter = vec![
         Chain {
@@ -648,6 +722,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
                 format!("-j REJECT --reject-with {}", fam.port_unreachable()),
             ],
         },
+        forward_chain(drop_invalid),
     ];
     FamilyRules {
         family: plan.family,

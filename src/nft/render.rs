@@ -255,7 +255,28 @@ impl Builder {
         name
     }
 
+    /// loadBalancerSourceRanges as data: the destination in `firewall-ips` (guarded), and one
+    /// `destination . source range` interval per allowed range in `firewall-allow`; the one
+    /// rule of `firewall-check` drops a new connection to a guarded destination whose source is
+    /// in none of its ranges. No chain per Service, whatever the number of ranges.
+    fn firewall(&mut self, d: &Destination) {
+        if d.allowed_sources.is_empty() {
+            return;
+        }
+        let key = Self::ip_key(d);
+        self.add(
+            "firewall-ips",
+            Element::key(key.clone()).with_comment(Self::comment(d)),
+        );
+        for net in &d.allowed_sources {
+            let mut k = key.to_vec();
+            k.push(Value::Net(*net));
+            self.add("firewall-allow", Element::key(k));
+        }
+    }
+
     fn destination(&mut self, d: &Destination) {
+        self.firewall(d);
         let nodeport = d.address == Address::NodePort;
         let key = Self::ip_key(d);
         let comment = Self::comment(d);
@@ -489,6 +510,9 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
             Element::key(vec![Value::Addr(*ip), Value::Addr(*ip)]),
         );
     }
+    for net in &plan.service_cidrs {
+        b.add("service-cidrs", Element::key(vec![Value::Net(*net)]));
+    }
     for net in &plan.cluster_cidrs {
         b.sets
             .entry("cluster-cidrs")
@@ -568,6 +592,32 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
             sets,
         );
     }
+    let mut s = Set::new("service-cidrs", vec![addr], None);
+    s.flags = vec!["interval"];
+    push(
+        "service-cidrs",
+        s,
+        "Service CIDRs: an address no Service holds is dropped",
+        sets,
+    );
+    push(
+        "firewall-ips",
+        Set::new("firewall-ips", ip_key(), None),
+        "load-balancer destinations with loadBalancerSourceRanges",
+        sets,
+    );
+    let mut s = Set::new(
+        "firewall-allow",
+        vec![addr, "inet_proto", "inet_service", addr],
+        None,
+    );
+    s.flags = vec!["interval"];
+    push(
+        "firewall-allow",
+        s,
+        "guarded destination . allowed source range",
+        sets,
+    );
     push(
         "hairpin",
         Set::new("hairpin", vec![addr, addr], None),
@@ -649,6 +699,37 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
     );
     out.extend(std::mem::take(&mut b.affinity_sets).into_values());
     out
+}
+
+/// loadBalancerSourceRanges, checked as kube-proxy's nftables mode does: for new connections,
+/// before DNAT (so the destination is still the load-balancer IP), from prerouting (clients,
+/// pods included) and output (the node). One fixed rule: the sets hold the ranges.
+fn firewall_chains(f: Family) -> Vec<Chain> {
+    let new_conn = || Stmt::Match {
+        left: Expr::Ct("state"),
+        op: Op::Has,
+        right: Expr::Keyword("new"),
+    };
+    let ip_key = || Expr::Concat(vec![Expr::ip(f, "daddr"), Expr::l4proto(), Expr::dport()]);
+    let with_source = Expr::Concat(vec![
+        Expr::ip(f, "daddr"),
+        Expr::l4proto(),
+        Expr::dport(),
+        Expr::ip(f, "saddr"),
+    ]);
+    vec![
+        Chain::base("firewall-prerouting", "filter", "prerouting", DSTNAT - 10)
+            .rule(vec![new_conn(), Stmt::jump("firewall-check")]),
+        Chain::base("firewall-output", "filter", "output", DSTNAT - 10)
+            .rule(vec![new_conn(), Stmt::jump("firewall-check")]),
+        Chain::new("firewall-check")
+            .with_comment("loadBalancerSourceRanges")
+            .rule(vec![
+                Stmt::eq(ip_key(), Expr::set("firewall-ips")),
+                Stmt::ne(with_source, Expr::set("firewall-allow")),
+                Stmt::Verdict(Verdict::Drop),
+            ]),
+    ]
 }
 
 fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
@@ -847,7 +928,13 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
         Stmt::goto("reject-traffic"),
         Stmt::Comment("port the Service does not have".into()),
     ]);
+    check = check.rule(vec![
+        Stmt::eq(daddr(), Expr::set("service-cidrs")),
+        Stmt::Verdict(Verdict::Drop),
+        Stmt::Comment("unallocated ClusterIP".into()),
+    ]);
     chains.push(check);
+    chains.extend(firewall_chains(f));
     chains.push(
         Chain::new("reject-traffic")
             .rule(vec![Stmt::Reject(f, Reject::TcpReset)])
