@@ -1081,13 +1081,36 @@ fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
 fn unallocated_cluster_ips_are_dropped(mut p: Proxy) {
     let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
     p.w.serve(&a1, 8080);
+    // Without the drop, 10.96.0.99 would be routed on, to a host that answers on it.
+    let outside = Pod {
+        name: "outside".into(),
+        ns: p.w.client.clone(),
+        ip: "10.96.0.99".parse().unwrap(),
+        ip6: "fd00:96::99".parse().unwrap(),
+        node: "none",
+    };
+    sh(&[
+        "ip",
+        "-n",
+        &p.w.client,
+        "addr",
+        "add",
+        "10.96.0.99/32",
+        "dev",
+        "lo",
+    ]);
+    p.w.serve(&outside, 80);
     let yaml = svc(
         "web",
         "{clusterIP: 10.96.0.80, ports: [{port: 80, targetPort: 8080}]}",
-    ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)])
-        + "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16]}\n";
+    ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]);
     p.apply(&yaml);
-    for ns in [c.ns.clone(), p.w.node.clone(), p.w.client.clone()] {
+    assert_eq!(tcp(&c.ns, sa("10.96.0.99:80"), T).unwrap().pod, "outside");
+    p.apply(
+        &(yaml
+            + "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16]}\n"),
+    );
+    for ns in [c.ns.clone(), p.w.node.clone()] {
         assert_eq!(tcp(&ns, sa("10.96.0.80:80"), T).unwrap().pod, "a1");
         let e = tcp(&ns, sa("10.96.0.80:81"), T).unwrap_err();
         assert_eq!(
