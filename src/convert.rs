@@ -747,6 +747,45 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_are_trimmed_and_a_bad_one_is_left_out_with_a_warning() {
+        let obj: core::Service = serde_json::from_value(json!({
+            "metadata": {"name": "lb", "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.1", "ports": [{"port": 80}],
+                     "loadBalancerSourceRanges": [" 203.0.113.0/25", "bogus", "10.1.2.3/8 "]}
+        }))
+        .unwrap();
+        let s = service(&obj).unwrap().unwrap();
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "203.0.113.0/25".parse().unwrap()
+            ]
+        );
+        let w = service_warnings(&obj);
+        assert_eq!(w.len(), 1);
+        assert_eq!(
+            w[0].to_string(),
+            "Service ns/lb: spec.loadBalancerSourceRanges[1]: \"bogus\" is not a CIDR; this range is ignored"
+        );
+    }
+
+    #[test]
+    fn service_cidrs_keep_the_good_ones() {
+        let obj: networking::ServiceCIDR = serde_json::from_value(json!({
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/12", "fd00::/nope"]}
+        }))
+        .unwrap();
+        let (cidrs, bad) = service_cidr(&obj);
+        assert_eq!(cidrs, vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            bad[0].to_string(),
+            "ServiceCIDR kubernetes: spec.cidrs[1]: \"fd00::/nope\" is not a CIDR"
+        );
+    }
+
+    #[test]
     fn headless_externalname_and_foreign_proxy_are_ignored() {
         for v in [
             json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),

@@ -949,6 +949,71 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_guard_load_balancer_ips_only() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut svc = service("a", "10.0.0.1");
+        svc.ports[0].node_port = Some(30000);
+        svc.external_ips = vec![ip("1.2.3.4")];
+        svc.load_balancer_ips = vec![ip("5.6.7.8"), ip("fd00::8")];
+        svc.load_balancer_source_ranges = vec![net("203.0.113.0/25"), net("2001:db8::/32")];
+        let s = snapshot(vec![svc.clone()], vec![]);
+        let p = plan(&s, &ProxyConfig::default());
+        for d in &v4(&p).destinations {
+            let want = if d.kind == DestinationKind::LoadBalancer {
+                vec![net("203.0.113.0/25")]
+            } else {
+                vec![]
+            };
+            assert_eq!(d.allowed_sources, want, "{d:?}");
+        }
+        // A node inside the ranges: the LB IPs themselves are allowed sources too. Ranges are
+        // aggregated (no overlap in the interval set).
+        svc.load_balancer_source_ranges = vec![net("192.168.0.0/16"), net("192.168.1.0/24")];
+        let p = plan(
+            &snapshot(vec![svc.clone()], vec![]),
+            &ProxyConfig::default(),
+        );
+        let lb = v4(&p)
+            .destinations
+            .iter()
+            .find(|d| d.kind == DestinationKind::LoadBalancer)
+            .unwrap();
+        assert_eq!(
+            lb.allowed_sources,
+            vec![net("5.6.7.8/32"), net("192.168.0.0/16")]
+        );
+        // Ranges of the other family only: no firewall in this one (as kube-proxy).
+        let v6lb = p.families[1]
+            .destinations
+            .iter()
+            .find(|d| d.kind == DestinationKind::LoadBalancer);
+        assert!(v6lb.is_none(), "no IPv6 ClusterIP, no IPv6 destinations");
+    }
+
+    #[test]
+    fn service_cidrs_from_objects_else_from_the_configuration() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let cfg = ProxyConfig {
+            service_cidrs: vec![net("10.0.0.0/16"), net("fd00::/108")],
+            ..ProxyConfig::default()
+        };
+        let mut s = snapshot(vec![], vec![]);
+        let p = plan(&s, &cfg);
+        assert_eq!(p.families[0].service_cidrs, vec![net("10.0.0.0/16")]);
+        assert_eq!(p.families[1].service_cidrs, vec![net("fd00::/108")]);
+        s.service_cidrs = vec![net("10.96.0.0/12"), net("10.96.0.0/16")];
+        let p = plan(&s, &cfg);
+        assert_eq!(p.families[0].service_cidrs, vec![net("10.96.0.0/12")]);
+        assert!(p.families[1].service_cidrs.is_empty());
+        assert!(p.drop_invalid);
+        let liberal = ProxyConfig {
+            tcp_be_liberal: true,
+            ..ProxyConfig::default()
+        };
+        assert!(!plan(&s, &liberal).drop_invalid);
+    }
+
+    #[test]
     fn nodeport_address_modes() {
         let mut cfg = ProxyConfig {
             nodeport_addresses: NodePortAddresses::Primary,

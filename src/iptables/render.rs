@@ -969,6 +969,57 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_get_a_firewall_chain_and_a_drop_for_the_rest() {
+        let mut s = synthetic::cluster(1, 1);
+        let mut svc = (*s.services.values().next().unwrap()).as_ref().clone();
+        svc.load_balancer_ips = vec!["198.51.100.1".parse().unwrap()];
+        svc.load_balancer_source_ranges = vec!["203.0.113.0/25".parse().unwrap()];
+        s.services.insert(svc.id.clone(), std::sync::Arc::new(svc));
+        let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let nat = r.families[0].table(Table::Nat).unwrap();
+        let fw = nat
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with("SVCP-FW-"))
+            .unwrap();
+        assert_eq!(fw.rules.len(), 1);
+        assert!(
+            fw.rules[0].starts_with("-s 203.0.113.0/25 "),
+            "{:?}",
+            fw.rules
+        );
+        assert!(fw.rules[0].ends_with(&format!("-j {}", fw.name.replace("-FW-", "-EXT-"))));
+        let services = rules_of(&r, Table::Nat, SERVICES);
+        assert!(
+            services
+                .iter()
+                .any(|x| x.starts_with("-d 198.51.100.1/32 ") && x.ends_with(&fw.name))
+        );
+        let filter = rules_of(&r, Table::Filter, FILTER);
+        assert!(filter[1].starts_with("-d 198.51.100.1/32 -p tcp -m tcp --dport 80 "));
+        assert!(filter[1].ends_with("-j DROP"), "{filter:?}");
+    }
+
+    #[test]
+    fn invalid_is_dropped_in_forward_unless_tcp_be_liberal() {
+        let s = synthetic::cluster(1, 1);
+        let forward = |cfg: &ProxyConfig| {
+            rules_of(&render(&crate::plan::plan(&s, cfg)), Table::Filter, FORWARD)
+        };
+        assert!(forward(&ProxyConfig::default())[0].starts_with("-m conntrack --ctstate INVALID "));
+        let liberal = ProxyConfig {
+            tcp_be_liberal: true,
+            ..ProxyConfig::default()
+        };
+        assert!(forward(&liberal).is_empty());
+        assert!(
+            jump_rules()
+                .iter()
+                .any(|j| j.chain == "FORWARD" && j.spec.ends_with(&["-j", FORWARD]))
+        );
+    }
+
+    #[test]
     fn restore_input_declares_then_fills_then_deletes_stale_chains() {
         let s = synthetic::cluster(1, 1);
         let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));

@@ -952,3 +952,64 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
     chains.extend(b.affinity_chains.values().cloned());
     chains
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProxyConfig;
+    use crate::synthetic;
+    use std::sync::Arc;
+
+    /// `n` load-balancer Services, each with `ranges` source ranges.
+    fn guarded(n: usize, ranges: usize) -> Ruleset {
+        let mut s = synthetic::cluster(n, 2);
+        for (i, svc) in s.services.values_mut().enumerate() {
+            let mut v = svc.as_ref().clone();
+            v.load_balancer_ips = vec![format!("198.51.{}.{}", i / 250, i % 250).parse().unwrap()];
+            v.load_balancer_source_ranges = (0..ranges)
+                .map(|r| format!("203.0.{}.0/24", 2 * r).parse().unwrap())
+                .collect();
+            *svc = Arc::new(v);
+        }
+        render(&crate::plan::plan(&s, &ProxyConfig::default()))
+    }
+
+    fn set<'a>(r: &'a Ruleset, name: &str) -> &'a Set {
+        r.tables[0].sets.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn source_ranges_are_data_not_chains() {
+        let small = guarded(1, 1);
+        let big = guarded(300, 4);
+        // The same chains and sets, however many Services and ranges: the kernel cost is flat.
+        let names = |r: &Ruleset| {
+            (
+                r.tables[0]
+                    .chains
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect::<Vec<_>>(),
+                r.tables[0]
+                    .sets
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(names(&small), names(&big));
+        assert_eq!(set(&big, "firewall-ips").elements.len(), 300);
+        assert_eq!(set(&big, "firewall-allow").elements.len(), 1200);
+        let e = &set(&small, "firewall-allow").elements[0];
+        assert_eq!(
+            e.key.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.51.0.0", "tcp", "80", "203.0.0.0/24"]
+        );
+        let check = small.tables[0]
+            .chains
+            .iter()
+            .find(|c| c.name == "firewall-check")
+            .unwrap();
+        assert_eq!(check.rules.len(), 1);
+    }
+}
