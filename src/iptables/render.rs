@@ -30,6 +30,11 @@
 //!   CIDRs (all of it with masquerade-all) is marked in the endpoint chain, matching the
 //!   ClusterIP and port, so that the same chain serves external destinations unmarked.
 //!
+//! * loadBalancerSourceRanges and INVALID follow kube-proxy's iptables mode: a firewall chain
+//!   `SVCP-FW-<hash>` per guarded Service port in `nat` (sources in the ranges go on to the
+//!   external chain; the rest stay unDNATed and are dropped in `SVCP-FILTER`), and
+//!   `SVCP-FORWARD` (from FORWARD) dropping `ctstate INVALID` unless `conntrack.tcpBeLiberal`.
+//!
 //! Every chain name starts with `SVCP-` (never kube-proxy's `KUBE-`); per-Service chains are
 //! named by a stable hash (FNV-1a) of the Service port and scope, so the same Service keeps its
 //! chain names across syncs and restarts and an incremental sync rewrites only changed chains.

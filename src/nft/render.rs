@@ -29,6 +29,13 @@
 //! * Rejects (no endpoints, unknown ClusterIP port) happen in filter chains, since `reject` is
 //!   not allowed in nat chains; `drop` (a Local traffic policy with no local endpoint) happens in
 //!   the nat dispatch itself.
+//! * loadBalancerSourceRanges are data too: `firewall-ips` holds the guarded destinations and
+//!   the interval set `firewall-allow` each `destination . allowed source range` (nft 1.0.6
+//!   accepts concatenated intervals, with element adds and deletes in a partial sync); one rule
+//!   in `firewall-check`, run before DNAT for new connections, drops what is guarded and not
+//!   allowed. kube-proxy uses a chain per firewalled Service; here the object count stays
+//!   fixed. Unallocated ClusterIPs are one more rule in `endpoints-check`, on the interval set
+//!   `service-cidrs`.
 //! * ClientIP session affinity needs to remember, per client, one endpoint: those (rare)
 //!   destinations get kube-proxy's proven shape, a chain per Service port with a dynamic
 //!   timeout set per endpoint, shared by all addresses of that Service port.
