@@ -1014,6 +1014,10 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
 /// ServiceCIDRs are watched: their CIDRs drop unallocated ClusterIPs, and follow the objects;
 /// load-balancer source ranges reach the firewall sets, a bad one left out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn service_cidrs_and_source_ranges_follow_the_cluster() {
     let Some(ns) = agent_netns("cidrs") else {
         return;
