@@ -747,7 +747,7 @@ mod tests {
     }
 
     #[test]
-    fn source_ranges_are_trimmed_and_a_bad_one_is_left_out_with_a_warning() {
+    fn source_ranges_are_trimmed_and_a_bad_one_is_skipped_alone() {
         let obj: core::Service = serde_json::from_value(json!({
             "metadata": {"name": "lb", "namespace": "ns"},
             "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.1", "ports": [{"port": 80}],
@@ -756,13 +756,13 @@ mod tests {
         .unwrap();
         let s = service(&obj).unwrap().unwrap();
         assert_eq!(
-            s.load_balancer_source_ranges,
+            s.object.load_balancer_source_ranges,
             vec![
                 "10.0.0.0/8".parse::<IpNet>().unwrap(),
                 "203.0.113.0/25".parse().unwrap()
             ]
         );
-        let w = service_warnings(&obj);
+        let w = s.skipped;
         assert_eq!(w.len(), 1);
         assert_eq!(
             w[0].to_string(),
