@@ -370,6 +370,7 @@ fn main() {
             services: std::mem::take(&mut loaded.converted.services),
             slices: std::mem::take(&mut loaded.converted.slices),
             node,
+            service_cidrs: std::mem::take(&mut loaded.converted.service_cidrs),
         };
         measure(
             &format!("examples ({} Services)", snapshot.services.len()),

@@ -165,6 +165,10 @@ pub struct NodeArgs {
     #[arg(long, value_name = "NAME", value_parser = crate::config::interface_name,
           required_if_eq("detect_local_mode", "BridgeInterface"))]
     pub pod_bridge_interface: Option<String>,
+    /// The Service CIDR(s), used when the inputs hold no ServiceCIDR object: traffic to an
+    /// address inside them that no Service holds is dropped.
+    #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl NodeArgs {
@@ -179,6 +183,8 @@ impl NodeArgs {
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             detect_local: self.detect_local(),
+            service_cidrs: self.service_cidrs.iter().map(IpNet::trunc).collect(),
+            tcp_be_liberal: false,
         }
     }
 
@@ -395,6 +401,10 @@ pub struct RunArgs {
     /// The cluster's pod network(s), comma-separated.
     #[arg(long, value_name = "CIDRS")]
     pub cluster_cidr: Option<String>,
+    /// The Service CIDR(s), comma-separated, used while the cluster has no ServiceCIDR objects
+    /// (KubeProxyConfiguration has no such field).
+    #[arg(long, value_name = "CIDRS")]
+    pub service_cidr: Option<String>,
     /// Which local addresses answer NodePorts: `primary`, or comma-separated CIDRs.
     #[arg(long, value_name = "CIDRS|primary", value_delimiter = ',')]
     pub nodeport_addresses: Option<Vec<String>>,
@@ -446,6 +456,7 @@ impl RunArgs {
             hostname_override: self.hostname_override.clone(),
             kubeconfig: self.kubeconfig.clone(),
             cluster_cidr: self.cluster_cidr.clone(),
+            service_cidr: self.service_cidr.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             masquerade_all: self.masquerade_all.then_some(true),
             masquerade_bit: self.masquerade_bit,
@@ -625,6 +636,19 @@ pub async fn fetch_cluster(
     {
         problems.extend(converted.add_service(&svc));
     }
+    // A cluster older than 1.33 may not serve ServiceCIDRs: then there are none.
+    match Api::<k8s_openapi::api::networking::v1::ServiceCIDR>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => {
+            for obj in list {
+                problems.extend(converted.add_service_cidr(&obj));
+            }
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e),
+    }
     for slice in Api::<EndpointSlice>::all(client.clone())
         .list(&ListParams::default())
         .await?
@@ -671,6 +695,7 @@ fn load_snapshot(from: &[PathBuf], node_args: &NodeArgs) -> Result<(Snapshot, bo
         services: std::mem::take(&mut loaded.converted.services),
         slices: std::mem::take(&mut loaded.converted.slices),
         node,
+        service_cidrs: std::mem::take(&mut loaded.converted.service_cidrs),
     };
     Ok((snapshot, loaded.errors.is_empty()))
 }
@@ -779,6 +804,7 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
                     services: converted.services,
                     slices: converted.slices,
                     node,
+                    service_cidrs: converted.service_cidrs,
                 },
                 problems.is_empty(),
             ))

@@ -251,6 +251,8 @@ pub struct FlagOverrides {
     pub hostname_override: Option<String>,
     pub kubeconfig: Option<PathBuf>,
     pub cluster_cidr: Option<String>,
+    /// `--service-cidr` (no field in the file).
+    pub service_cidr: Option<String>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub masquerade_all: Option<bool>,
     pub masquerade_bit: Option<i32>,
@@ -717,6 +719,11 @@ pub fn resolve(
             masquerade_all,
             masquerade_bit: masquerade_bit as u8,
             detect_local,
+            service_cidrs: match &flags.service_cidr {
+                Some(text) => cidrs("--service-cidr", text)?,
+                None => Vec::new(),
+            },
+            tcp_be_liberal: conntrack_cfg.tcp_be_liberal == Some(true),
         },
         node_ip,
         healthz_bind_address: bind("healthzBindAddress", &healthz, 10256)?,

@@ -186,6 +186,7 @@ mod tests {
             service: ObjectRef::new("kube-system", "kube-dns"),
             port_name: "dns".into(),
             route,
+            allowed_sources: vec![],
         });
         p
     }

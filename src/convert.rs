@@ -20,6 +20,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
@@ -48,6 +49,7 @@ pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl fmt::Display for ObjectKind {
@@ -56,6 +58,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Node => "Node",
+            ObjectKind::ServiceCidr => "ServiceCIDR",
         })
     }
 }
@@ -436,6 +439,8 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         tracing::warn!("Service {object}: {w}");
     }
 
+    let (load_balancer_source_ranges, bad_ranges) = source_ranges(svc, &cx);
+    skipped.extend(bad_ranges);
     Ok(Some(Usable {
         object: Service {
             id,
@@ -443,6 +448,7 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
             ports,
             external_ips,
             load_balancer_ips,
+            load_balancer_source_ranges,
             affinity_timeout,
             external_policy,
             internal_policy,
@@ -519,6 +525,53 @@ fn endpoint_hints(hints: Option<&discovery::EndpointHints>) -> Option<Box<Endpoi
         ),
     };
     (!h.for_zones.is_empty() || !h.for_nodes.is_empty()).then(|| Box::new(h))
+}
+
+/// `spec.loadBalancerSourceRanges`, read as kube-proxy reads them: each trimmed of whitespace
+/// (`" 203.0.113.0/25"` is valid) and truncated to its network; an unparsable one is left out
+/// (the others still guard the load balancer) and reported.
+fn source_ranges(svc: &core::Service, cx: &Ctx) -> (Vec<IpNet>, Vec<Rejected>) {
+    let mut ranges = Vec::new();
+    let mut problems = Vec::new();
+    let texts = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref());
+    for (i, text) in texts.into_iter().flatten().enumerate() {
+        match text.trim().parse::<IpNet>() {
+            Ok(net) => ranges.push(net.trunc()),
+            Err(_) => problems.push(cx.err(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{text:?} is not a CIDR; this range is ignored"),
+            )),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    (ranges, problems)
+}
+
+/// The CIDRs of a `networking.k8s.io/v1` ServiceCIDR (`spec.cidrs`); an unparsable one is left
+/// out and reported.
+pub fn service_cidr(obj: &networking::ServiceCIDR) -> (Vec<IpNet>, Vec<Rejected>) {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let cx = Ctx {
+        kind: ObjectKind::ServiceCidr,
+        object: &name,
+    };
+    let mut cidrs = Vec::new();
+    let mut problems = Vec::new();
+    let texts = obj.spec.as_ref().and_then(|s| s.cidrs.as_ref());
+    for (i, text) in texts.into_iter().flatten().enumerate() {
+        match text.trim().parse::<IpNet>() {
+            Ok(net) => cidrs.push(net.trunc()),
+            Err(_) => problems.push(cx.err(
+                format!("spec.cidrs[{i}]"),
+                format!("{text:?} is not a CIDR"),
+            )),
+        }
+    }
+    (cidrs, problems)
 }
 
 /// Converts an EndpointSlice. `Ok(None)`: a slice the proxy does not use (FQDN, or no owning
@@ -694,6 +747,8 @@ pub struct Converted {
     pub services: BTreeMap<ObjectRef, Arc<Service>>,
     pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Every ServiceCIDR's CIDRs, sorted and deduplicated.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Converted {
@@ -720,6 +775,15 @@ impl Converted {
             Ok(None) => Vec::new(),
             Err(e) => vec![e],
         }
+    }
+
+    /// Adds a ServiceCIDR; the problems are the CIDRs left out of it.
+    pub fn add_service_cidr(&mut self, obj: &networking::ServiceCIDR) -> Vec<Rejected> {
+        let (cidrs, problems) = service_cidr(obj);
+        self.service_cidrs.extend(cidrs);
+        self.service_cidrs.sort();
+        self.service_cidrs.dedup();
+        problems
     }
 
     /// Adds a Node; the problems are the fields left out of it.
@@ -769,6 +833,45 @@ mod tests {
         assert_eq!(s.ports[0].protocol, Protocol::Tcp);
         assert_eq!(s.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
         assert_eq!(s.external_policy, TrafficPolicy::Cluster);
+    }
+
+    #[test]
+    fn source_ranges_are_trimmed_and_a_bad_one_is_skipped_alone() {
+        let obj: core::Service = serde_json::from_value(json!({
+            "metadata": {"name": "lb", "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.1", "ports": [{"port": 80}],
+                     "loadBalancerSourceRanges": [" 203.0.113.0/25", "bogus", "10.1.2.3/8 "]}
+        }))
+        .unwrap();
+        let s = service(&obj).unwrap().unwrap();
+        assert_eq!(
+            s.object.load_balancer_source_ranges,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "203.0.113.0/25".parse().unwrap()
+            ]
+        );
+        let w = s.skipped;
+        assert_eq!(w.len(), 1);
+        assert_eq!(
+            w[0].to_string(),
+            "Service ns/lb: spec.loadBalancerSourceRanges[1]: \"bogus\" is not a CIDR; this range is ignored"
+        );
+    }
+
+    #[test]
+    fn service_cidrs_keep_the_good_ones() {
+        let obj: networking::ServiceCIDR = serde_json::from_value(json!({
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/12", "fd00::/nope"]}
+        }))
+        .unwrap();
+        let (cidrs, bad) = service_cidr(&obj);
+        assert_eq!(cidrs, vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            bad[0].to_string(),
+            "ServiceCIDR kubernetes: spec.cidrs[1]: \"fd00::/nope\" is not a CIDR"
+        );
     }
 
     #[test]

@@ -72,6 +72,7 @@ struct Raw {
     services: BTreeMap<(String, String), (Value, PathBuf)>,
     slices: BTreeMap<(String, String), (Value, PathBuf)>,
     nodes: BTreeMap<(String, String), (Value, PathBuf)>,
+    service_cidrs: BTreeMap<(String, String), (Value, PathBuf)>,
 }
 
 /// Reads every manifest under `paths` (files, or directories walked recursively for `.yaml`,
@@ -274,6 +275,7 @@ fn read_object(
             "ServiceList" => Some(("v1", "Service")),
             "EndpointSliceList" => Some(("discovery.k8s.io/v1", "EndpointSlice")),
             "NodeList" => Some(("v1", "Node")),
+            "ServiceCIDRList" => Some(("networking.k8s.io/v1", "ServiceCIDR")),
             _ => None,
         };
         let items = match map.remove("items") {
@@ -291,6 +293,7 @@ fn read_object(
         ("v1", "Service") => &mut raw.services,
         ("discovery.k8s.io/v1", "EndpointSlice") => &mut raw.slices,
         ("v1", "Node") => &mut raw.nodes,
+        ("networking.k8s.io/v1", "ServiceCIDR") => &mut raw.service_cidrs,
         _ => {
             let what = if namespace.is_empty() || kind == "Namespace" {
                 name.clone()
@@ -298,13 +301,13 @@ fn read_object(
                 format!("{namespace}/{name}")
             };
             loaded.notices.push(format!(
-                "{}: skipping {api_version} {kind} {what}: svcproxy reads only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node",
+                "{}: skipping {api_version} {kind} {what}: svcproxy reads only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node and networking.k8s.io/v1 ServiceCIDR",
                 path.display()
             ));
             return Ok(());
         }
     };
-    let namespace = if kind == "Node" {
+    let namespace = if kind == "Node" || kind == "ServiceCIDR" {
         String::new()
     } else {
         namespace
@@ -325,6 +328,7 @@ fn read_object(
             let kind_name: &'static str = match kind.as_str() {
                 "Service" => "Service",
                 "EndpointSlice" => "EndpointSlice",
+                "ServiceCIDR" => "ServiceCIDR",
                 _ => "Node",
             };
             loaded.errors.push(ManifestError::Conflict {
@@ -413,6 +417,21 @@ fn convert_all(raw: Raw, loaded: &mut Loaded) {
                 format!("{ns}/{name}"),
                 m,
             )),
+        }
+    }
+    for ((_, name), (value, path)) in raw.service_cidrs {
+        match typed::<k8s_openapi::api::networking::v1::ServiceCIDR>(value) {
+            Ok(obj) => {
+                for rejected in loaded.converted.add_service_cidr(&obj) {
+                    loaded.errors.push(ManifestError::Rejected {
+                        path: path.clone(),
+                        rejected,
+                    });
+                }
+            }
+            Err(m) => loaded
+                .errors
+                .push(typed_error(path, ObjectKind::ServiceCidr, name, m)),
         }
     }
     for ((_, name), (value, path)) in raw.nodes {

@@ -115,6 +115,9 @@ pub struct Service {
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`.
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`, both families (unparsable ones left out on conversion):
+    /// only these sources may reach the load-balancer IPs. Empty: every source may.
+    pub load_balancer_source_ranges: Vec<IpNet>,
     /// ClientIP session affinity timeout in seconds, if affinity is on.
     pub affinity_timeout: Option<u32>,
     pub external_policy: TrafficPolicy,
@@ -250,6 +253,12 @@ pub struct ProxyConfig {
     pub masquerade_bit: u8,
     /// How pod traffic is recognised (`detectLocalMode`).
     pub detect_local: DetectLocal,
+    /// The Service CIDRs to use when the cluster has no ServiceCIDR objects
+    /// (`--service-cidr`): traffic to an address inside them that no Service holds is dropped.
+    pub service_cidrs: Vec<IpNet>,
+    /// `conntrack.tcpBeLiberal`: the kernel accepts out-of-window TCP packets, so the iptables
+    /// mode does not drop `ctstate INVALID` in forward (as kube-proxy).
+    pub tcp_be_liberal: bool,
 }
 
 impl Default for ProxyConfig {
@@ -260,6 +269,8 @@ impl Default for ProxyConfig {
             masquerade_all: false,
             masquerade_bit: 14,
             detect_local: DetectLocal::ClusterCidr,
+            service_cidrs: Vec::new(),
+            tcp_be_liberal: false,
         }
     }
 }
@@ -279,4 +290,7 @@ pub struct Snapshot {
     pub services: BTreeMap<ObjectRef, Arc<Service>>,
     pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub node: NodeInfo,
+    /// The cluster's Service CIDRs, from its `networking.k8s.io/v1` ServiceCIDR objects (both
+    /// families, sorted). Empty: the cluster has none, and [`ProxyConfig::service_cidrs`] is used.
+    pub service_cidrs: Vec<IpNet>,
 }

@@ -22,6 +22,11 @@ pub struct Plan {
     /// The packet mark bit (as a mask) that flags a packet for masquerading.
     pub masquerade_mark: u32,
     pub families: Vec<FamilyPlan>,
+    /// Drop forwarded packets that conntrack marks INVALID (unless `conntrack.tcpBeLiberal`).
+    /// kube-proxy does so in its iptables mode only (an out-of-window TCP packet that is not
+    /// dropped reaches the pod unNATed and is answered with a reset that kills the
+    /// connection); its nftables mode does not, and neither does svcproxy's.
+    pub drop_invalid: bool,
     /// Destinations claimed by more than one Service: the first Service (in namespace/name
     /// order) keeps it, the others are listed here so that the caller can report them.
     pub conflicts: Vec<Conflict>,
@@ -130,6 +135,9 @@ pub struct FamilyPlan {
     pub nodeports: NodePortMatch,
     /// Every ClusterIP in use, with its Service: traffic to a port the Service lacks is rejected.
     pub cluster_ips: BTreeMap<IpAddr, ObjectRef>,
+    /// The Service CIDRs of this family (aggregated): traffic to an address inside them that is
+    /// not in [`FamilyPlan::cluster_ips`] is dropped.
+    pub service_cidrs: Vec<IpNet>,
     /// Endpoints on this node: a pod reaching itself through a Service is masqueraded so that
     /// its reply comes back through the proxy's NAT.
     pub hairpin: BTreeSet<IpAddr>,
@@ -176,6 +184,9 @@ pub struct Destination {
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
     pub route: Route,
+    /// loadBalancerSourceRanges of a load-balancer IP: new connections from sources outside
+    /// these (aggregated, sorted) are dropped, whatever the route. Empty: no firewall.
+    pub allowed_sources: Vec<IpNet>,
 }
 
 impl Destination {
@@ -430,6 +441,7 @@ pub fn plan_counted(snapshot: &Snapshot, config: &ProxyConfig) -> (Plan, Vec<Fam
     let plan = Plan {
         masquerade_mark: config.masquerade_mark(),
         families,
+        drop_invalid: !config.tcp_be_liberal,
         conflicts,
     };
     (plan, refs)
@@ -447,6 +459,9 @@ pub struct FamilyContext {
     pub node_name: String,
     /// The node's zone (its `topology.kubernetes.io/zone` label), for zone hints.
     pub zone: Option<String>,
+    /// The node's primary address of this family: if a load balancer's source ranges hold it,
+    /// the node may reach the load-balancer IP (see [`allowed_sources`]).
+    pub node_ip: Option<IpAddr>,
 }
 
 impl FamilyContext {
@@ -488,6 +503,7 @@ impl FamilyContext {
             nodeports,
             node_name: node.name.clone(),
             zone: node.zone.clone().filter(|z| !z.is_empty()),
+            node_ip: node.primary(family),
         }
     }
 }
@@ -537,6 +553,7 @@ pub fn plan_service(
                 service: svc.id.clone(),
                 port_name: port.name.clone(),
                 route,
+                allowed_sources: Vec::new(),
             });
         };
         add(
@@ -572,7 +589,63 @@ pub fn plan_service(
             );
         }
     }
+    let firewall = allowed_sources(ctx, svc);
+    if !firewall.is_empty() {
+        for d in &mut part.destinations {
+            if d.kind == DestinationKind::LoadBalancer {
+                d.allowed_sources.clone_from(&firewall);
+            }
+        }
+    }
     Some(part)
+}
+
+/// loadBalancerSourceRanges, as kube-proxy reads them, for one family: the Service's ranges of
+/// the family (a Service whose ranges are all of the other family has no firewall in this one,
+/// as kube-proxy's per-family proxier sees it); and, when the node's own address is inside
+/// them, the load-balancer IPs themselves: a VIP-like load balancer often puts its IP on the
+/// node, so the node's requests to it loop back with that IP as source ("SNATted to the LB
+/// IP"). NodePorts are never guarded, as in kube-proxy. Aggregated, so that an interval set
+/// never holds overlapping ranges.
+pub fn allowed_sources(ctx: &FamilyContext, svc: &Service) -> Vec<IpNet> {
+    let ranges: Vec<IpNet> = svc
+        .load_balancer_source_ranges
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == ctx.family)
+        .map(IpNet::trunc)
+        .collect();
+    if ranges.is_empty() {
+        return ranges;
+    }
+    let from_node = ctx
+        .node_ip
+        .is_some_and(|ip| ranges.iter().any(|n| n.contains(&ip)));
+    let mut allowed = ranges;
+    if from_node {
+        allowed.extend(
+            svc.load_balancer_ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == ctx.family)
+                .map(|ip| IpNet::from(*ip)),
+        );
+    }
+    IpNet::aggregate(&allowed)
+}
+
+/// The Service CIDRs of a family: the cluster's ServiceCIDR objects, else the configured ones
+/// (kube-proxy only drops unallocated ClusterIPs when it knows the CIDRs).
+fn service_cidrs(snapshot: &Snapshot, config: &ProxyConfig, family: IpFamily) -> Vec<IpNet> {
+    let source = if snapshot.service_cidrs.is_empty() {
+        &config.service_cidrs
+    } else {
+        &snapshot.service_cidrs
+    };
+    let mine: Vec<IpNet> = source
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == family)
+        .map(IpNet::trunc)
+        .collect();
+    IpNet::aggregate(&mine)
 }
 
 fn plan_family(
@@ -619,6 +692,7 @@ fn plan_family(
         clusterip_masquerade: ctx.clusterip_masquerade,
         nodeports: ctx.nodeports,
         cluster_ips,
+        service_cidrs: service_cidrs(snapshot, config, family),
         hairpin,
         destinations: destinations.into_values().collect(),
     };
@@ -703,6 +777,7 @@ mod tests {
             }],
             external_ips: vec![],
             load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
             affinity_timeout: None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
@@ -763,6 +838,7 @@ mod tests {
                 addresses: vec![ip("192.168.0.2")],
                 ..NodeInfo::default()
             },
+            service_cidrs: vec![],
         }
     }
 
@@ -1008,6 +1084,71 @@ mod tests {
             endpoints(&p.families[1].destinations[0].route),
             vec![sa("[fd01::1]:8080")]
         );
+    }
+
+    #[test]
+    fn source_ranges_guard_load_balancer_ips_only() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut svc = service("a", "10.0.0.1");
+        svc.ports[0].node_port = Some(30000);
+        svc.external_ips = vec![ip("1.2.3.4")];
+        svc.load_balancer_ips = vec![ip("5.6.7.8"), ip("fd00::8")];
+        svc.load_balancer_source_ranges = vec![net("203.0.113.0/25"), net("2001:db8::/32")];
+        let s = snapshot(vec![svc.clone()], vec![]);
+        let p = plan(&s, &ProxyConfig::default());
+        for d in &v4(&p).destinations {
+            let want = if d.kind == DestinationKind::LoadBalancer {
+                vec![net("203.0.113.0/25")]
+            } else {
+                vec![]
+            };
+            assert_eq!(d.allowed_sources, want, "{d:?}");
+        }
+        // A node inside the ranges: the LB IPs themselves are allowed sources too. Ranges are
+        // aggregated (no overlap in the interval set).
+        svc.load_balancer_source_ranges = vec![net("192.168.0.0/16"), net("192.168.1.0/24")];
+        let p = plan(
+            &snapshot(vec![svc.clone()], vec![]),
+            &ProxyConfig::default(),
+        );
+        let lb = v4(&p)
+            .destinations
+            .iter()
+            .find(|d| d.kind == DestinationKind::LoadBalancer)
+            .unwrap();
+        assert_eq!(
+            lb.allowed_sources,
+            vec![net("5.6.7.8/32"), net("192.168.0.0/16")]
+        );
+        // Ranges of the other family only: no firewall in this one (as kube-proxy).
+        let v6lb = p.families[1]
+            .destinations
+            .iter()
+            .find(|d| d.kind == DestinationKind::LoadBalancer);
+        assert!(v6lb.is_none(), "no IPv6 ClusterIP, no IPv6 destinations");
+    }
+
+    #[test]
+    fn service_cidrs_from_objects_else_from_the_configuration() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let cfg = ProxyConfig {
+            service_cidrs: vec![net("10.0.0.0/16"), net("fd00::/108")],
+            ..ProxyConfig::default()
+        };
+        let mut s = snapshot(vec![], vec![]);
+        let p = plan(&s, &cfg);
+        assert_eq!(p.families[0].service_cidrs, vec![net("10.0.0.0/16")]);
+        assert_eq!(p.families[1].service_cidrs, vec![net("fd00::/108")]);
+        s.service_cidrs = vec![net("10.96.0.0/12"), net("10.96.0.0/16")];
+        let p = plan(&s, &cfg);
+        assert_eq!(p.families[0].service_cidrs, vec![net("10.96.0.0/12")]);
+        assert!(p.families[1].service_cidrs.is_empty());
+        assert!(p.drop_invalid);
+        let liberal = ProxyConfig {
+            tcp_be_liberal: true,
+            ..ProxyConfig::default()
+        };
+        assert!(!plan(&s, &liberal).drop_invalid);
     }
 
     #[test]

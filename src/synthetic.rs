@@ -41,6 +41,7 @@ pub fn service(i: usize) -> Service {
         }],
         external_ips: vec![],
         load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
         affinity_timeout: None,
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,

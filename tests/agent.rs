@@ -1170,3 +1170,65 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
     );
     agent.stop().await;
 }
+
+/// ServiceCIDRs are watched: their CIDRs drop unallocated ClusterIPs, and follow the objects;
+/// load-balancer source ranges reach the firewall sets, a bad one left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+async fn service_cidrs_and_source_ranges_follow_the_cluster() {
+    let Some(ns) = agent_netns("cidrs") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                     "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/12"]}}),
+    );
+    api.apply(service(
+        "lb",
+        "10.96.0.30",
+        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [" 203.0.113.0/25", "nope"]}),
+    ));
+    api.apply(slice("lb-1", "lb", &["10.244.1.31"]));
+    let mut agent = Agent::start(&api, &ns, |_| {});
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+    assert!(
+        eventually(3 * SECOND, || ns.nft_ruleset().contains("10.96.0.0/12")).await,
+        "{}",
+        ns.nft_ruleset()
+    );
+    // The load balancer gets its ingress IP: its ranges guard it.
+    let mut lb = service(
+        "lb",
+        "10.96.0.30",
+        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [" 203.0.113.0/25", "nope"]}),
+    );
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.30"}]}});
+    api.apply(lb);
+    assert!(
+        eventually(3 * SECOND, || ns
+            .nft_ruleset()
+            .contains("198.51.100.30 . tcp . 80 . 203.0.113.0/25"))
+        .await,
+        "{}",
+        ns.nft_ruleset()
+    );
+    api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                     "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.100.0.0/16"]}}),
+    );
+    assert!(
+        eventually(3 * SECOND, || {
+            let r = ns.nft_ruleset();
+            r.contains("10.100.0.0/16") && !r.contains("10.96.0.0/12")
+        })
+        .await,
+        "{}",
+        ns.nft_ruleset()
+    );
+    agent.stop().await;
+}

@@ -124,6 +124,9 @@ on_every_backend!(
     zone_hints_keep_traffic_in_the_zone_and_fall_back_when_incomplete,
     node_hints_keep_traffic_on_the_node,
     detect_local_modes_decide_which_sources_are_pods,
+    load_balancer_source_ranges_guard_the_load_balancer_ip,
+    unallocated_cluster_ips_are_dropped,
+    invalid_conntrack_state_in_forward,
 );
 
 /// A world plus svcproxy's backend in its node namespace.
@@ -172,6 +175,19 @@ impl Proxy {
                 .flush(&stale_udp(old, &plan))
                 .unwrap();
         }
+        self.plan = Some(plan);
+        report
+    }
+
+    /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
+    fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
+        let (mut plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        plan.drop_invalid = !tcp_be_liberal;
+        let desired = self.backend.desired(&plan, ruleset);
+        let report = self
+            .backend
+            .apply(desired)
+            .unwrap_or_else(|e| panic!("apply failed: {e}"));
         self.plan = Some(plan);
         report
     }
@@ -1243,6 +1259,163 @@ fn detect_local_modes_decide_which_sources_are_pods(mut p: Proxy) {
                 io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
             ),
             "{flags:?}: eTP Local without a local endpoint drops outside clients: {e:?}"
+        );
+    }
+}
+
+/// Whether a TCP connection attempt from `ns` to `to` is dropped (times out) rather than
+/// answered or refused.
+fn dropped(ns: &str, to: SocketAddr) -> bool {
+    match tcp(ns, to, Duration::from_millis(700)) {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+// loadBalancerSourceRanges (kube-proxy's TestLoadBalancer "firewall" flows and
+// TestOverallNFTablesRules' firewall-ips): only sources in the ranges reach the load-balancer
+// IP, pods included; NodePorts are not guarded; the node is allowed when its IP is in the
+// ranges, and so is traffic whose source is the LB IP itself.
+fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
+    let lb = sa("198.51.100.30:80");
+    let yaml = |ranges: &str| {
+        svc(
+            "guarded",
+            &format!(
+                "{{type: LoadBalancer, clusterIP: 10.96.0.90, loadBalancerSourceRanges: {ranges}, ports: [{{port: 80, targetPort: 8080, nodePort: 30095}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.30}}]}}}}"
+            ),
+        ) + &slice("guarded-1", "guarded", "[{port: 8080}]", &[(&a1, READY)])
+    };
+    // Only the client: the pod and the node are outside the ranges.
+    p.apply(&yaml(r#"["203.0.113.2/32"]"#));
+    assert_eq!(tcp(&p.w.client, lb, T).unwrap().pod, "a1");
+    assert!(
+        dropped(&c.ns, lb),
+        "a pod outside the ranges reached the LB IP"
+    );
+    assert!(
+        dropped(&p.w.node, lb),
+        "the node outside the ranges reached the LB IP"
+    );
+    // NodePorts and the ClusterIP are not guarded.
+    let node_port = SocketAddr::new(NODE_IP.parse().unwrap(), 30095);
+    assert_eq!(tcp(&c.ns, node_port, T).unwrap().pod, "a1");
+    assert_eq!(tcp(&c.ns, sa("10.96.0.90:80"), T).unwrap().pod, "a1");
+    // Ranges with whitespace around them are valid.
+    p.apply(&yaml(r#"[" 198.18.0.0/15 "]"#));
+    assert!(
+        dropped(&p.w.client, lb),
+        "a client outside the ranges reached the LB IP"
+    );
+    // The LB IP held by the node (a VIP-like load balancer): the node's requests to it come
+    // from the LB IP itself. Allowed only when the node's own IP is in the ranges.
+    p.node_sh(&["ip", "addr", "add", "198.51.100.30/32", "dev", "lo"]);
+    p.apply(&yaml(r#"["203.0.113.2/32"]"#));
+    assert!(
+        dropped(&p.w.node, lb),
+        "the node outside the ranges reached its LB IP"
+    );
+    p.apply(&yaml(r#"[" 203.0.113.0/24", "10.244.1.0/24"]"#));
+    assert_eq!(tcp(&p.w.node, lb, T).unwrap().pod, "a1");
+    assert_eq!(tcp(&c.ns, lb, T).unwrap().pod, "a1");
+    assert_eq!(tcp(&p.w.client, lb, T).unwrap().pod, "a1");
+}
+
+// Traffic to an address of the Service CIDRs (a ServiceCIDR object) that no Service holds is
+// dropped (kube-proxy's nftables "cluster-ips-check"); an allocated ClusterIP on a port it
+// lacks is still refused at once.
+fn unallocated_cluster_ips_are_dropped(mut p: Proxy) {
+    let (a1, c) = (p.w.pod("a1", false), p.w.pod("c", false));
+    p.w.serve(&a1, 8080);
+    // Without the drop, 10.96.0.99 would be routed on, to a host that answers on it.
+    let outside = Pod {
+        name: "outside".into(),
+        ns: p.w.client.clone(),
+        ip: "10.96.0.99".parse().unwrap(),
+        ip6: "fd00:96::99".parse().unwrap(),
+        node: "none",
+    };
+    sh(&[
+        "ip",
+        "-n",
+        &p.w.client,
+        "addr",
+        "add",
+        "10.96.0.99/32",
+        "dev",
+        "lo",
+    ]);
+    p.w.serve(&outside, 80);
+    let yaml = svc(
+        "web",
+        "{clusterIP: 10.96.0.80, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]);
+    p.apply(&yaml);
+    assert_eq!(tcp(&c.ns, sa("10.96.0.99:80"), T).unwrap().pod, "outside");
+    p.apply(
+        &(yaml
+            + "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16]}\n"),
+    );
+    for ns in [c.ns.clone(), p.w.node.clone()] {
+        assert_eq!(tcp(&ns, sa("10.96.0.80:80"), T).unwrap().pod, "a1");
+        let e = tcp(&ns, sa("10.96.0.80:81"), T).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "from {ns}: {e:?}"
+        );
+        assert!(dropped(&ns, sa("10.96.0.99:80")), "from {ns}: not dropped");
+    }
+}
+
+/// Opens a TCP connection from the client straight to `pod` (no Service), reads the server's
+/// reply, makes the node's conntrack forget it, then writes again: with
+/// `nf_conntrack_tcp_loose=0` these segments (and the pod's reset) are INVALID. `true` when
+/// they are dropped in forward (no reset comes back within the deadline).
+fn stray_segments_dropped(p: &Proxy, pod: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let mut s = in_ns(&p.w.client, move || {
+        std::net::TcpStream::connect_timeout(&pod, T)
+    })
+    .unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    p.node_sh(&["conntrack", "-F"]);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if s.write_all(b"x").is_err() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+// ctstate INVALID: kube-proxy's iptables mode drops it in forward (KUBE-FORWARD) unless
+// conntrack.tcpBeLiberal; its nftables mode never does.
+fn invalid_conntrack_state_in_forward(mut p: Proxy) {
+    let a1 = p.w.pod("a1", false);
+    p.w.serve(&a1, 8080);
+    p.node_sh(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"]);
+    let yaml = svc(
+        "web",
+        "{clusterIP: 10.96.0.81, ports: [{port: 80, targetPort: 8080}]}",
+    ) + &slice("web-1", "web", "[{port: 8080}]", &[(&a1, READY)]);
+    let pod = SocketAddr::new(a1.ip, 8080);
+    for liberal in [false, true] {
+        p.apply_liberal(&yaml, liberal);
+        let expected = matches!(p.mode, Mode::Iptables(_)) && !liberal;
+        assert_eq!(
+            stray_segments_dropped(&p, pod),
+            expected,
+            "{:?}, tcpBeLiberal {liberal}",
+            p.mode
         );
     }
 }

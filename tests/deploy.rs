@@ -246,6 +246,7 @@ fn rbac_is_exactly_the_least_privilege() {
     let expected: BTreeSet<(String, String, Vec<String>)> = [
         ("", "services", &read[..]),
         ("discovery.k8s.io", "endpointslices", &read[..]),
+        ("networking.k8s.io", "servicecidrs", &read[..]),
         ("", "nodes", &read[..]),
         ("", "events", &write[..]),
         ("events.k8s.io", "events", &write[..]),

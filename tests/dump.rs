@@ -265,6 +265,26 @@ fn exit_codes() {
     );
     assert!(err.contains("document 3"), "{err}");
 
+    // A bad loadBalancerSourceRanges entry: the Service keeps working, the dump exits 2.
+    let ranges = dir.path().join("ranges.yaml");
+    std::fs::write(
+        &ranges,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: web}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.2, loadBalancerSourceRanges: [10.0.0.0/8, 300.0.0.0/8], ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.2}]}}\n",
+    )
+    .unwrap();
+    let (code, out, err) = svcproxy(&["dump", "--from", ranges.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        out.contains("198.51.100.2 . tcp . 80 . 10.0.0.0/8"),
+        "{out}"
+    );
+    assert!(
+        err.contains(
+            "Service web/lb: spec.loadBalancerSourceRanges[1]: \"300.0.0.0/8\" is not a CIDR"
+        ),
+        "{err}"
+    );
+
     // One bad element costs only itself: the rest of its Service is compiled, and the leading
     // zeros the apiserver once accepted are read as kube-proxy reads them.
     let partial = dir.path().join("partial.yaml");

@@ -109,6 +109,7 @@ fn snapshot(objects: &[Value], flags: &[&str]) -> (Snapshot, svcproxy::model::Pr
         services: std::mem::take(&mut loaded.converted.services),
         slices: std::mem::take(&mut loaded.converted.slices),
         node,
+        service_cidrs: std::mem::take(&mut loaded.converted.service_cidrs),
     };
     (snapshot, args.proxy_config())
 }

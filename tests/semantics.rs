@@ -440,3 +440,59 @@ fn ipv6_and_dual_stack() {
     assert_has(v6, "reject with icmpv6 type port-unreachable");
     assert_has(v6, "fib daddr type local ip6 daddr != ::1 jump nodeports");
 }
+
+#[test]
+fn load_balancer_source_ranges() {
+    let y = format!(
+        "{NODES}{}{}",
+        svc(
+            "lb",
+            "{type: LoadBalancer, clusterIP: 10.0.0.7, loadBalancerSourceRanges: [\" 203.0.113.0/25\", 192.168.1.0/24], ports: [{port: 80, nodePort: 30082}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}"
+        ),
+        slice("lb-1", "lb", "[{port: 8080}]", TWO_EPS),
+    );
+    let s = script(&y, &[]);
+    // The load-balancer IP is guarded; its ranges (trimmed), and the LB IP itself since the
+    // node's address 192.168.1.10 is inside them, are its allowed sources.
+    assert_has(
+        &s,
+        "198.51.100.7 . tcp . 80 comment \"ns/lb:80/tcp load balancer IP\"",
+    );
+    assert_has(&s, "198.51.100.7 . tcp . 80 . 203.0.113.0/25");
+    assert_has(&s, "198.51.100.7 . tcp . 80 . 192.168.1.0/24");
+    assert_has(&s, "198.51.100.7 . tcp . 80 . 198.51.100.7/32");
+    assert_has(
+        &s,
+        "ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop",
+    );
+    // Neither the ClusterIP nor the NodePort is guarded.
+    assert_lacks(&s, "10.0.0.7 . tcp . 80 . ");
+    // A node outside the ranges: the LB IP is no allowed source.
+    let s = script(&y, &["--node-ip", "192.0.2.1"]);
+    assert_lacks(&s, "198.51.100.7 . tcp . 80 . 198.51.100.7/32");
+}
+
+#[test]
+fn unallocated_cluster_ips_from_the_flag_or_service_cidr_objects() {
+    let y = format!(
+        "{NODES}{}",
+        svc("a", "{clusterIP: 10.96.0.7, ports: [{port: 80}]}")
+    );
+    // No CIDRs known: the set is empty.
+    let s = script(&y, &[]);
+    assert_lacks(&s, "10.96.0.0/12");
+    assert_has(
+        &s,
+        "ip daddr @service-cidrs drop comment \"unallocated ClusterIP\"",
+    );
+    let s = script(&y, &["--service-cidr", "10.96.0.0/12,fd00:96::/112"]);
+    assert_has(&s, "10.96.0.0/12");
+    assert_has(&s, "fd00:96::/112");
+    // ServiceCIDR objects win over the flag.
+    let with_object = format!(
+        "{y}---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {{name: kubernetes}}\nspec: {{cidrs: [10.100.0.0/16]}}\n"
+    );
+    let s = script(&with_object, &["--service-cidr", "10.96.0.0/12"]);
+    assert_has(&s, "10.100.0.0/16");
+    assert_lacks(&s, "10.96.0.0/12");
+}

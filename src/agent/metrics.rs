@@ -320,6 +320,7 @@ mod tests {
                 name: "node-a".into(),
                 ..NodeInfo::default()
             },
+            service_cidrs: Vec::new(),
         };
         crate::plan::plan(&snapshot, &ProxyConfig::default())
     }

@@ -442,6 +442,14 @@ impl Syncer {
         if !self.config.node_ips.is_empty() {
             node.addresses = self.config.node_ips.clone();
         }
+        let mut service_cidrs = Vec::new();
+        for obj in self.stores.service_cidrs.state() {
+            let (cidrs, bad) = convert::service_cidr(&obj);
+            service_cidrs.extend(cidrs);
+            skipped.extend(bad);
+        }
+        service_cidrs.sort();
+        service_cidrs.dedup();
         // Each problem logged once; the gauges say how many there are now.
         let current: BTreeSet<String> = problems
             .iter()
@@ -458,6 +466,7 @@ impl Syncer {
             ObjectKind::Service,
             ObjectKind::EndpointSlice,
             ObjectKind::Node,
+            ObjectKind::ServiceCidr,
         ] {
             let label = vec![("kind".to_string(), kind.to_string())];
             let n = problems.iter().filter(|p| p.kind == kind).count();
@@ -475,6 +484,7 @@ impl Syncer {
             services: self.services.objects.clone(),
             slices: self.slices.objects.clone(),
             node,
+            service_cidrs,
         }
     }
 }

@@ -794,6 +794,7 @@ mod tests {
                 name: "node-a".into(),
                 ..NodeInfo::default()
             },
+            service_cidrs: Vec::new(),
         }
     }
 

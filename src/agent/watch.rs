@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -26,6 +27,8 @@ pub struct Stores {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub node: Store<Node>,
+    /// The cluster's ServiceCIDRs (few objects, read whole at every sync).
+    pub service_cidrs: Store<ServiceCIDR>,
 }
 
 /// What the watchers tell the sync loop and the metrics.
@@ -41,6 +44,7 @@ pub struct Changes {
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
     pub node_changes: Counter,
+    pub service_cidr_changes: Counter,
     pub watch_errors: Counter,
 }
 
@@ -97,15 +101,35 @@ pub fn start(client: Client, node_name: &str, changes: Arc<Changes>) -> Stores {
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let stream = reflector::reflector(
         w,
-        watcher(Api::<Node>::all(client), config).default_backoff(),
+        watcher(Api::<Node>::all(client.clone()), config).default_backoff(),
     );
     // The Node is one object, read whole at every sync.
-    tokio::spawn(drive("Node", stream, changes, |c| &c.node_changes, None));
+    tokio::spawn(drive(
+        "Node",
+        stream,
+        changes.clone(),
+        |c| &c.node_changes,
+        None,
+    ));
+
+    let (service_cidrs, w) = reflector::store();
+    let stream = reflector::reflector(
+        w,
+        watcher(Api::<ServiceCIDR>::all(client), watcher::Config::default()).default_backoff(),
+    );
+    tokio::spawn(drive(
+        "ServiceCIDR",
+        stream,
+        changes,
+        |c| &c.service_cidr_changes,
+        None,
+    ));
 
     Stores {
         services,
         slices,
         node,
+        service_cidrs,
     }
 }
 

@@ -30,6 +30,11 @@
 //!   CIDRs (all of it with masquerade-all) is marked in the endpoint chain, matching the
 //!   ClusterIP and port, so that the same chain serves external destinations unmarked.
 //!
+//! * loadBalancerSourceRanges and INVALID follow kube-proxy's iptables mode: a firewall chain
+//!   `SVCP-FW-<hash>` per guarded Service port in `nat` (sources in the ranges go on to the
+//!   external chain; the rest stay unDNATed and are dropped in `SVCP-FILTER`), and
+//!   `SVCP-FORWARD` (from FORWARD) dropping `ctstate INVALID` unless `conntrack.tcpBeLiberal`.
+//!
 //! Every chain name starts with `SVCP-` (never kube-proxy's `KUBE-`); per-Service chains are
 //! named by a stable hash (FNV-1a) of the Service port and scope, so the same Service keeps its
 //! chain names across syncs and restarts and an incremental sync rewrites only changed chains.
@@ -65,6 +70,9 @@ pub const FILTER: &str = "SVCP-FILTER";
 const FILTER_NODEPORTS: &str = "SVCP-NODEPORTS";
 /// The filter chain that refuses: TCP reset, else ICMP port unreachable.
 const REJECT: &str = "SVCP-REJECT";
+/// The filter chain run for every forwarded packet (kube-proxy's `KUBE-FORWARD`): drops
+/// `ctstate INVALID` unless `conntrack.tcpBeLiberal`.
+pub const FORWARD: &str = "SVCP-FORWARD";
 
 /// A netfilter table svcproxy writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,6 +149,14 @@ pub fn jump_rules() -> &'static [JumpRule] {
         "-j",
         POSTROUTING,
     ];
+    const FORWARD_JUMP: &[&str] = &[
+        "-m",
+        "comment",
+        "--comment",
+        "svcproxy: forwarding rules",
+        "-j",
+        FORWARD,
+    ];
     const FILTER_JUMP: &[&str] = &[
         "-m",
         "conntrack",
@@ -183,6 +199,11 @@ pub fn jump_rules() -> &'static [JumpRule] {
             table: Table::Filter,
             chain: "OUTPUT",
             spec: FILTER_JUMP,
+        },
+        JumpRule {
+            table: Table::Filter,
+            chain: "FORWARD",
+            spec: FORWARD_JUMP,
         },
     ]
 }
@@ -233,7 +254,7 @@ pub fn render(plan: &Plan) -> Ruleset {
         families: plan
             .families
             .iter()
-            .map(|f| render_family(f, plan.masquerade_mark))
+            .map(|f| render_family(f, plan.masquerade_mark, plan.drop_invalid))
             .collect(),
     }
 }
@@ -514,10 +535,41 @@ impl Builder<'_> {
                     // Outside clients: nothing DNATs them in nat; they are dropped here.
                     filter.push(format!("{filter_match} -j DROP"));
                 }
-                let chain = self.external(d);
+                let mut chain = self.external(d);
+                if !d.allowed_sources.is_empty() {
+                    chain = self.firewall(d, &chain);
+                }
                 self.dispatch(nodeport, format!("{nat_match} -j {chain}"));
             }
         }
+        if !d.allowed_sources.is_empty() {
+            // What the firewall chain did not DNAT (a source outside the ranges, or no
+            // endpoint at all) is dropped here, as in kube-proxy's KUBE-PROXY-FIREWALL.
+            let fw = hashed("FW", &port_id(d));
+            self.filter_drops.push(format!(
+                "{} {} -j DROP",
+                nat_match.split(" -m comment").next().unwrap_or(&nat_match),
+                comment(&format!("{} traffic not accepted by {fw}", describe(d)))
+            ));
+        }
+    }
+
+    /// loadBalancerSourceRanges, as kube-proxy's iptables mode does it: the load-balancer IPs
+    /// of a Service port enter `SVCP-FW-<hash>`, which sends sources in the ranges on to the
+    /// external chain; the rest leave it unDNATed and are dropped in filter.
+    fn firewall(&mut self, d: &Destination, next: &str) -> String {
+        let name = hashed("FW", &port_id(d));
+        if self.others.contains_key(&name) {
+            return name;
+        }
+        let c = comment(&describe(d));
+        let rules = d
+            .allowed_sources
+            .iter()
+            .map(|net| format!("-s {net} {c} -j {next}"))
+            .collect();
+        self.others.insert(name.clone(), rules);
+        name
     }
 
     fn dispatch(&mut self, nodeport: bool, rule: String) {
@@ -560,7 +612,33 @@ fn dnat(protocol: Protocol, ep: &SocketAddr) -> String {
     format!("-p {p} -m {p} -j DNAT --to-destination {ep}")
 }
 
-fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
+/// `SVCP-FORWARD`: kube-proxy's iptables mode drops forwarded packets conntrack marks INVALID
+/// (an out-of-window TCP segment would otherwise reach the pod unNATed, and its reset kill the
+/// connection), unless `conntrack.tcpBeLiberal` makes the kernel accept such packets.
+fn forward_chain(drop_invalid: bool) -> Chain {
+    let mut rules = Vec::new();
+    if drop_invalid {
+        rules.push(format!(
+            "-m conntrack --ctstate INVALID {} -j DROP",
+            comment("conntrack INVALID (conntrack.tcpBeLiberal is off)")
+        ));
+    }
+    Chain {
+        name: FORWARD.into(),
+        rules,
+    }
+}
+
+/// Drops new connections to an address in the Service CIDRs that no Service holds (after the
+/// rules refusing unknown ports of allocated ClusterIPs), as kube-proxy's nftables mode does.
+fn unallocated_cluster_ips(plan: &FamilyPlan) -> Vec<String> {
+    plan.service_cidrs
+        .iter()
+        .map(|net| format!("-d {net} {} -j DROP", comment("unallocated ClusterIP")))
+        .collect()
+}
+
+fn render_family(plan: &FamilyPlan, mark: u32, drop_invalid: bool) -> FamilyRules {
     let fam = Fam(plan.family);
     let mut b = Builder {
         plan,
@@ -641,6 +719,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
             comment(&format!("{svc}: a port the Service does not have"))
         ));
     }
+    filter_rules.extend(unallocated_cluster_ips(plan));
     filter_rules.extend(b.nodeport_jumps(FILTER_NODEPORTS));
     let filter = vec![
         Chain {
@@ -658,6 +737,7 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> FamilyRules {
                 format!("-j REJECT --reject-with {}", fam.port_unreachable()),
             ],
         },
+        forward_chain(drop_invalid),
     ];
     FamilyRules {
         family: plan.family,
@@ -901,6 +981,57 @@ mod tests {
             .unwrap()
             .rules;
         assert!(reject6[1].contains("icmp6-port-unreachable"));
+    }
+
+    #[test]
+    fn source_ranges_get_a_firewall_chain_and_a_drop_for_the_rest() {
+        let mut s = synthetic::cluster(1, 1);
+        let mut svc = (*s.services.values().next().unwrap()).as_ref().clone();
+        svc.load_balancer_ips = vec!["198.51.100.1".parse().unwrap()];
+        svc.load_balancer_source_ranges = vec!["203.0.113.0/25".parse().unwrap()];
+        s.services.insert(svc.id.clone(), std::sync::Arc::new(svc));
+        let r = render(&crate::plan::plan(&s, &ProxyConfig::default()));
+        let nat = r.families[0].table(Table::Nat).unwrap();
+        let fw = nat
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with("SVCP-FW-"))
+            .unwrap();
+        assert_eq!(fw.rules.len(), 1);
+        assert!(
+            fw.rules[0].starts_with("-s 203.0.113.0/25 "),
+            "{:?}",
+            fw.rules
+        );
+        assert!(fw.rules[0].ends_with(&format!("-j {}", fw.name.replace("-FW-", "-EXT-"))));
+        let services = rules_of(&r, Table::Nat, SERVICES);
+        assert!(
+            services
+                .iter()
+                .any(|x| x.starts_with("-d 198.51.100.1/32 ") && x.ends_with(&fw.name))
+        );
+        let filter = rules_of(&r, Table::Filter, FILTER);
+        assert!(filter[1].starts_with("-d 198.51.100.1/32 -p tcp -m tcp --dport 80 "));
+        assert!(filter[1].ends_with("-j DROP"), "{filter:?}");
+    }
+
+    #[test]
+    fn invalid_is_dropped_in_forward_unless_tcp_be_liberal() {
+        let s = synthetic::cluster(1, 1);
+        let forward = |cfg: &ProxyConfig| {
+            rules_of(&render(&crate::plan::plan(&s, cfg)), Table::Filter, FORWARD)
+        };
+        assert!(forward(&ProxyConfig::default())[0].starts_with("-m conntrack --ctstate INVALID "));
+        let liberal = ProxyConfig {
+            tcp_be_liberal: true,
+            ..ProxyConfig::default()
+        };
+        assert!(forward(&liberal).is_empty());
+        assert!(
+            jump_rules()
+                .iter()
+                .any(|j| j.chain == "FORWARD" && j.spec.ends_with(&["-j", FORWARD]))
+        );
     }
 
     #[test]

@@ -462,6 +462,9 @@ fn delta(state: &State, new: &Snapshot, config: &ProxyConfig) -> Result<Delta, S
     if old.node != new.node {
         return Err("the Node changed".into());
     }
+    if old.service_cidrs != new.service_cidrs {
+        return Err("the ServiceCIDRs changed".into());
+    }
     if !state.plan.conflicts.is_empty() {
         return Err("Services claim the same destination".into());
     }
@@ -580,10 +583,12 @@ fn empty_plan(like: &Plan) -> Plan {
                 clusterip_masquerade: ClusterIpMasquerade::Never,
                 nodeports: NodePortMatch::Nothing,
                 cluster_ips: BTreeMap::new(),
+                service_cidrs: Vec::new(),
                 hairpin: BTreeSet::new(),
                 destinations: Vec::new(),
             })
             .collect(),
+        drop_invalid: like.drop_invalid,
         conflicts: Vec::new(),
     }
 }
@@ -845,6 +850,8 @@ mod tests {
 
         const CLUSTER_IPS: &[&str] = &["10.96.0.1", "10.96.0.2", "10.96.0.3", "fd00::1"];
         const EXTERNAL: &[&str] = &["192.0.2.1", "192.0.2.2"];
+        const LOAD_BALANCERS: &[&str] = &["198.51.100.1", "198.51.100.2"];
+        const SOURCE_RANGES: &[&str] = &["203.0.113.0/25", "192.168.0.0/24", "2001:db8::/32"];
         const PODS: &[&str] = &["10.244.0.1", "10.244.0.2", "10.244.1.1", "10.244.1.2"];
         const PODS6: &[&str] = &["fd01::1", "fd01::2"];
 
@@ -868,26 +875,34 @@ mod tests {
                 prop::option::weighted(0.2, 1u32..100),
                 policy(),
                 policy(),
+                prop::collection::vec(ip(LOAD_BALANCERS), 0..2),
+                prop::sample::subsequence(SOURCE_RANGES, 0..3),
             )
-                .prop_map(move |(cips, ports, ext, affinity, etp, itp)| Service {
-                    id: ObjectRef::new("ns", name),
-                    cluster_ips: cips,
-                    ports: ports
-                        .into_iter()
-                        .map(|(n, protocol, port, node_port)| ServicePort {
-                            name: n.into(),
-                            protocol,
-                            port,
-                            node_port,
-                        })
-                        .collect(),
-                    external_ips: ext,
-                    load_balancer_ips: vec![],
-                    affinity_timeout: affinity,
-                    external_policy: etp,
-                    internal_policy: itp,
-                    health_check_node_port: None,
-                })
+                .prop_map(
+                    move |(cips, ports, ext, affinity, etp, itp, lbs, ranges)| Service {
+                        id: ObjectRef::new("ns", name),
+                        cluster_ips: cips,
+                        ports: ports
+                            .into_iter()
+                            .map(|(n, protocol, port, node_port)| ServicePort {
+                                name: n.into(),
+                                protocol,
+                                port,
+                                node_port,
+                            })
+                            .collect(),
+                        external_ips: ext,
+                        load_balancer_ips: lbs,
+                        load_balancer_source_ranges: ranges
+                            .into_iter()
+                            .map(|r| r.parse().unwrap())
+                            .collect(),
+                        affinity_timeout: affinity,
+                        external_policy: etp,
+                        internal_policy: itp,
+                        health_check_node_port: None,
+                    },
+                )
         }
 
         fn slice(name: &'static str, svc: &'static str) -> impl Strategy<Value = EndpointSlice> {
@@ -964,6 +979,7 @@ mod tests {
                         addresses: vec!["192.168.0.2".parse().unwrap()],
                         ..NodeInfo::default()
                     },
+                    service_cidrs: vec![],
                 })
         }
 

@@ -29,6 +29,13 @@
 //! * Rejects (no endpoints, unknown ClusterIP port) happen in filter chains, since `reject` is
 //!   not allowed in nat chains; `drop` (a Local traffic policy with no local endpoint) happens in
 //!   the nat dispatch itself.
+//! * loadBalancerSourceRanges are data too: `firewall-ips` holds the guarded destinations and
+//!   the interval set `firewall-allow` each `destination . allowed source range` (nft 1.0.6
+//!   accepts concatenated intervals, with element adds and deletes in a partial sync); one rule
+//!   in `firewall-check`, run before DNAT for new connections, drops what is guarded and not
+//!   allowed. kube-proxy uses a chain per firewalled Service; here the object count stays
+//!   fixed. Unallocated ClusterIPs are one more rule in `endpoints-check`, on the interval set
+//!   `service-cidrs`.
 //! * ClientIP session affinity needs to remember, per client, one endpoint: those (rare)
 //!   destinations get kube-proxy's proven shape, a chain per Service port with a dynamic
 //!   timeout set per endpoint, shared by all addresses of that Service port.
@@ -255,7 +262,28 @@ impl Builder {
         name
     }
 
+    /// loadBalancerSourceRanges as data: the destination in `firewall-ips` (guarded), and one
+    /// `destination . source range` interval per allowed range in `firewall-allow`; the one
+    /// rule of `firewall-check` drops a new connection to a guarded destination whose source is
+    /// in none of its ranges. No chain per Service, whatever the number of ranges.
+    fn firewall(&mut self, d: &Destination) {
+        if d.allowed_sources.is_empty() {
+            return;
+        }
+        let key = Self::ip_key(d);
+        self.add(
+            "firewall-ips",
+            Element::key(key.clone()).with_comment(Self::comment(d)),
+        );
+        for net in &d.allowed_sources {
+            let mut k = key.to_vec();
+            k.push(Value::Net(*net));
+            self.add("firewall-allow", Element::key(k));
+        }
+    }
+
     fn destination(&mut self, d: &Destination) {
+        self.firewall(d);
         let nodeport = d.address == Address::NodePort;
         let key = Self::ip_key(d);
         let comment = Self::comment(d);
@@ -508,6 +536,9 @@ fn render_family(plan: &FamilyPlan, mark: u32) -> Table {
             Element::key(vec![Value::Addr(*ip), Value::Addr(*ip)]),
         );
     }
+    for net in &plan.service_cidrs {
+        b.add("service-cidrs", Element::key(vec![Value::Net(*net)]));
+    }
     if let LocalTraffic::FromCidrs(nets) = &plan.local_traffic {
         for net in nets {
             b.sets
@@ -594,6 +625,32 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
             sets,
         );
     }
+    let mut s = Set::new("service-cidrs", vec![addr], None);
+    s.flags = vec!["interval"];
+    push(
+        "service-cidrs",
+        s,
+        "Service CIDRs: an address no Service holds is dropped",
+        sets,
+    );
+    push(
+        "firewall-ips",
+        Set::new("firewall-ips", ip_key(), None),
+        "load-balancer destinations with loadBalancerSourceRanges",
+        sets,
+    );
+    let mut s = Set::new(
+        "firewall-allow",
+        vec![addr, "inet_proto", "inet_service", addr],
+        None,
+    );
+    s.flags = vec!["interval"];
+    push(
+        "firewall-allow",
+        s,
+        "guarded destination . allowed source range",
+        sets,
+    );
     push(
         "hairpin",
         Set::new("hairpin", vec![addr, addr], None),
@@ -675,6 +732,37 @@ fn declare_sets(b: &mut Builder) -> Vec<Set> {
     );
     out.extend(std::mem::take(&mut b.affinity_sets).into_values());
     out
+}
+
+/// loadBalancerSourceRanges, checked as kube-proxy's nftables mode does: for new connections,
+/// before DNAT (so the destination is still the load-balancer IP), from prerouting (clients,
+/// pods included) and output (the node). One fixed rule: the sets hold the ranges.
+fn firewall_chains(f: Family) -> Vec<Chain> {
+    let new_conn = || Stmt::Match {
+        left: Expr::Ct("state"),
+        op: Op::Has,
+        right: Expr::Keyword("new"),
+    };
+    let ip_key = || Expr::Concat(vec![Expr::ip(f, "daddr"), Expr::l4proto(), Expr::dport()]);
+    let with_source = Expr::Concat(vec![
+        Expr::ip(f, "daddr"),
+        Expr::l4proto(),
+        Expr::dport(),
+        Expr::ip(f, "saddr"),
+    ]);
+    vec![
+        Chain::base("firewall-prerouting", "filter", "prerouting", DSTNAT - 10)
+            .rule(vec![new_conn(), Stmt::jump("firewall-check")]),
+        Chain::base("firewall-output", "filter", "output", DSTNAT - 10)
+            .rule(vec![new_conn(), Stmt::jump("firewall-check")]),
+        Chain::new("firewall-check")
+            .with_comment("loadBalancerSourceRanges")
+            .rule(vec![
+                Stmt::eq(ip_key(), Expr::set("firewall-ips")),
+                Stmt::ne(with_source, Expr::set("firewall-allow")),
+                Stmt::Verdict(Verdict::Drop),
+            ]),
+    ]
 }
 
 fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
@@ -875,7 +963,13 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
         Stmt::goto("reject-traffic"),
         Stmt::Comment("port the Service does not have".into()),
     ]);
+    check = check.rule(vec![
+        Stmt::eq(daddr(), Expr::set("service-cidrs")),
+        Stmt::Verdict(Verdict::Drop),
+        Stmt::Comment("unallocated ClusterIP".into()),
+    ]);
     chains.push(check);
+    chains.extend(firewall_chains(f));
     chains.push(
         Chain::new("reject-traffic")
             .rule(vec![Stmt::Reject(f, Reject::TcpReset)])
@@ -892,4 +986,65 @@ fn chains(b: &Builder, plan: &FamilyPlan, mark: u32) -> Vec<Chain> {
     }
     chains.extend(b.affinity_chains.values().cloned());
     chains
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProxyConfig;
+    use crate::synthetic;
+    use std::sync::Arc;
+
+    /// `n` load-balancer Services, each with `ranges` source ranges.
+    fn guarded(n: usize, ranges: usize) -> Ruleset {
+        let mut s = synthetic::cluster(n, 2);
+        for (i, svc) in s.services.values_mut().enumerate() {
+            let mut v = svc.as_ref().clone();
+            v.load_balancer_ips = vec![format!("198.51.{}.{}", i / 250, i % 250).parse().unwrap()];
+            v.load_balancer_source_ranges = (0..ranges)
+                .map(|r| format!("203.0.{}.0/24", 2 * r).parse().unwrap())
+                .collect();
+            *svc = Arc::new(v);
+        }
+        render(&crate::plan::plan(&s, &ProxyConfig::default()))
+    }
+
+    fn set<'a>(r: &'a Ruleset, name: &str) -> &'a Set {
+        r.tables[0].sets.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn source_ranges_are_data_not_chains() {
+        let small = guarded(1, 1);
+        let big = guarded(300, 4);
+        // The same chains and sets, however many Services and ranges: the kernel cost is flat.
+        let names = |r: &Ruleset| {
+            (
+                r.tables[0]
+                    .chains
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect::<Vec<_>>(),
+                r.tables[0]
+                    .sets
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(names(&small), names(&big));
+        assert_eq!(set(&big, "firewall-ips").elements.len(), 300);
+        assert_eq!(set(&big, "firewall-allow").elements.len(), 1200);
+        let e = &set(&small, "firewall-allow").elements[0];
+        assert_eq!(
+            e.key.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.51.0.0", "tcp", "80", "203.0.0.0/24"]
+        );
+        let check = small.tables[0]
+            .chains
+            .iter()
+            .find(|c| c.name == "firewall-check")
+            .unwrap();
+        assert_eq!(check.rules.len(), 1);
+    }
 }

@@ -58,10 +58,16 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ServiceCidr,
+    ];
 
     /// Accepts the kind ("Service"), the plural ("services") or the list kind
     /// ("ServiceList"), case-insensitively.
@@ -72,6 +78,7 @@ impl Kind {
             "service" | "services" | "svc" => Some(Kind::Service),
             "endpointslice" | "endpointslices" => Some(Kind::EndpointSlice),
             "node" | "nodes" => Some(Kind::Node),
+            "servicecidr" | "servicecidrs" => Some(Kind::ServiceCidr),
             _ => None,
         }
     }
@@ -85,6 +92,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -92,12 +100,14 @@ impl Kind {
         match self {
             Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
     fn group(self) -> Option<&'static str> {
         match self {
             Kind::EndpointSlice => Some("discovery.k8s.io"),
+            Kind::ServiceCidr => Some("networking.k8s.io"),
             Kind::Service | Kind::Node => None,
         }
     }
@@ -107,11 +117,12 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::ServiceCidr => "servicecidrs",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     /// The zero-valued fields a real apiserver serialises after `metadata` in
@@ -120,6 +131,7 @@ impl Kind {
         match self {
             Kind::Service => r#","spec":{},"status":{"loadBalancer":{}}"#,
             Kind::EndpointSlice => r#","addressType":"","endpoints":null,"ports":null"#,
+            Kind::ServiceCidr => r#","spec":{},"status":{}"#,
             Kind::Node => concat!(
                 r#","spec":{},"status":{"daemonEndpoints":{"kubeletEndpoint":{"Port":0}},"#,
                 r#""nodeInfo":{"machineID":"","systemUUID":"","bootID":"","kernelVersion":"","#,
@@ -574,16 +586,16 @@ struct State {
     /// Watches from, and exact lists at, an RV older than this get 410.
     compacted: u64,
     /// Per kind, keyed like etcd: "namespace/name" or "name".
-    objects: [BTreeMap<String, Arc<Value>>; 3],
+    objects: [BTreeMap<String, Arc<Value>>; Kind::ALL.len()],
     /// Every change after `compacted`, in RV order.
     log: Vec<LogEntry>,
     watches: Vec<WatchReg>,
     available: bool,
     outage: Outage,
     held: HashSet<Kind>,
-    lists: [usize; 3],
-    watch_count: [usize; 3],
-    last_bookmark: [Option<u64>; 3],
+    lists: [usize; Kind::ALL.len()],
+    watch_count: [usize; Kind::ALL.len()],
+    last_bookmark: [Option<u64>; Kind::ALL.len()],
     request_log: Vec<String>,
     next_uid: u64,
 }
@@ -599,9 +611,9 @@ impl State {
             available: true,
             outage: Outage::CloseConnections,
             held: HashSet::new(),
-            lists: [0; 3],
-            watch_count: [0; 3],
-            last_bookmark: [None; 3],
+            lists: [0; Kind::ALL.len()],
+            watch_count: [0; Kind::ALL.len()],
+            last_bookmark: [None; Kind::ALL.len()],
             request_log: Vec::new(),
             next_uid: 0,
         }
@@ -1020,6 +1032,7 @@ fn route(path: &str) -> Option<Route> {
         ["version"] => return Some(Route::Version),
         ["api", "v1", rest @ ..] => rest,
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => rest,
+        ["apis", "networking.k8s.io", "v1", rest @ ..] => rest,
         _ => return None,
     };
     let group_ok = |k: Kind| (k.api_version() == "v1") == (segs[0] == "api");

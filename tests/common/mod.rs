@@ -38,6 +38,7 @@ pub fn compile_yaml(yaml: &str, flags: &[&str]) -> (Plan, Ruleset) {
         services: std::mem::take(&mut loaded.converted.services),
         slices: std::mem::take(&mut loaded.converted.slices),
         node,
+        service_cidrs: std::mem::take(&mut loaded.converted.service_cidrs),
     };
     svcproxy::compile(&snapshot, &args.proxy_config())
 }
