@@ -26,6 +26,9 @@ pub struct Metrics {
     pub invalid_objects: Family<Vec<(String, String)>, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Vec<(String, String)>, Gauge>,
+    // Pending changes (h1-sync): Services and EndpointSlices changed and not yet synced.
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes_pending: Gauge,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -48,6 +51,8 @@ impl Metrics {
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -89,6 +94,16 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_endpoint_changes",
             "Cumulative EndpointSlice changes",
             changes.endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes: Services changed and not yet synced",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes: EndpointSlices changed and not yet synced",
+            m.endpoint_changes_pending.clone(),
         );
         if iptables {
             registry.register(
