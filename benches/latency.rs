@@ -280,7 +280,6 @@ async fn measure(n: usize, opts: &Options) {
     // Long enough for the pacer's bucket to refill (two syncs, one per min_sync_period).
     let quiet = opts.min_sync_period * 2 + Duration::from_millis(300);
     let (mut moved, mut created) = (Samples::default(), Samples::default());
-    let mut slices = n + 1;
     for c in 0..opts.changes {
         // An existing Service's endpoint moves: a → b → a → …
         tokio::time::sleep(quiet).await;
@@ -310,7 +309,8 @@ async fn measure(n: usize, opts: &Options) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let t0 = Instant::now();
         api.apply(pod_slice(&name, pods[2].ip));
-        slices += 1;
+        // The background slices, the probe's, and the new ones so far.
+        let slices = n + 1 + c + 1;
         let (kernel, count, phases) = sync_until(&mut syncs, |r| r.slices >= slices).await;
         let at = tokio::task::spawn_blocking(move || reached.join().unwrap())
             .await

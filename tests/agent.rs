@@ -290,6 +290,10 @@ async fn a_burst_of_changes_is_coalesced() {
 /// With `min_sync_period` at an hour, the two syncs of the burst are the last for an hour, so
 /// the changes after them stay pending, and the gauges count them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn pending_changes_are_counted_until_synced() {
     let Some(ns) = agent_netns("pending") else {
         return;
