@@ -40,10 +40,15 @@ tmp=$(mktemp)
   echo
   echo "## Network programming latency (\`cargo bench --bench latency\`)"
   echo
-  echo "An EndpointSlice changed at the in-process apiserver → the agent's partial sync committed in"
-  echo "the kernel (the real agent: kube-rs watch, compile, diff, nft)."
+  echo "The real agent (kube-rs watch, compile, diff, nft) against the in-process apiserver, at the"
+  echo "default minSyncPeriod of 1 s, each change after a quiet period, real pod namespaces behind"
+  echo "the Services. *Endpoint change*: an existing Service's only endpoint moves to another pod."
+  echo "*New Service + slice*: a Service, then its EndpointSlice 5 ms later. Times run from the"
+  echo "EndpointSlice's write at the apiserver: to the sync that put it in the kernel, and to the"
+  echo "first TCP connection through the ClusterIP that the new pod answers."
   echo
-  cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 15 2>/dev/null | grep '^|'
+  cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 10 2>/dev/null | grep '^|'
+  cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 5 --proxy-mode iptables 2>/dev/null | grep '^|' | tail -n +3
   echo
   echo "## The iptables mode: full and incremental syncs (\`cargo bench --bench iptables\`)"
   echo

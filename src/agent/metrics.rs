@@ -55,6 +55,9 @@ pub struct Metrics {
     pub invalid_objects: Family<Labels, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Labels, Gauge>,
+    // Pending changes (h1-sync): Services and EndpointSlices changed and not yet synced.
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes_pending: Gauge,
 }
 
 /// kube-proxy's sync-duration buckets: `ExponentialBuckets(0.001, 2, 15)`, 1 ms to ~16 s.
@@ -129,6 +132,8 @@ impl Metrics {
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
             registry: Registry::default(),
         };
         // Both families from the start, so that a dashboard sees 0 rather than nothing.
@@ -194,6 +199,16 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_endpoint_changes",
             "Cumulative EndpointSlice changes",
             changes.endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes: Services changed and not yet synced",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes: EndpointSlices changed and not yet synced",
+            m.endpoint_changes_pending.clone(),
         );
         if iptables {
             registry.register(

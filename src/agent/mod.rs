@@ -4,12 +4,15 @@
 //! It owns no Service semantics: it wires the watch source ([`watch`]) to the compiler and the
 //! nftables backend over time. Nothing is written until the first complete lists of Services and
 //! EndpointSlices have arrived (a restarting agent never applies a half-empty ruleset; the rules
-//! already in the kernel keep serving meanwhile). Changes are coalesced to at most one sync per
-//! `min_sync_period`; a full resync every `sync_period` repairs drift; a failed sync is retried
+//! already in the kernel keep serving meanwhile). Syncs are paced as kube-proxy paces them
+//! ([`pacer`]): the first changes after a quiet period apply at once (a burst of two syncs), and
+//! under sustained churn syncs are spaced by `min_sync_period`, each taking in every change that
+//! arrived meanwhile; a full resync every `sync_period` repairs drift; a failed sync is retried
 //! with backoff, as a full one. Stopping leaves the rules in place.
 
 pub mod metrics;
 mod mirror;
+mod pacer;
 pub mod serve;
 pub mod watch;
 
@@ -29,6 +32,7 @@ use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use crate::plan::Plan;
 use metrics::Metrics;
 use mirror::Mirror;
+use pacer::{BURST_SYNCS, Pacer};
 use serve::{Health, HealthCheckAddresses, HealthCheckServers};
 use watch::{Changes, Stores};
 
@@ -206,7 +210,7 @@ impl Syncer {
             self.config.iptables.clone(),
             self.config.proxy.clone(),
         ));
-        let mut last_start: Option<Instant> = None;
+        let mut pacer = Pacer::new(self.config.min_sync_period, BURST_SYNCS);
         let mut next_full = later(Instant::now(), self.config.sync_period);
         let mut failures = 0u32;
         let mut retry_at: Option<Instant> = None;
@@ -216,6 +220,7 @@ impl Syncer {
             if pending.is_none() {
                 let change = tokio::select! {
                     _ = self.changes.notify.notified() => {
+                        self.count_pending();
                         if !self.changes.dirty.load(Ordering::Acquire) {
                             continue;
                         }
@@ -236,23 +241,29 @@ impl Syncer {
                     self.metrics.queued(now);
                 }
             }
-            // Coalesce: at most one sync per min_sync_period, and wait out a retry backoff.
-            let mut earliest =
-                last_start.map_or_else(Instant::now, |t| later(t, self.config.min_sync_period));
-            if let Some(r) = retry_at {
-                earliest = earliest.max(r);
-            }
-            if earliest > Instant::now() {
+            // Wait for the pacer and any retry backoff. Changes arriving meanwhile join this
+            // sync (it reads the stores when it starts); they only update the pending gauges.
+            loop {
+                let now = Instant::now();
+                let mut earliest = pacer.earliest(now);
+                if let Some(r) = retry_at {
+                    earliest = earliest.max(r);
+                }
+                if earliest <= now {
+                    break;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(earliest.into()) => {}
+                    _ = self.changes.notify.notified() => self.count_pending(),
                     _ = stopped(&mut stop) => return,
                 }
             }
             let start = Instant::now();
-            last_start = Some(start);
+            pacer.started(start);
             self.changes.dirty.store(false, Ordering::Release);
 
             let snapshot = self.snapshot();
+            self.count_pending();
             let convert = start.elapsed();
             let mut nft = backend.take().expect("backend");
             let (nft, result) = tokio::task::spawn_blocking(move || {
@@ -261,6 +272,7 @@ impl Syncer {
             })
             .await
             .expect("apply task");
+            pacer.ended(Instant::now());
             let nft = &*backend.insert(nft);
             match result {
                 Ok(outcome) => {
@@ -303,6 +315,16 @@ impl Syncer {
                 }
             }
         }
+    }
+
+    /// Sets the pending-change gauges: the Services and EndpointSlices changed since the last
+    /// sync read the stores (kube-proxy's `…_changes_pending`, reset when a sync takes them).
+    fn count_pending(&self) {
+        let touched = self.changes.touched.lock().expect("touched lock");
+        let (services, slices) = (touched.services.len(), touched.slices.len());
+        drop(touched);
+        self.metrics.service_changes_pending.set(services as i64);
+        self.metrics.endpoint_changes_pending.set(slices as i64);
     }
 
     /// Everything after a successful apply: stale UDP flows, health, metrics, health check
