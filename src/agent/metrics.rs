@@ -26,6 +26,9 @@ pub struct Metrics {
     pub invalid_objects: Family<Vec<(String, String)>, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Vec<(String, String)>, Gauge>,
+    /// Syncs that compiled every Service because the change could not be compiled Service by
+    /// Service, by reason (`incremental::Fallback::reason`).
+    pub incremental_fallbacks: Family<Vec<(String, String)>, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -48,6 +51,7 @@ impl Metrics {
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
+            incremental_fallbacks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +131,12 @@ impl Metrics {
             "svcproxy_skipped_fields",
             "Fields (an address, a port, an endpoint) left out of objects that are otherwise used, in the last sync, by kind",
             m.skipped_fields.clone(),
+        );
+        // The incremental backends' fallbacks to a whole compile.
+        registry.register(
+            "svcproxy_incremental_fallbacks",
+            "Syncs that compiled every Service instead of only the changed ones, by reason",
+            m.incremental_fallbacks.clone(),
         );
         Metrics { registry, ..m }
     }

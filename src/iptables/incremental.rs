@@ -135,13 +135,16 @@ impl Incremental {
             Some(rules) => patch(rules, families),
             None => Err(Fallback::Invariant("nothing applied".into())),
         }
-        .and_then(|()| plan.apply(kept, snapshot.clone()));
-        if let Err(f) = patched {
-            // The kernel took the input, but the kept state cannot follow it: rewrite every
-            // chain from a whole compile.
-            tracing::warn!("incremental sync: {f}; compiling every Service");
-            self.ipt.invalidate();
-            return self.whole(snapshot, start, Some(f));
+        .and_then(|()| plan.apply(kept));
+        match patched {
+            Ok(()) => kept.snapshot = snapshot,
+            Err(f) => {
+                // The kernel took the input, but the kept state cannot follow it: rewrite
+                // every chain from a whole compile.
+                tracing::warn!("incremental sync: {f}; compiling every Service");
+                self.ipt.invalidate();
+                return self.whole(snapshot, start, Some(f));
+            }
         }
         Ok(Outcome {
             report,
@@ -435,7 +438,8 @@ mod tests {
     ) -> Result<ApplyReport, Fallback> {
         let d = delta(kept, rules, &new, config)?;
         patch(rules, d.families)?;
-        d.plan.apply(kept, new)?;
+        d.plan.apply(kept)?;
+        kept.snapshot = new;
         Ok(d.report)
     }
 

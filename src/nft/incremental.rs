@@ -139,14 +139,18 @@ impl Incremental {
         let stale_udp = stale_udp(&old, &new);
         let services = plan.services;
         let patched = plan
-            .apply(&mut state.compiled, snapshot.clone())
+            .apply(&mut state.compiled)
             .and_then(|()| nft.apply(state));
-        if let Err(f) = patched {
-            // nft took the transaction, but the kept state cannot follow it: compile whole and
-            // refresh the tables in place from what is kept (nft refusing that, replace them).
-            tracing::warn!("incremental sync: {f}; compiling every Service");
-            self.fail("the kept state is inconsistent");
-            return self.whole(snapshot, start, Some(f));
+        match patched {
+            // The old snapshot is dropped here, after the kernel has the new rules.
+            Ok(()) => state.compiled.snapshot = snapshot,
+            Err(f) => {
+                // nft took the transaction, but the kept state cannot follow it: compile whole and
+                // refresh the tables in place from what is kept (nft refusing that, replace them).
+                tracing::warn!("incremental sync: {f}; compiling every Service");
+                self.fail("the kept state is inconsistent");
+                return self.whole(snapshot, start, Some(f));
+            }
         }
         Ok(Outcome {
             report,
@@ -309,7 +313,11 @@ impl Patches {
                 let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
                     return Err(Fallback::Invariant(format!("no set {name}")));
                 };
-                for e in &deleted {
+                // A key deleted and added again (an endpoint slot's new endpoint) is replaced in
+                // place: a remove and an insert would move every element after it, twice.
+                let stays: std::collections::HashSet<&[Value]> =
+                    added.iter().map(|e| &*e.key).collect();
+                for e in deleted.iter().filter(|e| !stays.contains(&*e.key)) {
                     if let Ok(i) = set.elements.binary_search_by(|x| x.key.cmp(&e.key)) {
                         set.elements.remove(i);
                     }
@@ -522,8 +530,10 @@ mod tests {
     /// Runs the delta path without nft: patches the state as a successful apply would.
     fn step(state: &mut State, new: Snapshot, config: &ProxyConfig) -> Result<(), Fallback> {
         let d = delta(state, &new, config)?;
-        d.plan.apply(&mut state.compiled, new)?;
-        d.nft.apply(state)
+        d.plan.apply(&mut state.compiled)?;
+        d.nft.apply(state)?;
+        state.compiled.snapshot = new;
+        Ok(())
     }
 
     fn whole(snapshot: Snapshot, config: &ProxyConfig) -> State {
