@@ -48,7 +48,12 @@ impl NftCommand {
 
     /// Runs `nft -f -` on `script`: one transaction. Returns nft's stderr on failure.
     pub fn run_script(&self, script: &str) -> Result<(), ApplyError> {
-        let (program, args) = self.program.split_first().expect("a program");
+        let Some((program, args)) = self.program.split_first() else {
+            return Err(ApplyError::Spawn {
+                program: String::new(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no nft program"),
+            });
+        };
         let fed =
             feed(Command::new(program).args(args).args(["-f", "-"]), script).map_err(|source| {
                 ApplyError::Spawn {
