@@ -1,6 +1,9 @@
 //! The iptables backend at scale, in a private network namespace: a full sync into an empty
-//! namespace (cold), a full sync over the same rules (what a periodic resync costs), and an
-//! incremental sync of one changed endpoint, for each iptables variant.
+//! namespace (cold), a full sync over the same rules (what a periodic resync costs), and one
+//! changed endpoint, through a whole compile (plan, render, diff, restore: the iptables mode
+//! before it had an incremental path) and through the agent's incremental backend (plan and
+//! render the changed Service, restore its chain), and a new Service through the incremental
+//! backend, for each iptables variant.
 //!
 //! `cargo bench --bench iptables -- [--services 1000,10000] [--endpoints 10] [--runs 3]
 //! [--variants legacy,nft]` (as root). Prints a Markdown table; times are medians of `--runs`.
@@ -8,8 +11,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use svcproxy::iptables::incremental::Incremental;
 use svcproxy::iptables::{Iptables, IptablesCommand, Variant};
 use svcproxy::model::ProxyConfig;
+use svcproxy::report::SyncKind;
 
 fn arg(name: &str, default: &str) -> String {
     let argv: Vec<String> = std::env::args().collect();
@@ -65,9 +70,9 @@ fn main() {
         .map(|s| s.parse().unwrap())
         .collect();
     println!(
-        "| variant | Services | rules (IPv4) | chains (IPv4) | render | cold full sync | full resync (median of {runs}) | one endpoint changed (median of {runs}) |"
+        "| variant | Services | rules (IPv4) | chains (IPv4) | render | cold full sync | full resync (median of {runs}) | one endpoint changed, whole compile: plan + render + diff + restore (median of {runs}) | one endpoint changed, incremental: sync start → kernel (median of {runs}) | new Service, incremental (median of {runs}) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &variant in &variants {
         for &n in &sizes {
             let ns = Netns::new(&format!("{variant}-{n}"));
@@ -94,26 +99,60 @@ fn main() {
                 full.push(backend.apply(rules.clone()).expect("full").duration);
             }
             eprintln!("{variant} {n}: full {full:?}");
-            // One endpoint of one Service replaced, back and forth.
-            let mut partial = Vec::new();
+            // One endpoint of one Service replaced, back and forth: the whole compile (what
+            // the iptables mode did before it had an incremental path) ...
+            let mut whole = Vec::new();
             let key = snapshot.slices.keys().nth(n / 2).unwrap().clone();
-            for i in 0..runs {
+            let flip = |snapshot: &mut svcproxy::model::Snapshot, i: usize| {
                 let slice = std::sync::Arc::make_mut(snapshot.slices.get_mut(&key).unwrap());
                 slice.endpoints[1].address = format!("10.127.0.{}", i % 2 + 1).parse().unwrap();
+            };
+            for i in 0..runs {
+                flip(&mut snapshot, i);
+                let t = Instant::now();
                 let plan = svcproxy::plan::plan(&snapshot, &config);
                 let r = backend
                     .apply(svcproxy::iptables::render(&plan))
                     .expect("partial");
-                assert_eq!(r.kind, svcproxy::nft::apply::SyncKind::Partial);
-                partial.push(r.duration);
+                assert_eq!(r.kind, SyncKind::Partial);
+                whole.push(t.elapsed());
             }
-            eprintln!("{variant} {n}: partial {partial:?}");
+            eprintln!("{variant} {n}: whole compile {whole:?}");
+            drop(backend);
+            // ... and the agent's incremental backend, from a full sync of the same rules.
+            let mut inc = Incremental::new(cmd.clone(), config.clone());
+            inc.sync(snapshot.clone()).expect("full sync");
+            let mut partial = Vec::new();
+            for i in 0..runs {
+                flip(&mut snapshot, i + 1);
+                let out = inc.sync(snapshot.clone()).expect("incremental");
+                assert_eq!(out.report.kind, SyncKind::Partial);
+                assert_eq!(out.services_compiled, 1, "{:?}", out.fallback);
+                partial.push(out.compile + out.report.duration);
+            }
+            eprintln!("{variant} {n}: incremental {partial:?}");
+            let mut added = Vec::new();
+            for _ in 0..runs {
+                let mut next = snapshot.clone();
+                let i = n + 1;
+                let svc = svcproxy::synthetic::service(i);
+                next.services.insert(svc.id.clone(), svc.into());
+                let slice = svcproxy::synthetic::slice(i, endpoints);
+                next.slices.insert(slice.id.clone(), slice.into());
+                let out = inc.sync(next).expect("new Service");
+                assert_eq!(out.services_compiled, 1, "{:?}", out.fallback);
+                added.push(out.compile + out.report.duration);
+                inc.sync(snapshot.clone()).expect("Service deleted");
+            }
+            eprintln!("{variant} {n}: new Service {added:?}");
             println!(
-                "| iptables-{variant} | {n} | {rule_count} | {chain_count} | {} | {} | {} | {} |",
+                "| iptables-{variant} | {n} | {rule_count} | {chain_count} | {} | {} | {} | {} | {} | {} |",
                 fmt(render),
                 fmt(cold.duration),
                 fmt(median(full)),
+                fmt(median(whole)),
                 fmt(median(partial)),
+                fmt(median(added)),
             );
         }
     }

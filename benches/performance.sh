@@ -34,6 +34,10 @@ tmp=$(mktemp)
   echo
   cargo bench -q --bench scale -- --services 50000 --endpoints 5 --runs 3 2>/dev/null | grep '^|'
   echo
+  echo "At 100k Services × 10 endpoints (issue 15's largest size):"
+  echo
+  cargo bench -q --bench scale -- --services 100000 --endpoints 10 --runs 3 2>/dev/null | grep '^|'
+  echo
   echo "What svcproxy itself holds (a process of its own: \`--memory 10000\`):"
   echo
   cargo bench -q --bench scale -- --memory 10000 --endpoints 10 2>/dev/null | grep '^|'

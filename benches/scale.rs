@@ -117,7 +117,8 @@ fn remove_endpoint(s: &mut Snapshot) {
 }
 
 fn add_service(s: &mut Snapshot) {
-    let i = 60_000;
+    // After every generated Service, whatever the size.
+    let i = s.services.len() + 1;
     let svc = synthetic::service(i);
     s.services.insert(svc.id.clone(), svc.into());
     let slice = synthetic::slice(i, 10);
@@ -215,14 +216,24 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
     let nft = NftCommand::in_netns(&ns.0);
 
     let mut compile = Vec::new();
+    let mut phases: [Vec<Duration>; 4] = Default::default();
     let mut full = Vec::new();
     let mut floor = Vec::new();
     let dir = std::env::temp_dir().join(format!("svcproxy-bench-{}.nft", std::process::id()));
     for _ in 0..runs {
         let t = Instant::now();
-        let (_, ruleset) = svcproxy::compile(snapshot, &config);
+        let plan = svcproxy::plan::plan(snapshot, &config);
+        phases[0].push(t.elapsed());
+        let t1 = Instant::now();
+        let ruleset = svcproxy::nft::render(&plan);
+        phases[1].push(t1.elapsed());
+        let t2 = Instant::now();
         let script = ruleset.script();
+        phases[2].push(t2.elapsed());
         compile.push(t.elapsed());
+        let t3 = Instant::now();
+        drop((plan, ruleset));
+        phases[3].push(t3.elapsed());
         svcproxy::nft::apply::cleanup(&nft, &[("ip", "svcproxy"), ("ip6", "svcproxy")]).unwrap();
         let copy = snapshot.clone();
         let t = Instant::now();
@@ -252,6 +263,14 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
     drop(backend);
     let (compile, full, floor) = (median(compile), median(full), median(floor));
     println!("| {name} | compile + render + script | {} |", ms(compile));
+    let [plan, render, script, free] = phases.map(median);
+    println!(
+        "| {name} | of which: plan / render / script; then freeing plan and ruleset | {} / {} / {}; {} |",
+        ms(plan),
+        ms(render),
+        ms(script),
+        ms(free)
+    );
     println!("| {name} | full sync (compile + apply) | {} |", ms(full));
     println!(
         "| {name} | raw floor: nft -f of the script | {} |",
@@ -300,6 +319,10 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
         ("partial: one Service added", add_service),
         ("partial: one Service deleted", delete_service),
     ];
+    // One backend for every change: each run applies the change, then takes it back (both
+    // partial syncs; only the first is timed), as a running agent would see them.
+    let mut backend = Incremental::new(nft.clone(), config.clone());
+    backend.sync(snapshot.clone()).unwrap();
     for (label, change) in changes {
         let mut to_kernel = Vec::new();
         let mut calls = Vec::new();
@@ -307,8 +330,6 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
         let mut changed = snapshot.clone();
         change(&mut changed);
         for _ in 0..runs {
-            let mut backend = Incremental::new(nft.clone(), config.clone());
-            backend.sync(snapshot.clone()).unwrap();
             let next = changed.clone();
             let t = Instant::now();
             let outcome = backend.sync(next).unwrap();
@@ -321,6 +342,8 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
                 outcome.services_compiled, 1,
                 "{label}: compiled every Service"
             );
+            let back = backend.sync(snapshot.clone()).unwrap();
+            assert_eq!(back.report.kind, SyncKind::Partial, "{label}, back");
         }
         println!(
             "| {name} | {label}: sync start → kernel has it (compile + diff + nft) | {} (nft alone: {}; whole call, freeing the old snapshot included: {}) |",

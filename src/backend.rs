@@ -1,10 +1,10 @@
 //! The two backends behind one interface, for the agent and the `apply` command.
 //!
 //! [`Backend::sync`] takes a snapshot and does everything: compile, apply, work out the stale UDP
-//! flows, keep the snapshot and plan for the caller. The agent's nftables backend
-//! ([`Backend::for_agent`]) compiles only the Services that changed (`nft::incremental`); the
-//! iptables backend compiles the plan whole and rewrites only the chains that changed. For
-//! tests and the one-shot `apply` command, [`Backend::desired`] and [`Backend::apply`] also take
+//! flows, keep the snapshot and plan for the caller. The agent's backends
+//! ([`Backend::for_agent`]) compile only the Services that changed (`nft::incremental`,
+//! `iptables::incremental`, both on the backend-neutral `incremental`) and write only what
+//! changed. For tests and the one-shot `apply` command, [`Backend::desired`] and [`Backend::apply`] also take
 //! an already compiled plan (a test can hand in a broken ruleset).
 //!
 //! The first apply of a process also removes the other backend's leftovers (a node switched
@@ -15,9 +15,10 @@ use std::time::Instant;
 use crate::conntrack::stale_udp;
 use crate::iptables::{self, Iptables, IptablesError, Variant};
 use crate::model::{ProxyConfig, Snapshot};
-use crate::nft::apply::{ApplyError, ApplyReport, NftCommand, Nftables};
-use crate::nft::incremental::{Incremental, Outcome};
+use crate::nft::apply::{ApplyError, NftCommand, Nftables};
+use crate::nft::incremental::Incremental;
 use crate::plan::Plan;
+use crate::report::{ApplyReport, Outcome};
 
 /// Which backend programs the kernel, and how to run it.
 pub struct Backend {
@@ -36,6 +37,7 @@ enum Kind {
     Nftables(Nftables),
     Incremental(Box<Incremental>),
     Iptables(Iptables),
+    IptablesIncremental(Box<iptables::incremental::Incremental>),
 }
 
 impl std::fmt::Debug for Backend {
@@ -94,7 +96,17 @@ impl Backend {
                     Kind::Nftables(Nftables::new(nft))
                 },
             ),
-            Some(cmd) => (cmd.prefix.clone(), Kind::Iptables(Iptables::new(cmd))),
+            Some(cmd) => (
+                cmd.prefix.clone(),
+                if incremental {
+                    Kind::IptablesIncremental(Box::new(iptables::incremental::Incremental::new(
+                        cmd,
+                        config.clone(),
+                    )))
+                } else {
+                    Kind::Iptables(Iptables::new(cmd))
+                },
+            ),
         };
         Backend {
             kind,
@@ -107,12 +119,18 @@ impl Backend {
 
     /// Makes the kernel hold the rules of `snapshot`.
     pub fn sync(&mut self, snapshot: Snapshot) -> Result<Outcome, BackendError> {
-        if let Kind::Incremental(inc) = &mut self.kind {
-            if !self.leftovers_done {
-                remove_iptables_leftovers(&self.prefix, &Variant::ALL);
-                self.leftovers_done = true;
-            }
-            return Ok(inc.sync(snapshot)?);
+        if matches!(
+            self.kind,
+            Kind::Incremental(_) | Kind::IptablesIncremental(_)
+        ) && !self.leftovers_done
+        {
+            self.remove_other_backends_rules();
+            self.leftovers_done = true;
+        }
+        match &mut self.kind {
+            Kind::Incremental(inc) => return Ok(inc.sync(snapshot)?),
+            Kind::IptablesIncremental(inc) => return Ok(inc.sync(snapshot)?),
+            Kind::Nftables(_) | Kind::Iptables(_) => {}
         }
         let start = Instant::now();
         let plan = crate::plan::plan(&snapshot, &self.config);
@@ -133,6 +151,7 @@ impl Backend {
             compile,
             services_compiled: services,
             stale_udp,
+            fallback: None,
         })
     }
 
@@ -140,6 +159,7 @@ impl Backend {
     pub fn snapshot(&self) -> Option<&Snapshot> {
         match &self.kind {
             Kind::Incremental(i) => i.snapshot(),
+            Kind::IptablesIncremental(i) => i.snapshot(),
             _ => self.last.as_ref().map(|(s, _)| s),
         }
     }
@@ -148,6 +168,7 @@ impl Backend {
     pub fn plan(&self) -> Option<&Plan> {
         match &self.kind {
             Kind::Incremental(i) => i.plan(),
+            Kind::IptablesIncremental(i) => i.plan(),
             _ => self.last.as_ref().map(|(_, p)| p),
         }
     }
@@ -157,6 +178,7 @@ impl Backend {
         match &self.kind {
             Kind::Nftables(_) | Kind::Incremental(_) => "nftables".into(),
             Kind::Iptables(i) => format!("iptables-{}", i.command().variant),
+            Kind::IptablesIncremental(i) => format!("iptables-{}", i.command().variant),
         }
     }
 
@@ -164,7 +186,9 @@ impl Backend {
     pub fn desired(&self, plan: &Plan, ruleset: crate::nft::Ruleset) -> Desired {
         match &self.kind {
             Kind::Nftables(_) | Kind::Incremental(_) => Desired::Nftables(ruleset),
-            Kind::Iptables(_) => Desired::Iptables(iptables::render(plan)),
+            Kind::Iptables(_) | Kind::IptablesIncremental(_) => {
+                Desired::Iptables(iptables::render(plan))
+            }
         }
     }
 
@@ -179,7 +203,9 @@ impl Backend {
         match (&mut self.kind, desired) {
             (Kind::Nftables(n), Desired::Nftables(r)) => Ok(n.apply(r)?),
             (Kind::Iptables(i), Desired::Iptables(r)) => Ok(i.apply(r)?),
-            (Kind::Incremental(_), _) => panic!("the incremental backend syncs snapshots"),
+            (Kind::Incremental(_) | Kind::IptablesIncremental(_), _) => {
+                panic!("the incremental backends sync snapshots")
+            }
             _ => panic!("apply() given what desired() of another backend made"),
         }
     }
@@ -196,6 +222,7 @@ impl Backend {
             Kind::Nftables(n) => n.invalidate(),
             Kind::Incremental(n) => n.invalidate(),
             Kind::Iptables(i) => i.invalidate(),
+            Kind::IptablesIncremental(i) => i.invalidate(),
         }
     }
 
@@ -204,13 +231,16 @@ impl Backend {
             Kind::Nftables(_) | Kind::Incremental(_) => {
                 remove_iptables_leftovers(&self.prefix, &Variant::ALL)
             }
-            Kind::Iptables(i) => {
+            Kind::Iptables(_) | Kind::IptablesIncremental(_) => {
+                let variant = match &self.kind {
+                    Kind::Iptables(i) => i.command().variant,
+                    Kind::IptablesIncremental(i) => i.command().variant,
+                    _ => return,
+                };
                 // A node switched from one iptables variant to the other: packets go through
                 // both, so the old variant's rules would still catch traffic.
-                let other: Vec<Variant> = Variant::ALL
-                    .into_iter()
-                    .filter(|v| *v != i.command().variant)
-                    .collect();
+                let other: Vec<Variant> =
+                    Variant::ALL.into_iter().filter(|v| *v != variant).collect();
                 remove_iptables_leftovers(&self.prefix, &other);
                 let mut program = self.prefix.clone();
                 program.push("nft".into());

@@ -12,12 +12,14 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod convert;
+pub mod incremental;
 pub mod iptables;
 pub mod manifests;
 pub mod model;
 pub mod nft;
 pub mod plan;
 pub mod process;
+pub mod report;
 pub mod synthetic;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came

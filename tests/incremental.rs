@@ -1,6 +1,7 @@
-//! The incremental nftables backend against the real kernel: a sequence of one-Service changes,
-//! each sent as a partial sync that compiled only that Service, must leave the kernel holding
-//! exactly what a full apply of the final cluster gives. Needs root; outside CI it skips, loudly.
+//! The incremental backends against the real kernel: a sequence of one-Service changes, each
+//! sent as a partial sync that compiled only that Service, must leave the kernel holding exactly
+//! what a full apply of the final cluster gives (nftables, and iptables-nft). Needs root;
+//! where the machine cannot run them they are ignored, with the reason (build.rs).
 
 mod common;
 
@@ -76,27 +77,12 @@ fn slice_of(s: &mut Snapshot, i: usize) -> &mut EndpointSlice {
     Arc::make_mut(s.slices.get_mut(&id).unwrap())
 }
 
-#[test]
-#[cfg_attr(
-    not(root_tests),
-    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
-)]
-fn one_service_changes_leave_what_a_full_apply_gives() {
-    if !common::can_unshare_net() || !common::have_nft() {
-        common::cannot_run("needs root and nft");
-    }
-    let config = ProxyConfig {
-        cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
-        ..ProxyConfig::default()
-    };
-    let ns = netns("a");
-    let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), config.clone());
-    let mut s = synthetic::cluster(40, 3);
-    let first = backend.sync(s.clone()).unwrap();
-    assert_eq!(first.report.kind, SyncKind::Full);
+type Change = Box<dyn Fn(&mut Snapshot)>;
 
-    type Change = Box<dyn Fn(&mut Snapshot)>;
-    let changes: Vec<(&str, Change)> = vec![
+/// One-Service changes, applied in order: endpoints replaced, added, removed, not ready; a
+/// Service with a local endpoint added, one losing every endpoint, one deleted; nothing.
+fn changes() -> Vec<(&'static str, Change)> {
+    vec![
         (
             "an endpoint replaced",
             Box::new(|s| slice_of(s, 3).endpoints[1].address = "10.255.0.1".parse().unwrap()),
@@ -145,8 +131,29 @@ fn one_service_changes_leave_what_a_full_apply_gives() {
             }),
         ),
         ("nothing changed", Box::new(|_| {})),
-    ];
-    for (label, change) in changes {
+    ]
+}
+
+#[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+fn one_service_changes_leave_what_a_full_apply_gives() {
+    if !common::can_unshare_net() || !common::have_nft() {
+        common::cannot_run("needs root and nft");
+    }
+    let config = ProxyConfig {
+        cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
+        ..ProxyConfig::default()
+    };
+    let ns = netns("a");
+    let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), config.clone());
+    let mut s = synthetic::cluster(40, 3);
+    let first = backend.sync(s.clone()).unwrap();
+    assert_eq!(first.report.kind, SyncKind::Full);
+
+    for (label, change) in changes() {
         change(&mut s);
         let out = backend
             .sync(s.clone())
@@ -268,4 +275,70 @@ fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
     let because = out.report.full_because.unwrap();
     assert!(!because.ends_with("refreshed in place"), "{because}");
     assert_eq!(inventory(&ns.0), inventory(&fresh.0));
+}
+
+/// svcproxy's chains in one table of `iptables-nft-save`, without counters, sorted.
+fn svcp_lines(ns: &str, table: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables-nft-save", "-t", table])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("SVCP-"))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+fn iptables_one_service_changes_leave_what_a_full_apply_gives() {
+    use svcproxy::iptables::incremental::Incremental;
+    use svcproxy::iptables::{IptablesCommand, Variant};
+    let have = Command::new("iptables-nft-restore")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !common::can_unshare_net() || !have {
+        common::cannot_run("needs root and iptables-nft");
+    }
+    let config = ProxyConfig {
+        cluster_cidrs: vec!["10.128.0.0/9".parse().unwrap()],
+        ..ProxyConfig::default()
+    };
+    let ns = netns("ipt");
+    let mut backend = Incremental::new(
+        IptablesCommand::in_netns(&ns.0, Variant::Nft),
+        config.clone(),
+    );
+    let mut s = synthetic::cluster(40, 3);
+    assert_eq!(backend.sync(s.clone()).unwrap().report.kind, SyncKind::Full);
+    for (label, change) in changes() {
+        change(&mut s);
+        let out = backend
+            .sync(s.clone())
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(out.report.kind, SyncKind::Partial, "{label}: {out:?}");
+        assert!(out.services_compiled <= 1, "{label}: {out:?}");
+        assert_eq!(out.fallback, None, "{label}");
+    }
+    let fresh = netns("iptf");
+    Incremental::new(IptablesCommand::in_netns(&fresh.0, Variant::Nft), config)
+        .sync(s)
+        .unwrap();
+    for table in ["nat", "filter"] {
+        let (patched, whole) = (svcp_lines(&ns.0, table), svcp_lines(&fresh.0, table));
+        assert!(whole.len() > 40, "{table}: {whole:#?}");
+        assert_eq!(patched, whole, "{table}");
+    }
 }

@@ -58,6 +58,9 @@ pub struct Metrics {
     // Pending changes (h1-sync): Services and EndpointSlices changed and not yet synced.
     pub service_changes_pending: Gauge,
     pub endpoint_changes_pending: Gauge,
+    /// Syncs that compiled every Service because the change could not be compiled Service by
+    /// Service, by reason (`incremental::Fallback::reason`).
+    pub incremental_fallbacks: Family<Vec<(String, String)>, Counter>,
 }
 
 /// kube-proxy's sync-duration buckets: `ExponentialBuckets(0.001, 2, 15)`, 1 ms to ~16 s.
@@ -134,6 +137,7 @@ impl Metrics {
             skipped_fields: Family::default(),
             service_changes_pending: Gauge::default(),
             endpoint_changes_pending: Gauge::default(),
+            incremental_fallbacks: Family::default(),
             registry: Registry::default(),
         };
         // Both families from the start, so that a dashboard sees 0 rather than nothing.
@@ -247,6 +251,12 @@ impl Metrics {
             "svcproxy_skipped_fields",
             "Fields (an address, a port, an endpoint) left out of objects that are otherwise used, in the last sync, by kind",
             m.skipped_fields.clone(),
+        );
+        // The incremental backends' fallbacks to a whole compile.
+        registry.register(
+            "svcproxy_incremental_fallbacks",
+            "Syncs that compiled every Service instead of only the changed ones, by reason",
+            m.incremental_fallbacks.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -276,6 +276,12 @@ impl Syncer {
             let nft = &*backend.insert(nft);
             match result {
                 Ok(outcome) => {
+                    if let Some(f) = &outcome.fallback {
+                        self.metrics
+                            .incremental_fallbacks
+                            .get_or_create(&vec![("reason".into(), f.reason().into())])
+                            .inc();
+                    }
                     let report = outcome.report;
                     failures = 0;
                     retry_at = None;

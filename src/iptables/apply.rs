@@ -30,8 +30,8 @@ use crate::iptables::render::{
     Chain, FamilyRules, PREFIX, Ruleset, Table, jump_rules, program, write_table,
 };
 use crate::model::IpFamily;
-use crate::nft::apply::{ApplyReport, SyncKind};
 use crate::process::{Fed, feed};
+use crate::report::{ApplyReport, SyncKind};
 
 /// How long iptables waits for the xtables lock (`-w`), in seconds.
 const LOCK_WAIT: &str = "5";
@@ -264,6 +264,26 @@ impl Iptables {
     /// Forgets what was applied, so that the next apply is a full sync (to repair drift).
     pub fn invalidate(&mut self) {
         self.applied = None;
+    }
+
+    /// The rules applied, for the incremental backend to patch as its restore inputs did.
+    pub(crate) fn applied_mut(&mut self) -> Option<&mut Ruleset> {
+        self.applied.as_mut()
+    }
+
+    /// Feeds prepared restore inputs (the incremental backend's); a failure forgets what was
+    /// applied, so that the next apply is full.
+    pub(crate) fn restore_partial(
+        &mut self,
+        inputs: &[(IpFamily, String)],
+    ) -> Result<(), IptablesError> {
+        for (family, input) in inputs {
+            if let Err(e) = self.cmd.restore(*family, input) {
+                self.applied = None;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Makes the kernel hold `desired`: only the changed chains when something was applied

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod detect;
+pub mod incremental;
 pub mod render;
 
 pub use apply::{Iptables, IptablesCommand, IptablesError};

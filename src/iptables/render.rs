@@ -40,13 +40,13 @@
 //! chain names across syncs and restarts and an incremental sync rewrites only changed chains.
 //! Chains are only ever entered through the jump rules in [`jump_rules`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::model::{IpFamily, Protocol};
+use crate::model::{IpFamily, ObjectRef, Protocol};
 use crate::plan::{
     Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan, LocalTraffic,
     NodePortMatch, Plan, Route, Scope,
@@ -332,14 +332,27 @@ struct BackendChain {
     body: Vec<String>,
 }
 
-struct Builder<'a> {
-    plan: &'a FamilyPlan,
-    fam: Fam,
+/// The rules some destinations add to the shared dispatch chains, in destination order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Dispatch {
     services: Vec<String>,
     nodeports: Vec<String>,
     filter_drops: Vec<String>,
     filter_rejects: Vec<String>,
     filter_nodeports: Vec<String>,
+}
+
+struct Builder<'a> {
+    /// The family's plan, for what does not depend on its Services (masquerading, NodePort
+    /// addresses); its destinations and hairpin set are given apart, so that a part of the
+    /// plan can be rendered (the incremental backend renders the changed Services alone).
+    plan: &'a FamilyPlan,
+    /// Endpoints on this node: they get a chain of their own (hairpin masquerade).
+    hairpin: &'a BTreeSet<IpAddr>,
+    /// Whether to build the per-Service chains, or only the dispatch rules (which name them).
+    chains: bool,
+    fam: Fam,
+    dispatch: Dispatch,
     backends: BTreeMap<String, BackendChain>,
     /// EXT and SEP chains, by name.
     others: BTreeMap<String, Vec<String>>,
@@ -355,14 +368,14 @@ impl Builder<'_> {
         };
         let id = port_id(d);
         let name = hashed(kind, &format!("{id}/{scope}"));
-        if self.backends.contains_key(&name) {
+        if !self.chains || self.backends.contains_key(&name) {
             return name;
         }
         let mut body = Vec::new();
         let n = b.endpoints.len();
         let mut targets = Vec::with_capacity(n);
         for ep in &b.endpoints {
-            let local = self.plan.hairpin.contains(&ep.ip());
+            let local = self.hairpin.contains(&ep.ip());
             if b.affinity_timeout.is_some() || local {
                 let sep = hashed("SEP", &format!("{id}/{ep}"));
                 self.endpoint_chain(&sep, d, ep, b.affinity_timeout, local);
@@ -448,18 +461,17 @@ impl Builder<'_> {
                 format!("{not_from_pod} {dest} -j {MARK_MASQ}")
             }
         };
-        self.backends
-            .get_mut(chain)
-            .expect("endpoint chain")
-            .masq
-            .push(rule);
+        // Only when building chains; `backends` made this one just before.
+        if let Some(c) = self.backends.get_mut(chain) {
+            c.masq.push(rule);
+        }
     }
 
     /// The chain external destinations of a Service port enter (shared by its NodePort,
     /// external IPs and load balancer IPs, which all have the same route).
     fn external(&mut self, d: &Destination) -> String {
         let name = hashed("EXT", &port_id(d));
-        if self.others.contains_key(&name) {
+        if !self.chains || self.others.contains_key(&name) {
             return name;
         }
         let mut rules = Vec::new();
@@ -495,7 +507,8 @@ impl Builder<'_> {
                     ));
                 }
             }
-            _ => unreachable!("external() is for external routes"),
+            // Not an external route: `destination` never asks for one.
+            Route::Reject | Route::Drop | Route::Internal(_) => {}
         }
         self.others.insert(name.clone(), rules);
         name
@@ -511,13 +524,14 @@ impl Builder<'_> {
         let filter_match = &nat_match;
         let nodeport = d.address == Address::NodePort;
         let filter = if nodeport {
-            &mut self.filter_nodeports
+            &mut self.dispatch.filter_nodeports
         } else {
-            &mut self.filter_drops
+            &mut self.dispatch.filter_drops
         };
         match &d.route {
             Route::Reject if nodeport => filter.push(format!("{filter_match} -j {REJECT}")),
             Route::Reject => self
+                .dispatch
                 .filter_rejects
                 .push(format!("{filter_match} -j {REJECT}")),
             Route::Drop => filter.push(format!("{filter_match} -j DROP")),
@@ -546,7 +560,7 @@ impl Builder<'_> {
             // What the firewall chain did not DNAT (a source outside the ranges, or no
             // endpoint at all) is dropped here, as in kube-proxy's KUBE-PROXY-FIREWALL.
             let fw = hashed("FW", &port_id(d));
-            self.filter_drops.push(format!(
+            self.dispatch.filter_drops.push(format!(
                 "{} {} -j DROP",
                 nat_match.split(" -m comment").next().unwrap_or(&nat_match),
                 comment(&format!("{} traffic not accepted by {fw}", describe(d)))
@@ -574,35 +588,36 @@ impl Builder<'_> {
 
     fn dispatch(&mut self, nodeport: bool, rule: String) {
         if nodeport {
-            self.nodeports.push(rule);
+            self.dispatch.nodeports.push(rule);
         } else {
-            self.services.push(rule);
+            self.dispatch.services.push(rule);
         }
     }
+}
 
-    /// The rules that send traffic to a NodePort address into `chain`; they end their chain
-    /// (the loopback exclusion returns).
-    fn nodeport_jumps(&self, chain: &str) -> Vec<String> {
-        let f = self.fam;
-        let c = comment("NodePorts");
-        match &self.plan.nodeports {
-            NodePortMatch::AnyLocal => vec![format!(
-                "! -d {} -m addrtype --dst-type LOCAL {c} -j {chain}",
-                f.loopback()
-            )],
-            NodePortMatch::LocalIn(nets) => {
-                let mut rules = vec![format!("-d {} -j RETURN", f.loopback())];
-                rules.extend(nets.iter().map(|n: &IpNet| {
+/// The rules that send traffic to a NodePort address into `chain`; they end their chain
+/// (the loopback exclusion returns).
+fn nodeport_jumps(plan: &FamilyPlan, chain: &str) -> Vec<String> {
+    let f = Fam(plan.family);
+    let c = comment("NodePorts");
+    match &plan.nodeports {
+        NodePortMatch::AnyLocal => vec![format!(
+            "! -d {} -m addrtype --dst-type LOCAL {c} -j {chain}",
+            f.loopback()
+        )],
+        NodePortMatch::LocalIn(nets) => {
+            let mut rules = vec![format!("-d {} -j RETURN", f.loopback())];
+            rules
+                .extend(nets.iter().map(|n: &IpNet| {
                     format!("-d {n} -m addrtype --dst-type LOCAL {c} -j {chain}")
                 }));
-                rules
-            }
-            NodePortMatch::Addresses(ips) => ips
-                .iter()
-                .map(|ip| format!("-d {} {c} -j {chain}", f.host(*ip)))
-                .collect(),
-            NodePortMatch::Nothing => Vec::new(),
+            rules
         }
+        NodePortMatch::Addresses(ips) => ips
+            .iter()
+            .map(|ip| format!("-d {} {c} -j {chain}", f.host(*ip)))
+            .collect(),
+        NodePortMatch::Nothing => Vec::new(),
     }
 }
 
@@ -638,35 +653,148 @@ fn unallocated_cluster_ips(plan: &FamilyPlan) -> Vec<String> {
         .collect()
 }
 
-fn render_family(plan: &FamilyPlan, mark: u32, drop_invalid: bool) -> FamilyRules {
-    let fam = Fam(plan.family);
+/// Renders `destinations` (in key order) of a family's plan, with `hairpin` as its endpoints
+/// on this node.
+fn build<'a, 'd>(
+    plan: &'a FamilyPlan,
+    hairpin: &'a BTreeSet<IpAddr>,
+    chains: bool,
+    destinations: impl IntoIterator<Item = &'d Destination>,
+) -> Builder<'a> {
     let mut b = Builder {
         plan,
-        fam,
-        services: Vec::new(),
-        nodeports: Vec::new(),
-        filter_drops: Vec::new(),
-        filter_rejects: Vec::new(),
-        filter_nodeports: Vec::new(),
+        hairpin,
+        chains,
+        fam: Fam(plan.family),
+        dispatch: Dispatch::default(),
         backends: BTreeMap::new(),
         others: BTreeMap::new(),
     };
-    for d in &plan.destinations {
+    for d in destinations {
         b.destination(d);
     }
+    b
+}
+
+impl Builder<'_> {
+    /// The per-Service chains built, sorted by name.
+    fn service_chains(self) -> (Dispatch, Vec<Chain>) {
+        let mut hashed_chains: BTreeMap<String, Vec<String>> = self.others;
+        for (name, mut chain) in self.backends {
+            chain.masq.extend(chain.body);
+            hashed_chains.insert(name, chain.masq);
+        }
+        let chains = hashed_chains
+            .into_iter()
+            .map(|(name, rules)| Chain { name, rules })
+            .collect();
+        (self.dispatch, chains)
+    }
+}
+
+/// What some Services (the changed ones) contribute to a family's rules: their rules in the
+/// dispatch chains, and their own chains (sorted by name). `destinations` in key order.
+pub(crate) fn service_chains<'d>(
+    plan: &FamilyPlan,
+    hairpin: &BTreeSet<IpAddr>,
+    destinations: impl IntoIterator<Item = &'d Destination>,
+) -> (Dispatch, Vec<Chain>) {
+    build(plan, hairpin, true, destinations).service_chains()
+}
+
+/// The chains every Service has a rule in: `SVCP-SERVICES` and `SVCP-NODEPORTS` in `nat`, then
+/// `SVCP-FILTER` and `SVCP-NODEPORTS` in `filter`, for `destinations` (the whole family's, in
+/// key order) and `cluster_ips`.
+pub(crate) fn dispatch_chains<'d>(
+    plan: &FamilyPlan,
+    destinations: impl IntoIterator<Item = &'d Destination>,
+    cluster_ips: &BTreeMap<IpAddr, ObjectRef>,
+) -> [(Table, Chain); 4] {
+    let empty = BTreeSet::new();
+    let b = build(plan, &empty, false, destinations);
+    shared_chains(plan, b.dispatch, cluster_ips)
+}
+
+fn shared_chains(
+    plan: &FamilyPlan,
+    mut d: Dispatch,
+    cluster_ips: &BTreeMap<IpAddr, ObjectRef>,
+) -> [(Table, Chain); 4] {
+    let fam = Fam(plan.family);
+    let mut services = std::mem::take(&mut d.services);
+    services.extend(nodeport_jumps(plan, NODEPORTS));
+    let mut filter_rules = vec![format!(
+        "-m conntrack --ctstate DNAT {} -j RETURN",
+        comment("found its endpoint")
+    )];
+    filter_rules.append(&mut d.filter_drops);
+    filter_rules.append(&mut d.filter_rejects);
+    for (ip, svc) in cluster_ips {
+        filter_rules.push(format!(
+            "-d {} {} -j {REJECT}",
+            fam.host(*ip),
+            comment(&format!("{svc}: a port the Service does not have"))
+        ));
+    }
+    filter_rules.extend(unallocated_cluster_ips(plan));
+    filter_rules.extend(nodeport_jumps(plan, FILTER_NODEPORTS));
+    [
+        (
+            Table::Nat,
+            Chain {
+                name: SERVICES.into(),
+                rules: services,
+            },
+        ),
+        (
+            Table::Nat,
+            Chain {
+                name: NODEPORTS.into(),
+                rules: d.nodeports,
+            },
+        ),
+        (
+            Table::Filter,
+            Chain {
+                name: FILTER.into(),
+                rules: filter_rules,
+            },
+        ),
+        (
+            Table::Filter,
+            Chain {
+                name: FILTER_NODEPORTS.into(),
+                rules: d.filter_nodeports,
+            },
+        ),
+    ]
+}
+
+/// Whether `name` is a per-Service chain (`SVCP-SVC-…`, `-SVL-`, `-EXT-`, `-SEP-`, `-FW-`):
+/// these sort after the fixed chains of their table.
+pub(crate) fn is_service_chain(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    ["SVC-", "SVL-", "EXT-", "SEP-", "FW-"]
+        .iter()
+        .any(|k| rest.len() == k.len() + 16 && rest.starts_with(k))
+}
+
+fn render_family(plan: &FamilyPlan, mark: u32, drop_invalid: bool) -> FamilyRules {
+    let fam = Fam(plan.family);
+    let (dispatch, hashed_chains) = service_chains(plan, &plan.hairpin, &plan.destinations);
+    let [
+        (_, services),
+        (_, nodeports),
+        (_, filter),
+        (_, filter_nodeports),
+    ] = shared_chains(plan, dispatch, &plan.cluster_ips);
 
     // nat
-    let mut services = std::mem::take(&mut b.services);
-    services.extend(b.nodeport_jumps(NODEPORTS));
     let mut nat = vec![
-        Chain {
-            name: SERVICES.into(),
-            rules: services,
-        },
-        Chain {
-            name: NODEPORTS.into(),
-            rules: std::mem::take(&mut b.nodeports),
-        },
+        services,
+        nodeports,
         Chain {
             name: POSTROUTING.into(),
             rules: vec![
@@ -694,42 +822,12 @@ fn render_family(plan: &FamilyPlan, mark: u32, drop_invalid: bool) -> FamilyRule
             rules,
         });
     }
-    let mut hashed_chains: BTreeMap<String, Vec<String>> = std::mem::take(&mut b.others);
-    for (name, mut chain) in std::mem::take(&mut b.backends) {
-        chain.masq.extend(chain.body);
-        hashed_chains.insert(name, chain.masq);
-    }
-    nat.extend(
-        hashed_chains
-            .into_iter()
-            .map(|(name, rules)| Chain { name, rules }),
-    );
+    nat.extend(hashed_chains);
 
     // filter
-    let mut filter_rules = vec![format!(
-        "-m conntrack --ctstate DNAT {} -j RETURN",
-        comment("found its endpoint")
-    )];
-    filter_rules.append(&mut b.filter_drops);
-    filter_rules.append(&mut b.filter_rejects);
-    for (ip, svc) in &plan.cluster_ips {
-        filter_rules.push(format!(
-            "-d {} {} -j {REJECT}",
-            fam.host(*ip),
-            comment(&format!("{svc}: a port the Service does not have"))
-        ));
-    }
-    filter_rules.extend(unallocated_cluster_ips(plan));
-    filter_rules.extend(b.nodeport_jumps(FILTER_NODEPORTS));
     let filter = vec![
-        Chain {
-            name: FILTER.into(),
-            rules: filter_rules,
-        },
-        Chain {
-            name: FILTER_NODEPORTS.into(),
-            rules: std::mem::take(&mut b.filter_nodeports),
-        },
+        filter,
+        filter_nodeports,
         Chain {
             name: REJECT.into(),
             rules: vec![

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::nft::syntax::{Chain, Element, Ruleset, Set, Table, quote};
 use crate::process::{Fed, feed};
+pub use crate::report::{ApplyReport, SyncKind};
 
 /// How to run `nft` (and where: tests prefix `ip netns exec NAME`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +48,12 @@ impl NftCommand {
 
     /// Runs `nft -f -` on `script`: one transaction. Returns nft's stderr on failure.
     pub fn run_script(&self, script: &str) -> Result<(), ApplyError> {
-        let (program, args) = self.program.split_first().expect("a program");
+        let Some((program, args)) = self.program.split_first() else {
+            return Err(ApplyError::Spawn {
+                program: String::new(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no nft program"),
+            });
+        };
         let fed =
             feed(Command::new(program).args(args).args(["-f", "-"]), script).map_err(|source| {
                 ApplyError::Spawn {
@@ -73,39 +79,6 @@ pub enum ApplyError {
     },
     #[error("nft refused the transaction (exit {status:?}): {stderr}")]
     Refused { status: Option<i32>, stderr: String },
-}
-
-/// Whether a sync rewrote svcproxy's tables or sent a difference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncKind {
-    Full,
-    Partial,
-}
-
-impl SyncKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncKind::Full => "full",
-            SyncKind::Partial => "partial",
-        }
-    }
-}
-
-/// What one apply did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApplyReport {
-    pub kind: SyncKind,
-    /// Commands sent (0: nothing had changed, nft was not run).
-    pub commands: usize,
-    pub elements_added: usize,
-    pub elements_deleted: usize,
-    /// Chains created, rewritten or deleted.
-    pub chains_changed: usize,
-    /// Bytes of nft script sent.
-    pub script_bytes: usize,
-    pub duration: Duration,
-    /// Why a full sync was needed (`None` for partial syncs).
-    pub full_because: Option<String>,
 }
 
 /// svcproxy's tables in the kernel, as far as this process has applied them.

@@ -2,61 +2,55 @@
 //!
 //! A full compile of 10k Services (plan, render, compare every set with what was applied) costs
 //! tens of milliseconds before nft even runs, for a change that is usually one EndpointSlice.
-//! [`Incremental`] keeps the last snapshot, plan and ruleset, finds the Services whose objects
-//! changed, plans and renders just those (old and new, with the same functions as a full
-//! compile: `plan::plan_service`, `render::fragment`) and sends the difference. The plan and
-//! ruleset it keeps are patched to equal what a full compile of the new snapshot gives (a
-//! property test holds it to that).
+//! [`Incremental`] keeps the last snapshot, plan and ruleset; the backend-neutral
+//! [`crate::incremental`] finds the Services whose objects changed and plans just those (old
+//! and new); this module renders them (`render::fragment`, the same code as a full render) and
+//! sends the difference as element and chain commands. The plan and ruleset it keeps are
+//! patched to equal what a full compile of the new snapshot gives (a property test holds it to
+//! that).
 //!
 //! It falls back to a whole compile, still sent as a difference when one can express it, when
-//! the change is not local to some Services: the Node or the configuration changed, Services
-//! claim the same destination, a Service shares a ClusterIP, session affinity chains change,
-//! or more than [`MAX_CHANGED`] Services changed at once. A failed apply, or
-//! [`Incremental::invalidate`], makes the next sync rewrite the tables whole.
+//! the change is not local to some Services ([`Fallback`]: the Node changed, Services claim the
+//! same destination, a Service shares a ClusterIP, session affinity chains change, too many
+//! Services changed, or the kept state broke an invariant). A failed apply, or
+//! [`Incremental::invalidate`], makes the next sync rewrite the tables whole (in place).
 //!
 //! Nothing is patched until nft has accepted the transaction: after a failure the state still
 //! describes what the kernel holds, so the next sync's stale-flow list is right.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::conntrack::{StaleFlows, stale_udp};
-use crate::model::{EndpointSlice, ObjectRef, ProxyConfig, Snapshot};
+use crate::conntrack::stale_udp;
+use crate::incremental::{Compiled, Fallback, PlanDelta, adjust, plan_delta};
+use crate::model::{ObjectRef, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyError, ApplyReport, DiffParts, NftCommand, SyncKind, diff};
 use crate::nft::render::{self, Fragment, Lane};
 use crate::nft::syntax::{Element, Family, Ruleset, Value};
-use crate::plan::{
-    ClusterIpMasquerade, Destination, FamilyContext, FamilyPlan, FamilyRefs, LocalTraffic,
-    NodePortMatch, Plan, ServicePart, plan_counted, plan_service,
-};
+use crate::plan::{FamilyPlan, Plan};
 
-/// Above this many changed Services a whole compile is cheaper than patching one by one.
-pub const MAX_CHANGED: usize = 100;
-
-/// The result of one sync.
-#[derive(Debug)]
-pub struct Outcome {
-    /// What was sent to the kernel; its `duration` is nft's alone.
-    pub report: ApplyReport,
-    /// Planning, rendering and working out the difference, before nft ran.
-    pub compile: Duration,
-    /// How many Services were compiled: all of them, or only the changed ones.
-    pub services_compiled: usize,
-    /// UDP flows made stale by this sync (see `conntrack`).
-    pub stale_udp: Vec<StaleFlows>,
-}
+pub use crate::incremental::MAX_CHANGED;
+pub use crate::report::Outcome;
 
 /// What was last applied, whole.
 struct State {
-    snapshot: Snapshot,
-    plan: Plan,
-    /// Per family (as `plan.families`).
-    refs: Vec<FamilyRefs>,
+    compiled: Compiled,
     /// Per family: how many destinations use each endpoint count in each lane.
     lanes: Vec<BTreeMap<(Lane, usize), u32>>,
     ruleset: Ruleset,
+}
+
+impl State {
+    fn new(compiled: Compiled) -> State {
+        let ruleset = render::render(&compiled.plan);
+        let lanes = compiled.plan.families.iter().map(lane_counts).collect();
+        State {
+            compiled,
+            lanes,
+            ruleset,
+        }
+    }
 }
 
 /// svcproxy's nftables tables, kept in step with a changing snapshot.
@@ -93,12 +87,12 @@ impl Incremental {
 
     /// The last snapshot applied.
     pub fn snapshot(&self) -> Option<&Snapshot> {
-        self.state.as_ref().map(|s| &s.snapshot)
+        self.state.as_ref().map(|s| &s.compiled.snapshot)
     }
 
     /// The plan of the last snapshot applied.
     pub fn plan(&self) -> Option<&Plan> {
-        self.state.as_ref().map(|s| &s.plan)
+        self.state.as_ref().map(|s| &s.compiled.plan)
     }
 
     /// Makes the kernel hold the ruleset of `snapshot`.
@@ -120,7 +114,8 @@ impl Incremental {
         snapshot: Snapshot,
         start: Instant,
     ) -> Result<Outcome, ApplyError> {
-        let diff = d.parts.finish();
+        let Delta { plan, parts, nft } = d;
+        let diff = parts.finish();
         let compile = start.elapsed();
         let mut report = diff.report;
         let t = Instant::now();
@@ -131,15 +126,38 @@ impl Incremental {
             return Err(e);
         }
         report.duration = t.elapsed();
-        let state = self.state.as_mut().expect("a delta needs a state");
-        let stale_udp = stale_udp(&d.old_plan, &d.new_plan);
-        d.patches.apply(state);
-        state.snapshot = snapshot;
+        let Some(state) = self.state.as_mut() else {
+            // Unreachable (a delta is made from the state), but not worth a panic.
+            self.fail("no state");
+            return self.whole(
+                snapshot,
+                start,
+                Some(Fallback::Invariant("no state".into())),
+            );
+        };
+        let (old, new) = plan.stale_plans(&state.compiled.plan);
+        let stale_udp = stale_udp(&old, &new);
+        let services = plan.services;
+        let patched = plan
+            .apply(&mut state.compiled)
+            .and_then(|()| nft.apply(state));
+        match patched {
+            // The old snapshot is dropped here, after the kernel has the new rules.
+            Ok(()) => state.compiled.snapshot = snapshot,
+            Err(f) => {
+                // nft took the transaction, but the kept state cannot follow it: compile whole and
+                // refresh the tables in place from what is kept (nft refusing that, replace them).
+                tracing::warn!("incremental sync: {f}; compiling every Service");
+                self.fail("the kept state is inconsistent");
+                return self.whole(snapshot, start, Some(f));
+            }
+        }
         Ok(Outcome {
             report,
             compile,
-            services_compiled: d.services,
+            services_compiled: services,
             stale_udp,
+            fallback: None,
         })
     }
 
@@ -149,13 +167,12 @@ impl Incremental {
         &mut self,
         snapshot: Snapshot,
         start: Instant,
-        reason: Option<String>,
+        fallback: Option<Fallback>,
     ) -> Result<Outcome, ApplyError> {
-        let (plan, refs) = plan_counted(&snapshot, &self.config);
-        let ruleset = render::render(&plan);
-        let lanes = plan.families.iter().map(lane_counts).collect();
+        let new = State::new(Compiled::new(snapshot, &self.config));
+        let ruleset = &new.ruleset;
         let partial = match self.state.as_ref().filter(|_| self.in_sync) {
-            Some(old) => diff(&old.ruleset, &ruleset),
+            Some(old) => diff(&old.ruleset, ruleset),
             None => Err(self.full_because.to_string()),
         };
         let result = match partial {
@@ -226,26 +243,22 @@ impl Incremental {
         };
         let compile = start.elapsed().saturating_sub(report.duration);
         let stale_udp = match &self.state {
-            Some(old) => stale_udp(&old.plan, &plan),
+            Some(old) => stale_udp(&old.compiled.plan, &new.compiled.plan),
             None => Vec::new(),
         };
-        let services = snapshot.services.len();
-        self.state = Some(State {
-            snapshot,
-            plan,
-            refs,
-            lanes,
-            ruleset,
-        });
+        let services = new.compiled.snapshot.services.len();
+        // The old state is dropped here, after the kernel has the new rules.
+        self.state = Some(new);
         self.in_sync = true;
-        if let Some(reason) = reason {
-            tracing::debug!("compiled every Service: {reason}");
+        if let Some(f) = &fallback {
+            tracing::debug!("compiled every Service: {f}");
         }
         Ok(Outcome {
             report,
             compile,
             services_compiled: services,
             stale_udp,
+            fallback,
         })
     }
 }
@@ -261,96 +274,15 @@ fn lane_counts(f: &FamilyPlan) -> BTreeMap<(Lane, usize), u32> {
     out
 }
 
-/// The Services whose Service or EndpointSlice objects differ between two snapshots.
-fn changed_services<'a>(old: &'a Snapshot, new: &'a Snapshot) -> BTreeSet<&'a ObjectRef> {
-    let mut out = BTreeSet::new();
-    merge_diff(&old.services, &new.services, |id, _, _| {
-        out.insert(id);
-    });
-    merge_diff(&old.slices, &new.slices, |_, a, b| {
-        out.extend(a.map(|s| &s.service));
-        out.extend(b.map(|s| &s.service));
-    });
-    out
-}
-
-/// Calls `f` for every key whose value differs between two maps (missing on one side: `None`).
-/// A value shared by both snapshots (the same `Arc`) is unchanged without comparing it.
-fn merge_diff<'a, V: PartialEq>(
-    old: &'a BTreeMap<ObjectRef, Arc<V>>,
-    new: &'a BTreeMap<ObjectRef, Arc<V>>,
-    mut f: impl FnMut(&'a ObjectRef, Option<&'a V>, Option<&'a V>),
-) {
-    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (o.peek(), n.peek()) {
-            (None, None) => break,
-            (Some((k, v)), None) => {
-                f(k, Some(&**v), None);
-                o.next();
-            }
-            (None, Some((k, v))) => {
-                f(k, None, Some(&**v));
-                n.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    f(ka, Some(&**va), None);
-                    o.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    f(kb, None, Some(&**vb));
-                    n.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !Arc::ptr_eq(va, vb) && va != vb {
-                        f(ka, Some(&**va), Some(&**vb));
-                    }
-                    o.next();
-                    n.next();
-                }
-            },
-        }
-    }
-}
-
-/// The slices of each of `services` in a snapshot. A Service's slices are in its namespace, so
-/// only that namespace's slices are looked at (the whole map is slow to walk: at 10k slices,
-/// 1 ms per walk, mostly cache misses).
-fn slices_of<'a>(
-    snapshot: &'a Snapshot,
-    services: &BTreeSet<&ObjectRef>,
-) -> HashMap<&'a ObjectRef, Vec<&'a EndpointSlice>> {
-    let mut out: HashMap<&ObjectRef, Vec<&EndpointSlice>> = HashMap::new();
-    let namespaces: BTreeSet<&str> = services.iter().map(|s| s.namespace.as_str()).collect();
-    for ns in namespaces {
-        let from = ObjectRef::new(ns, "");
-        for s in snapshot
-            .slices
-            .range(from..)
-            .map(|(_, s)| s)
-            .take_while(|s| s.id.namespace == ns)
-        {
-            if services.contains(&s.service) {
-                out.entry(&s.service).or_default().push(s);
-            }
-        }
-    }
-    out
-}
-
-/// A sync of the changed Services only: the commands, and how to patch the state once nft
-/// accepted them.
+/// A sync of the changed Services only: the plan's changes, the commands, and how to patch the
+/// kept ruleset once nft accepted them.
 struct Delta {
+    plan: PlanDelta,
     parts: DiffParts,
-    patches: Patches,
-    /// The changed Services' destinations before and after (for stale UDP flows).
-    old_plan: Plan,
-    new_plan: Plan,
-    services: usize,
+    nft: Patches,
 }
 
-/// Changes to the kept plan and ruleset, per family.
+/// Changes to the kept ruleset and lane counts, per family.
 #[derive(Default)]
 struct Patches {
     families: Vec<FamilyPatch>,
@@ -358,12 +290,6 @@ struct Patches {
 
 #[derive(Default)]
 struct FamilyPatch {
-    removed: Vec<Destination>,
-    added: Vec<Destination>,
-    cluster_ips: Vec<(IpAddr, Option<ObjectRef>)>,
-    cluster_ip_refs: Vec<(IpAddr, i32)>,
-    hairpin: Vec<(IpAddr, bool)>,
-    hairpin_refs: Vec<(IpAddr, i32)>,
     lanes: BTreeMap<(Lane, usize), i32>,
     /// Per set: elements deleted and added.
     elements: BTreeMap<String, (Vec<Element>, Vec<Element>)>,
@@ -374,48 +300,24 @@ struct FamilyPatch {
 }
 
 impl Patches {
-    fn apply(self, state: &mut State) {
+    fn apply(self, state: &mut State) -> Result<(), Fallback> {
         for (fi, p) in self.families.into_iter().enumerate() {
-            let plan = &mut state.plan.families[fi];
-            let key = |d: &Destination| d.key();
-            for d in &p.removed {
-                if let Ok(i) = plan.destinations.binary_search_by(|x| key(x).cmp(&d.key())) {
-                    plan.destinations.remove(i);
-                }
-            }
-            for d in p.added {
-                match plan.destinations.binary_search_by(|x| key(x).cmp(&d.key())) {
-                    Ok(i) => plan.destinations[i] = d,
-                    Err(i) => plan.destinations.insert(i, d),
-                }
-            }
-            for (ip, owner) in p.cluster_ips {
-                match owner {
-                    Some(svc) => plan.cluster_ips.insert(ip, svc),
-                    None => plan.cluster_ips.remove(&ip),
-                };
-            }
-            for (ip, present) in p.hairpin {
-                if present {
-                    plan.hairpin.insert(ip);
-                } else {
-                    plan.hairpin.remove(&ip);
-                }
-            }
-            let refs = &mut state.refs[fi];
-            adjust(&mut refs.cluster_ips, p.cluster_ip_refs);
-            adjust(&mut refs.hairpin, p.hairpin_refs);
-            adjust(&mut state.lanes[fi], p.lanes);
-
-            let table = &mut state.ruleset.tables[fi];
+            let (Some(lanes), Some(table)) =
+                (state.lanes.get_mut(fi), state.ruleset.tables.get_mut(fi))
+            else {
+                return Err(Fallback::Invariant(format!("no table for family {fi}")));
+            };
+            adjust(lanes, p.lanes)?;
             table.sets.extend(p.new_sets);
             for (name, (deleted, added)) in p.elements {
-                let set = table
-                    .sets
-                    .iter_mut()
-                    .find(|s| s.name == name)
-                    .expect("elements of a declared set");
-                for e in &deleted {
+                let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
+                    return Err(Fallback::Invariant(format!("no set {name}")));
+                };
+                // A key deleted and added again (an endpoint slot's new endpoint) is replaced in
+                // place: a remove and an insert would move every element after it, twice.
+                let stays: std::collections::HashSet<&[Value]> =
+                    added.iter().map(|e| &*e.key).collect();
+                for e in deleted.iter().filter(|e| !stays.contains(&*e.key)) {
                     if let Ok(i) = set.elements.binary_search_by(|x| x.key.cmp(&e.key)) {
                         set.elements.remove(i);
                     }
@@ -431,244 +333,92 @@ impl Patches {
             table.chains.retain(|c| !p.gone_chains.contains(&c.name));
             table.chains.extend(p.new_chains);
         }
+        Ok(())
     }
 }
 
-/// Adds `changes` to reference counts, dropping those that reach zero.
-fn adjust<K: Ord>(counts: &mut BTreeMap<K, u32>, changes: impl IntoIterator<Item = (K, i32)>) {
-    use std::collections::btree_map::Entry;
-    for (k, d) in changes {
-        let count = |c: u32| c.checked_add_signed(d).expect("reference count below zero");
-        match counts.entry(k) {
-            Entry::Occupied(mut e) => match count(*e.get()) {
-                0 => {
-                    e.remove();
-                }
-                c => *e.get_mut() = c,
-            },
-            Entry::Vacant(e) => {
-                if let c @ 1.. = count(0) {
-                    e.insert(c);
-                }
-            }
-        }
-    }
-}
-
-/// The changes that `new` makes to `state`, Service by Service; `Err` says why only a whole
-/// compile will do.
-fn delta(state: &State, new: &Snapshot, config: &ProxyConfig) -> Result<Delta, String> {
-    let old = &state.snapshot;
-    if old.node != new.node {
-        return Err("the Node changed".into());
-    }
-    if old.service_cidrs != new.service_cidrs {
-        return Err("the ServiceCIDRs changed".into());
-    }
-    if !state.plan.conflicts.is_empty() {
-        return Err("Services claim the same destination".into());
-    }
-    let changed = changed_services(old, new);
-    if changed.len() > MAX_CHANGED {
-        return Err(format!("{} Services changed", changed.len()));
-    }
-    let old_slices = slices_of(old, &changed);
-    let new_slices = slices_of(new, &changed);
+/// The nftables commands of the changes `new` makes to `state`, Service by Service; `Err`
+/// says why only a whole compile will do.
+fn delta(state: &State, new: &Snapshot, config: &ProxyConfig) -> Result<Delta, Fallback> {
+    let plan = plan_delta(&state.compiled, new, config)?;
     let mut parts = DiffParts::default();
     let mut patches = Patches::default();
-    let mut old_plan = empty_plan(&state.plan);
-    let mut new_plan = empty_plan(&state.plan);
-    for (fi, fplan) in state.plan.families.iter().enumerate() {
-        let ctx = FamilyContext::new(&new.node, config, fplan.family);
+    for (fi, (fplan, fd)) in state
+        .compiled
+        .plan
+        .families
+        .iter()
+        .zip(&plan.families)
+        .enumerate()
+    {
         let family = render::family_of(fplan.family);
         let prefix = format!("{} {}", family.as_str(), render::TABLE);
         let mut p = FamilyPatch::default();
-        let part = |snapshot: &Snapshot,
-                    slices: &HashMap<&ObjectRef, Vec<&EndpointSlice>>,
-                    id: &ObjectRef|
-         -> Option<ServicePart> {
-            let svc = snapshot.services.get(id)?;
-            plan_service(&ctx, svc, slices.get(id).map_or(&[][..], Vec::as_slice))
-        };
-        let mut claimed: HashSet<_> = HashSet::new();
-        for id in &changed {
-            let before = part(old, &old_slices, id);
-            let after = part(new, &new_slices, id);
-            if before == after {
-                continue;
-            }
-            for d in before.iter().flat_map(|b| &b.destinations) {
-                // The kept plan must hold this Service's destination (not a rival's).
-                match fplan
-                    .destinations
-                    .binary_search_by(|x| x.key().cmp(&d.key()))
-                {
-                    Ok(i) if fplan.destinations[i].service == **id => {}
-                    _ => return Err(format!("{id} did not own {:?}", d.key())),
-                }
-            }
-            let own: HashSet<_> = before
-                .iter()
-                .flat_map(|b| &b.destinations)
-                .map(Destination::key)
-                .collect();
-            for d in after.iter().flat_map(|a| &a.destinations) {
-                if !claimed.insert(d.key()) {
-                    return Err(format!("{id} names {:?} twice", d.key()));
-                }
-                if !own.contains(&d.key())
-                    && fplan
-                        .destinations
-                        .binary_search_by(|x| x.key().cmp(&d.key()))
-                        .is_ok()
-                {
-                    return Err(format!("{id} claims {:?}, which is taken", d.key()));
-                }
-            }
-            shared_entries(state, fi, id, before.as_ref(), after.as_ref(), &mut p)?;
-            if let Some(b) = before {
-                p.removed.extend(b.destinations);
-            }
-            if let Some(a) = after {
-                p.added.extend(a.destinations);
+        if fd.is_empty() {
+            patches.families.push(p);
+            continue;
+        }
+        // The shared entries first, so that one both deleted and added cancels out below.
+        for (ip, owner) in &fd.cluster_ips {
+            let svc = match owner {
+                Some(svc) => svc,
+                None => match state.compiled.plan.families[fi].cluster_ips.get(ip) {
+                    Some(svc) => svc,
+                    None => return Err(Fallback::Invariant(format!("no ClusterIP {ip}"))),
+                },
+            };
+            let entry = p.elements.entry("cluster-ips".into()).or_default();
+            let e = cluster_ip_element(*ip, svc);
+            if owner.is_some() {
+                entry.1.push(e);
+            } else {
+                entry.0.push(e);
             }
         }
-        let old_frag = render::fragment(fplan.family, &p.removed);
-        let new_frag = render::fragment(fplan.family, &p.added);
+        for (ip, present) in &fd.hairpin {
+            let entry = p.elements.entry("hairpin".into()).or_default();
+            if *present {
+                entry.1.push(hairpin_element(*ip));
+            } else {
+                entry.0.push(hairpin_element(*ip));
+            }
+        }
+        let old_frag = render::fragment(fplan.family, &fd.removed);
+        let new_frag = render::fragment(fplan.family, &fd.added);
         if old_frag.affinity_chains != new_frag.affinity_chains
             || old_frag.affinity_sets != new_frag.affinity_sets
         {
-            return Err("session affinity chains changed".into());
+            return Err(Fallback::Affinity);
         }
-        for d in &p.removed {
+        for d in &fd.removed {
             for key in render::lane_sizes(d) {
                 *p.lanes.entry(key).or_default() -= 1;
             }
         }
-        for d in &p.added {
+        for d in &fd.added {
             for key in render::lane_sizes(d) {
                 *p.lanes.entry(key).or_default() += 1;
             }
         }
-        lane_chains(family, &state.lanes[fi], &mut p, &prefix, &mut parts);
+        let Some(lanes) = state.lanes.get(fi) else {
+            return Err(Fallback::Invariant(format!(
+                "no lane counts for family {fi}"
+            )));
+        };
+        lane_chains(family, lanes, &mut p, &prefix, &mut parts)?;
         element_changes(&old_frag, &new_frag, &mut p);
         for (set, (deleted, added)) in &p.elements {
             let deleted: Vec<&Element> = deleted.iter().collect();
             let added: Vec<&Element> = added.iter().collect();
             parts.elements(&prefix, set, &deleted, &added);
         }
-        old_plan.families[fi].destinations = p.removed.clone();
-        new_plan.families[fi].destinations = p.added.clone();
         patches.families.push(p);
     }
     Ok(Delta {
+        plan,
         parts,
-        patches,
-        old_plan,
-        new_plan,
-        services: changed.len(),
+        nft: patches,
     })
-}
-
-/// A plan with `like`'s families and no destinations.
-fn empty_plan(like: &Plan) -> Plan {
-    Plan {
-        masquerade_mark: like.masquerade_mark,
-        families: like
-            .families
-            .iter()
-            .map(|f| FamilyPlan {
-                family: f.family,
-                local_traffic: LocalTraffic::Unknown,
-                clusterip_masquerade: ClusterIpMasquerade::Never,
-                nodeports: NodePortMatch::Nothing,
-                cluster_ips: BTreeMap::new(),
-                service_cidrs: Vec::new(),
-                hairpin: BTreeSet::new(),
-                destinations: Vec::new(),
-            })
-            .collect(),
-        drop_invalid: like.drop_invalid,
-        conflicts: Vec::new(),
-    }
-}
-
-/// The ClusterIP and hairpin entries a changed Service adds or gives up; an entry shared with
-/// another Service stays (hairpin) or needs a whole compile (a shared ClusterIP's comment names
-/// one Service).
-fn shared_entries(
-    state: &State,
-    fi: usize,
-    id: &ObjectRef,
-    before: Option<&ServicePart>,
-    after: Option<&ServicePart>,
-    p: &mut FamilyPatch,
-) -> Result<(), String> {
-    let refs = &state.refs[fi];
-    let cip = |x: Option<&ServicePart>| x.map(|x| x.cluster_ip);
-    if cip(before) != cip(after) {
-        if let Some(ip) = cip(before) {
-            if refs.cluster_ips.get(&ip) != Some(&1) {
-                return Err(format!("ClusterIP {ip} is shared"));
-            }
-            p.cluster_ips.push((ip, None));
-            p.cluster_ip_refs.push((ip, -1));
-            p.elements
-                .entry("cluster-ips".into())
-                .or_default()
-                .0
-                .push(cluster_ip_element(ip, id));
-        }
-        if let Some(ip) = cip(after) {
-            if refs.cluster_ips.contains_key(&ip)
-                || p.cluster_ips.iter().any(|(x, o)| *x == ip && o.is_some())
-            {
-                return Err(format!("ClusterIP {ip} is shared"));
-            }
-            p.cluster_ips.push((ip, Some(id.clone())));
-            p.cluster_ip_refs.push((ip, 1));
-            p.elements
-                .entry("cluster-ips".into())
-                .or_default()
-                .1
-                .push(cluster_ip_element(ip, id));
-        }
-    }
-    let empty = BTreeSet::new();
-    let hb = before.map_or(&empty, |b| &b.hairpin);
-    let ha = after.map_or(&empty, |a| &a.hairpin);
-    let pending = |p: &FamilyPatch, ip: &IpAddr| -> i64 {
-        p.hairpin_refs
-            .iter()
-            .filter(|(x, _)| x == ip)
-            .map(|(_, d)| i64::from(*d))
-            .sum()
-    };
-    for ip in hb.difference(ha) {
-        let now = i64::from(refs.hairpin.get(ip).copied().unwrap_or(0)) + pending(p, ip);
-        p.hairpin_refs.push((*ip, -1));
-        if now == 1 {
-            p.hairpin.push((*ip, false));
-            p.elements
-                .entry("hairpin".into())
-                .or_default()
-                .0
-                .push(hairpin_element(*ip));
-        }
-    }
-    for ip in ha.difference(hb) {
-        let now = i64::from(refs.hairpin.get(ip).copied().unwrap_or(0)) + pending(p, ip);
-        p.hairpin_refs.push((*ip, 1));
-        if now == 0 {
-            p.hairpin.push((*ip, true));
-            p.elements
-                .entry("hairpin".into())
-                .or_default()
-                .1
-                .push(hairpin_element(*ip));
-        }
-    }
-    Ok(())
 }
 
 fn cluster_ip_element(ip: IpAddr, svc: &ObjectRef) -> Element {
@@ -727,9 +477,9 @@ fn lane_chains(
     p: &mut FamilyPatch,
     prefix: &str,
     parts: &mut DiffParts,
-) {
+) -> Result<(), Fallback> {
     let mut after = before.clone();
-    adjust(&mut after, p.lanes.iter().map(|(k, d)| (*k, *d)));
+    adjust(&mut after, p.lanes.iter().map(|(k, d)| (*k, *d)))?;
     let lanes: BTreeSet<Lane> = before.keys().chain(after.keys()).map(|(l, _)| *l).collect();
     for lane in lanes {
         let counts = |m: &BTreeMap<(Lane, usize), u32>| -> BTreeSet<usize> {
@@ -766,33 +516,28 @@ fn lane_chains(
             p.gone_chains.push(lane.pick(*n));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incremental::tests::generated;
     use crate::nft::syntax::Table;
     use crate::synthetic;
+    use std::sync::Arc;
 
     /// Runs the delta path without nft: patches the state as a successful apply would.
-    fn step(state: &mut State, new: Snapshot, config: &ProxyConfig) -> Result<(), String> {
+    fn step(state: &mut State, new: Snapshot, config: &ProxyConfig) -> Result<(), Fallback> {
         let d = delta(state, &new, config)?;
-        d.patches.apply(state);
-        state.snapshot = new;
+        d.plan.apply(&mut state.compiled)?;
+        d.nft.apply(state)?;
+        state.compiled.snapshot = new;
         Ok(())
     }
 
     fn whole(snapshot: Snapshot, config: &ProxyConfig) -> State {
-        let (plan, refs) = plan_counted(&snapshot, config);
-        let ruleset = render::render(&plan);
-        let lanes = plan.families.iter().map(lane_counts).collect();
-        State {
-            snapshot,
-            plan,
-            refs,
-            lanes,
-            ruleset,
-        }
+        State::new(Compiled::new(snapshot, config))
     }
 
     /// A table with its sets and chains in name order: the patched ruleset holds the same things
@@ -805,9 +550,9 @@ mod tests {
     }
 
     fn assert_same(patched: &State, config: &ProxyConfig) {
-        let fresh = whole(patched.snapshot.clone(), config);
-        assert_eq!(patched.plan, fresh.plan);
-        assert_eq!(patched.refs, fresh.refs);
+        let fresh = whole(patched.compiled.snapshot.clone(), config);
+        assert_eq!(patched.compiled.plan, fresh.compiled.plan);
+        assert_eq!(patched.compiled.refs, fresh.compiled.refs);
         assert_eq!(patched.lanes, fresh.lanes);
         for (a, b) in patched.ruleset.tables.iter().zip(&fresh.ruleset.tables) {
             assert_eq!(canonical(a), canonical(b));
@@ -818,11 +563,11 @@ mod tests {
     fn an_endpoint_change_compiles_one_service() {
         let config = ProxyConfig::default();
         let mut state = whole(synthetic::cluster(50, 3), &config);
-        let mut next = state.snapshot.clone();
+        let mut next = state.compiled.snapshot.clone();
         Arc::make_mut(next.slices.values_mut().nth(7).unwrap()).endpoints[1].address =
             "10.200.0.1".parse().unwrap();
         let d = delta(&state, &next, &config).unwrap();
-        assert_eq!(d.services, 1);
+        assert_eq!(d.plan.services, 1);
         let diff = d.parts.finish();
         // Endpoints are sorted: the new one shifts the later ones by a slot.
         assert_eq!(
@@ -836,177 +581,61 @@ mod tests {
         assert_same(&state, &config);
     }
 
-    mod generated {
-        use super::*;
-        use crate::model::{
-            Endpoint, EndpointPort, IpFamily, NodeInfo, Protocol, Service, ServicePort,
-            TrafficPolicy,
-        };
-        use proptest::prelude::*;
+    /// A kept state that contradicts itself is a fallback to a whole compile, counted, and the
+    /// sync still happens (here without nft: the state is never in the kernel).
+    #[test]
+    fn an_inconsistent_state_falls_back_to_a_whole_compile() {
+        let config = ProxyConfig::default();
+        let mut state = whole(synthetic::cluster(50, 3), &config);
+        // A lane count lost: removing the last Service with 3 endpoints would take it below 0.
+        state.lanes[0].clear();
+        let mut next = state.compiled.snapshot.clone();
+        Arc::make_mut(next.slices.values_mut().nth(7).unwrap())
+            .endpoints
+            .pop();
+        let err = delta(&state, &next, &config).err().unwrap();
+        assert_eq!(err.reason(), "invariant", "{err}");
+        // Through the backend: nft is `true`, which accepts anything.
+        let mut inc = Incremental::new(
+            NftCommand {
+                program: vec!["true".into()],
+            },
+            config.clone(),
+        );
+        inc.sync(state.compiled.snapshot.clone()).unwrap();
+        inc.state.as_mut().unwrap().lanes[0].clear();
+        let out = inc.sync(next.clone()).unwrap();
+        assert_eq!(
+            out.fallback.as_ref().map(Fallback::reason),
+            Some("invariant")
+        );
+        assert_eq!(out.services_compiled, 50);
+        assert_same(inc.state.as_ref().unwrap(), &config);
+        // And the next change is incremental again.
+        let mut again = next.clone();
+        Arc::make_mut(again.slices.values_mut().nth(9).unwrap())
+            .endpoints
+            .pop();
+        let out = inc.sync(again).unwrap();
+        assert_eq!((out.services_compiled, out.fallback), (1, None));
+    }
 
-        fn ip(pool: &'static [&'static str]) -> impl Strategy<Value = IpAddr> {
-            prop::sample::select(pool).prop_map(|s| s.parse().unwrap())
-        }
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
-        const CLUSTER_IPS: &[&str] = &["10.96.0.1", "10.96.0.2", "10.96.0.3", "fd00::1"];
-        const EXTERNAL: &[&str] = &["192.0.2.1", "192.0.2.2"];
-        const LOAD_BALANCERS: &[&str] = &["198.51.100.1", "198.51.100.2"];
-        const SOURCE_RANGES: &[&str] = &["203.0.113.0/25", "192.168.0.0/24", "2001:db8::/32"];
-        const PODS: &[&str] = &["10.244.0.1", "10.244.0.2", "10.244.1.1", "10.244.1.2"];
-        const PODS6: &[&str] = &["fd01::1", "fd01::2"];
-
-        fn policy() -> impl Strategy<Value = TrafficPolicy> {
-            prop::sample::select(vec![TrafficPolicy::Cluster, TrafficPolicy::Local])
-        }
-
-        fn service(name: &'static str) -> impl Strategy<Value = Service> {
-            (
-                prop::collection::vec(ip(CLUSTER_IPS), 1..3),
-                prop::collection::vec(
-                    (
-                        prop::sample::select(vec!["", "http"]),
-                        prop::sample::select(vec![Protocol::Tcp, Protocol::Udp]),
-                        80u16..82,
-                        prop::option::of(30000u16..30002),
-                    ),
-                    1..3,
-                ),
-                prop::collection::vec(ip(EXTERNAL), 0..2),
-                prop::option::weighted(0.2, 1u32..100),
-                policy(),
-                policy(),
-                prop::collection::vec(ip(LOAD_BALANCERS), 0..2),
-                prop::sample::subsequence(SOURCE_RANGES, 0..3),
-            )
-                .prop_map(
-                    move |(cips, ports, ext, affinity, etp, itp, lbs, ranges)| Service {
-                        id: ObjectRef::new("ns", name),
-                        cluster_ips: cips,
-                        ports: ports
-                            .into_iter()
-                            .map(|(n, protocol, port, node_port)| ServicePort {
-                                name: n.into(),
-                                protocol,
-                                port,
-                                node_port,
-                            })
-                            .collect(),
-                        external_ips: ext,
-                        load_balancer_ips: lbs,
-                        load_balancer_source_ranges: ranges
-                            .into_iter()
-                            .map(|r| r.parse().unwrap())
-                            .collect(),
-                        affinity_timeout: affinity,
-                        external_policy: etp,
-                        internal_policy: itp,
-                        health_check_node_port: None,
-                    },
-                )
-        }
-
-        fn slice(name: &'static str, svc: &'static str) -> impl Strategy<Value = EndpointSlice> {
-            (
-                any::<bool>(),
-                prop::sample::select(vec!["", "http"]),
-                8080u16..8082,
-                prop::collection::vec(
-                    (
-                        0usize..4,
-                        any::<bool>(),
-                        any::<bool>(),
-                        any::<bool>(),
-                        any::<bool>(),
-                    ),
-                    0..4,
-                ),
-            )
-                .prop_map(move |(v6, port_name, port, eps)| EndpointSlice {
-                    id: ObjectRef::new("ns", name),
-                    service: ObjectRef::new("ns", svc),
-                    family: if v6 { IpFamily::V6 } else { IpFamily::V4 },
-                    ports: vec![
-                        EndpointPort {
-                            name: port_name.into(),
-                            protocol: Protocol::Tcp,
-                            port,
-                        },
-                        EndpointPort {
-                            name: port_name.into(),
-                            protocol: Protocol::Udp,
-                            port,
-                        },
-                    ],
-                    endpoints: eps
-                        .into_iter()
-                        .map(|(i, ready, serving, terminating, here)| Endpoint {
-                            address: if v6 { PODS6[i % 2] } else { PODS[i] }.parse().unwrap(),
-                            ready,
-                            serving,
-                            terminating,
-                            node_name: Some(if here { "node-0" } else { "node-1" }.into()),
-                            zone: None,
-                            hints: None,
-                        })
-                        .collect(),
-                })
-        }
-
-        /// A small cluster where Services often share addresses, endpoints and node ports.
-        fn snapshot() -> impl Strategy<Value = Snapshot> {
-            (
-                prop::option::of(service("a")),
-                prop::option::of(service("b")),
-                prop::option::of(service("c")),
-                prop::option::of(slice("a-1", "a")),
-                prop::option::of(slice("a-2", "a")),
-                prop::option::of(slice("b-1", "b")),
-                prop::option::of(slice("c-1", "c")),
-            )
-                .prop_map(|(a, b, c, s1, s2, s3, s4)| Snapshot {
-                    services: [a, b, c]
-                        .into_iter()
-                        .flatten()
-                        .map(|s| (s.id.clone(), Arc::new(s)))
-                        .collect(),
-                    slices: [s1, s2, s3, s4]
-                        .into_iter()
-                        .flatten()
-                        .map(|s| (s.id.clone(), Arc::new(s)))
-                        .collect(),
-                    node: NodeInfo {
-                        name: "node-0".into(),
-                        addresses: vec!["192.168.0.2".parse().unwrap()],
-                        ..NodeInfo::default()
-                    },
-                    service_cidrs: vec![],
-                })
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            /// Patching Service by Service gives exactly what a whole compile gives.
-            #[test]
-            fn patched_state_equals_a_whole_compile(
-                snapshots in prop::collection::vec(snapshot(), 2..8),
-                cidrs in any::<bool>(),
-            ) {
-                let config = ProxyConfig {
-                    cluster_cidrs: if cidrs {
-                        vec!["10.244.0.0/16".parse().unwrap()]
-                    } else {
-                        vec![]
-                    },
-                    ..ProxyConfig::default()
-                };
-                let mut it = snapshots.into_iter();
-                let mut state = whole(it.next().unwrap(), &config);
-                for next in it {
-                    match step(&mut state, next.clone(), &config) {
-                        Ok(()) => assert_same(&state, &config),
-                        Err(_) => state = whole(next, &config),
-                    }
+        /// Patching Service by Service gives exactly what a whole compile gives.
+        #[test]
+        fn patched_state_equals_a_whole_compile(
+            snapshots in proptest::collection::vec(generated::snapshot(), 2..8),
+            cidrs in proptest::prelude::any::<bool>(),
+        ) {
+            let config = generated::config(cidrs);
+            let mut it = snapshots.into_iter();
+            let mut state = whole(it.next().unwrap(), &config);
+            for next in it {
+                match step(&mut state, next.clone(), &config) {
+                    Ok(()) => assert_same(&state, &config),
+                    Err(_) => state = whole(next, &config),
                 }
             }
         }
