@@ -565,14 +565,13 @@ pub async fn fetch_cluster(
     use kube::api::{Api, ListParams};
     let mut converted = Converted::default();
     let mut problems = Vec::new();
-    for svc in Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-    {
+    // kube-proxy's selector, as the agent watches (no other proxy's Services, no headless slices).
+    let selected = ListParams::default().labels(crate::agent::watch::SELECTOR);
+    for svc in Api::<Service>::all(client.clone()).list(&selected).await? {
         problems.extend(converted.add_service(&svc));
     }
     for slice in Api::<EndpointSlice>::all(client.clone())
-        .list(&ListParams::default())
+        .list(&selected)
         .await?
     {
         problems.extend(converted.add_slice(&slice));

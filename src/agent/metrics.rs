@@ -18,7 +18,11 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     pub full_sync_duration: Histogram,
     pub partial_sync_duration: Histogram,
-    pub network_programming: Histogram,
+    /// kube-proxy's network programming latency, by `ip_family`: from an EndpointSlice's
+    /// trigger time to its rules in the kernel.
+    network_programming: HistogramFamily,
+    /// svcproxy's own figure: from a change reaching the agent to its rules in the kernel.
+    pub change_to_kernel: Histogram,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub sync_failures: Counter,
@@ -26,6 +30,20 @@ pub struct Metrics {
     pub invalid_objects: Family<Vec<(String, String)>, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Vec<(String, String)>, Gauge>,
+}
+
+/// Histograms by label, each made with kube-proxy's buckets for its metric.
+type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// kube-proxy's buckets for the network programming latency (pkg/proxy/metrics): 0.25 s and
+/// 0.5 s, then every second to 59 s, every 5 s to 115 s, every 30 s to 300 s.
+fn network_programming_histogram() -> Histogram {
+    let buckets = [0.25, 0.5]
+        .into_iter()
+        .chain((1..=59).map(f64::from))
+        .chain((0..12).map(|i| f64::from(60 + 5 * i)))
+        .chain((0..7).map(|i| f64::from(120 + 30 * i)));
+    Histogram::new(buckets)
 }
 
 fn seconds_histogram() -> Histogram {
@@ -41,7 +59,8 @@ impl Metrics {
             sync_duration: seconds_histogram(),
             full_sync_duration: seconds_histogram(),
             partial_sync_duration: seconds_histogram(),
-            network_programming: seconds_histogram(),
+            network_programming: Family::new_with_constructor(network_programming_histogram),
+            change_to_kernel: seconds_histogram(),
             last_sync_timestamp: Gauge::default(),
             last_queued_timestamp: Gauge::default(),
             sync_failures: Counter::default(),
@@ -67,8 +86,13 @@ impl Metrics {
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
-            "From a change arriving from the apiserver to the rules for it in the kernel",
+            "From the time of the change behind an EndpointSlice update (its endpoints.kubernetes.io/last-change-trigger-time) to its rules in the kernel",
             m.network_programming.clone(),
+        );
+        registry.register(
+            "svcproxy_change_to_kernel_duration_seconds",
+            "From a change arriving from the apiserver to the rules for it in the kernel",
+            m.change_to_kernel.clone(),
         );
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -129,6 +153,17 @@ impl Metrics {
             m.skipped_fields.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// The network programming latency histogram of one address family.
+    pub fn network_programming(&self, family: crate::model::IpFamily) -> Histogram {
+        let family = match family {
+            crate::model::IpFamily::V4 => "IPv4",
+            crate::model::IpFamily::V6 => "IPv6",
+        };
+        self.network_programming
+            .get_or_create(&vec![("ip_family".to_string(), family.to_string())])
+            .clone()
     }
 
     /// The metrics in Prometheus' text format.
