@@ -189,6 +189,10 @@ async fn rules_appear_only_after_both_lists_and_follow_changes() {
 /// Services and headless slices are never sent to the agent; an object relabelled into or out
 /// of the selection comes and goes with the apiserver's ADDED and DELETED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn foreign_and_headless_objects_are_not_watched() {
     let Some(ns) = agent_netns("selector") else {
         return;
