@@ -54,6 +54,21 @@ tmp=$(mktemp)
   cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 10 2>/dev/null | grep '^|'
   cargo bench -q --bench latency -- --services 1000,10000 --endpoints 10 --changes 5 --proxy-mode iptables 2>/dev/null | grep '^|' | tail -n +3
   echo
+  echo "## Agent memory (\`cargo bench --bench memory\`)"
+  echo
+  echo "The peak RSS (VmHWM) of the real \`svcproxy run\` process against the in-process apiserver,"
+  echo "applying into a private network namespace: after the cold start (both lists and the first"
+  echo "full sync), and after three rounds of changes, the last one seen through a full re-list."
+  echo "Targets: 100 MiB at 10k Services × 10 endpoints, 600 MiB at 100k × 10 (deploy/README.md"
+  echo "sets the DaemonSet's memory from these). Set PREVIOUS_SVCPROXY to another build's binary"
+  echo "to compare it in the same run."
+  echo
+  prev=()
+  if [ -n "${PREVIOUS_SVCPROXY:-}" ]; then
+    prev=(--binary "previous=$PREVIOUS_SVCPROXY" --binary "this=self")
+  fi
+  cargo bench -q --bench memory -- --services 10000,100000 --endpoints 10 "${prev[@]}" 2>/dev/null | grep '^|'
+  echo
   echo "## The iptables mode: full and incremental syncs (\`cargo bench --bench iptables\`)"
   echo
   echo "*Cold*: the first sync into an empty namespace (one run). *Full resync*: the whole ruleset"

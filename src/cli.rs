@@ -630,10 +630,9 @@ pub async fn fetch_cluster(
     use kube::api::{Api, ListParams};
     let mut converted = Converted::default();
     let mut problems = Vec::new();
-    for svc in Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-    {
+    // kube-proxy's selector, as the agent watches (no other proxy's Services, no headless slices).
+    let selected = ListParams::default().labels(crate::agent::watch::SELECTOR);
+    for svc in Api::<Service>::all(client.clone()).list(&selected).await? {
         problems.extend(converted.add_service(&svc));
     }
     // A cluster older than 1.33 may not serve ServiceCIDRs: then there are none.
@@ -650,7 +649,7 @@ pub async fn fetch_cluster(
         Err(e) => return Err(e),
     }
     for slice in Api::<EndpointSlice>::all(client.clone())
-        .list(&ListParams::default())
+        .list(&selected)
         .await?
     {
         problems.extend(converted.add_slice(&slice));

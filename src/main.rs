@@ -8,6 +8,7 @@ use svcproxy::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     // Usage errors exit 1, not clap's 2: for svcproxy, 2 means "compiled, but something was
     // skipped", and scripts must be able to tell the two apart.
     let cli = match Cli::try_parse() {
@@ -35,4 +36,20 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(ansi).without_time().init(),
     }
     ExitCode::from(svcproxy::cli::run(cli))
+}
+
+/// At most two glibc malloc arenas. By default glibc gives each thread that allocates an arena
+/// of its own, up to eight per core; the agent converts objects on tokio's workers and compiles
+/// on a blocking thread, so memory freed by one thread's work sits in an arena the next work
+/// does not use, and the agent's peak RSS at 10k Services was about a fifth higher than with
+/// one arena (benches/memory.rs). Its threads rarely allocate at the same time, so the lock
+/// contention this trades for is negligible. `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator tunable; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::apiserver::FakeApiServer;
 use common::netns::Netns;
@@ -183,6 +183,93 @@ async fn rules_appear_only_after_both_lists_and_follow_changes() {
     agent.stop().await;
     // Stopping leaves the rules in place.
     assert!(ns.nft_ruleset().contains("10.96.0.10 . tcp . 80"));
+}
+
+/// Services and EndpointSlices are watched with kube-proxy's label selector: another proxy's
+/// Services and headless slices are never sent to the agent; an object relabelled into or out
+/// of the selection comes and goes with the apiserver's ADDED and DELETED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+async fn foreign_and_headless_objects_are_not_watched() {
+    let Some(ns) = agent_netns("selector") else {
+        return;
+    };
+    let api = FakeApiServer::start().await;
+    let proxy_name = |mut o: Value, v: Option<&str>| {
+        o["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = json!(v);
+        if v.is_none() {
+            o["metadata"]["labels"]
+                .as_object_mut()
+                .unwrap()
+                .remove("service.kubernetes.io/service-proxy-name");
+        }
+        o
+    };
+    api.apply(service("web", "10.96.0.15", json!({})));
+    api.apply(slice("web-1", "web", &["10.244.1.15"]));
+    let mut headless = slice("web-h", "web", &["10.244.1.99"]);
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    api.apply(headless);
+    api.apply(proxy_name(
+        service("other", "10.96.0.16", json!({})),
+        Some("someone-else"),
+    ));
+    api.apply(slice("other-1", "other", &["10.244.1.16"]));
+    let mut agent = Agent::start(&api, &ns, |_| {});
+    let first = agent.next_sync(5 * SECOND).await.expect("the first sync");
+    assert_eq!((first.services, first.slices), (1, 2), "{first:?}");
+    let rules = ns.nft_ruleset();
+    assert!(rules.contains("10.96.0.15 . tcp . 80"), "{rules}");
+    assert!(
+        !rules.contains("10.244.1.99") && !rules.contains("10.96.0.16"),
+        "{rules}"
+    );
+    for kind in [
+        "/api/v1/services?",
+        "/apis/discovery.k8s.io/v1/endpointslices?",
+    ] {
+        let requests: Vec<String> = api
+            .request_log()
+            .into_iter()
+            .filter(|r| r.contains(kind))
+            .collect();
+        assert!(!requests.is_empty());
+        for r in &requests {
+            assert!(
+                r.contains("labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless")
+                    || r.contains("labelSelector=!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"),
+                "{r}"
+            );
+        }
+    }
+
+    // The other proxy lets go of its Service: it arrives; it claims it again: it goes.
+    api.apply(service("other", "10.96.0.16", json!({})));
+    assert!(
+        eventually(3 * SECOND, || ns
+            .nft_ruleset()
+            .contains("10.96.0.16 . tcp . 80"))
+        .await
+    );
+    api.apply(proxy_name(
+        service("other", "10.96.0.16", json!({})),
+        Some("someone-else"),
+    ));
+    assert!(eventually(3 * SECOND, || !ns.nft_ruleset().contains("10.96.0.16")).await);
+    // The slice loses its headless label: its endpoint is used.
+    api.apply(slice("web-h", "web", &["10.244.1.99"]));
+    assert!(
+        eventually(3 * SECOND, || ns
+            .nft_ruleset()
+            .contains("10.244.1.99 . 8080"))
+        .await,
+        "{}",
+        ns.nft_ruleset()
+    );
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,6 +474,9 @@ async fn health_metrics_and_health_check_node_ports() {
     ));
     let mut lb_slice = slice("lb-1", "lb", &["10.244.1.41"]);
     lb_slice["ports"] = json!([{"port": 8080, "protocol": "TCP"}]);
+    // A trigger time from before the agent started is not measured (as kube-proxy).
+    lb_slice["metadata"]["annotations"] =
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": "2020-01-01T00:00:00Z"});
     api.apply(lb_slice.clone());
     let (healthz, metrics) = (
         SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -397,6 +487,30 @@ async fn health_metrics_and_health_check_node_ports() {
         c.metrics_address = Some(metrics);
     });
     agent.next_sync(5 * SECOND).await.expect("the first sync");
+
+    // The network programming latency runs from the slice's trigger time (the change behind
+    // it, as the EndpointSlice controller stamps it), not from the slice reaching the agent:
+    // a change stamped 1.5 s before it is written counts at least 1.5 s. A change without
+    // the annotation is not measured.
+    let trigger = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut stamped = slice("lb-2", "lb", &["10.244.2.41"]);
+    stamped["ports"] = json!([{"port": 8080, "protocol": "TCP"}]);
+    stamped["endpoints"][0]["nodeName"] = json!("node-b");
+    stamped["metadata"]["annotations"] = json!({"endpoints.kubernetes.io/last-change-trigger-time":
+        k8s_openapi::jiff::Timestamp::try_from(trigger).unwrap().to_string()});
+    api.apply(stamped.clone());
+    agent
+        .next_sync(5 * SECOND)
+        .await
+        .expect("a sync for the stamped slice");
+    stamped["endpoints"][0]["addresses"] = json!(["10.244.2.42"]);
+    stamped["metadata"]["annotations"] = json!({});
+    api.apply(stamped);
+    agent
+        .next_sync(5 * SECOND)
+        .await
+        .expect("a sync for the unstamped change");
 
     // 200 once the agent has seen its Node too (its watch may come in after the first sync).
     let mut last = (0, String::new());
@@ -439,7 +553,10 @@ async fn health_metrics_and_health_check_node_ports() {
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
         r#"kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv4"} 1"#,
         r#"kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv6"} 1"#,
-        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\",ip_family=\"IPv4\"} 0\n",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\",ip_family=\"IPv4\"} 1\n",
+        "svcproxy_change_to_kernel_duration_seconds_count",
         r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#,
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",

@@ -422,12 +422,12 @@ fn daemonset_has_the_required_settings() {
         quantities(resources.requests.as_ref()),
         BTreeMap::from([
             ("cpu".to_string(), "50m".to_string()),
-            ("memory".to_string(), "64Mi".to_string())
+            ("memory".to_string(), "128Mi".to_string())
         ])
     );
     assert_eq!(
         quantities(resources.limits.as_ref()),
-        BTreeMap::from([("memory".to_string(), "256Mi".to_string())])
+        BTreeMap::from([("memory".to_string(), "512Mi".to_string())])
     );
 
     // The probes ask the port the configuration binds healthz to.

@@ -976,6 +976,92 @@ async fn label_selectors_move_objects_in_and_out() {
     assert_eq!(api.list(&Default::default()).await.unwrap().items.len(), 2);
 }
 
+/// kube-proxy's selector (`!a,!b`: neither label present), on a list and on a watch resumed
+/// from an older resourceVersion: as apiserver's cacher, a change is sent only when the old or
+/// the new object matches; an object whose labels move it out of the selection comes as
+/// DELETED (its old content, with the new resourceVersion), one moving in as ADDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_proxy_selector_on_lists_and_replayed_watches() {
+    let selector = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+    let fake = FakeApiServer::start().await;
+    fake.apply(svc("mine", json!({"app": "a"}), 80));
+    fake.apply(svc(
+        "foreign",
+        json!({"service.kubernetes.io/service-proxy-name": "other"}),
+        80,
+    ));
+    fake.apply(svc(
+        "headless",
+        json!({"service.kubernetes.io/headless": ""}),
+        80,
+    ));
+    let api: Api<Service> = Api::all(fake.client());
+    let listed = api
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap();
+    let names: Vec<String> = listed.items.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, ["mine"]);
+
+    let from = fake.resource_version();
+    // Out, in, a change outside the selection, a change inside it, a deletion outside it.
+    fake.apply(svc(
+        "mine",
+        json!({"service.kubernetes.io/service-proxy-name": "other"}),
+        80,
+    ));
+    let left_at = fake.resource_version();
+    fake.apply(svc("foreign", json!({}), 80));
+    fake.apply(svc(
+        "headless",
+        json!({"service.kubernetes.io/headless": "", "x": "y"}),
+        80,
+    ));
+    fake.apply(svc("foreign", json!({"x": "y"}), 81));
+    fake.delete("Service", "default", "headless");
+    let raw = fake
+        .raw_get(
+            &format!(
+                "/api/v1/services?watch=1&resourceVersion={from}&timeoutSeconds=1&labelSelector={}",
+                selector.replace('!', "%21").replace(',', "%2C")
+            ),
+            T,
+        )
+        .await;
+    assert_eq!(raw.status, 200);
+    let events: Vec<(String, String)> = raw
+        .lines()
+        .iter()
+        .map(|l| {
+            (
+                l["type"].as_str().unwrap().to_string(),
+                l["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("DELETED", "mine"),
+        ("ADDED", "foreign"),
+        ("MODIFIED", "foreign"),
+    ];
+    assert_eq!(
+        events,
+        want.map(|(t, n)| (t.to_string(), n.to_string())),
+        "{:?}",
+        raw.lines()
+    );
+    let deleted = &raw.lines()[0]["object"];
+    assert_eq!(
+        deleted["metadata"]["labels"],
+        json!({"app": "a"}),
+        "the object as it was before it left"
+    );
+    assert_eq!(deleted["metadata"]["resourceVersion"], json!(left_at));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_list_keeps_the_store_not_ready() {
     let fake = FakeApiServer::start().await;

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub no_local_endpoints: Family<Labels, Gauge>,
     pub healthz: Family<Labels, Counter>,
     pub livez: Family<Labels, Counter>,
+    /// svcproxy's own figure: from a change reaching the agent to its rules in the kernel.
+    pub change_to_kernel: Histogram,
     pub conntrack_failures: Counter,
     pub invalid_objects: Family<Labels, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
@@ -132,6 +134,7 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
+            change_to_kernel: sync_histogram(),
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
@@ -166,8 +169,13 @@ impl Metrics {
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
-            "From a change arriving from the apiserver to the rules for it in the kernel",
+            "From the time of the change behind an EndpointSlice update (its endpoints.kubernetes.io/last-change-trigger-time) to its rules in the kernel",
             m.network_programming.clone(),
+        );
+        registry.register(
+            "svcproxy_change_to_kernel_duration_seconds",
+            "From a change arriving from the apiserver to the rules for it in the kernel",
+            m.change_to_kernel.clone(),
         );
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",

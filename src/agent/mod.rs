@@ -31,10 +31,9 @@ use crate::model::{NodeInfo, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use crate::plan::Plan;
 use metrics::Metrics;
-use mirror::Mirror;
 use pacer::{BURST_SYNCS, Pacer};
 use serve::{Health, HealthCheckAddresses, HealthCheckServers};
-use watch::{Changes, Stores};
+use watch::{Changes, Stores, TriggerTime};
 
 /// Everything the agent is configured with.
 #[derive(Clone)]
@@ -164,9 +163,7 @@ pub async fn run(
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
         notified_ready: false,
-        services: Mirror::default(),
-        slices: Mirror::default(),
-        primed: false,
+        trigger_times: Vec::new(),
     };
     syncer.run(stop).await;
     Ok(())
@@ -184,10 +181,8 @@ struct Syncer {
     rejected: BTreeSet<String>,
     conflicts: BTreeSet<String>,
     notified_ready: bool,
-    services: Mirror<crate::model::Service>,
-    slices: Mirror<crate::model::EndpointSlice>,
-    /// Whether the mirrors were built from the stores once.
-    primed: bool,
+    /// The trigger times of the EndpointSlice changes the next successful sync applies.
+    trigger_times: Vec<TriggerTime>,
 }
 
 /// Waits for `stop` to turn true.
@@ -368,9 +363,15 @@ impl Syncer {
         self.health.updated(now);
         self.metrics.synced(report.kind, elapsed, now, plan);
         if let Some(since) = pending {
-            for family in crate::model::IpFamily::ALL {
-                self.metrics.network_programmed(family, since.elapsed());
-            }
+            self.metrics
+                .change_to_kernel
+                .observe(since.elapsed().as_secs_f64());
+        }
+        // kube-proxy's network programming latency: from each applied EndpointSlice change's
+        // trigger time (the Pod or Service change behind it) to now.
+        for t in self.trigger_times.drain(..) {
+            let latency = now.duration_since(t.at).unwrap_or_default();
+            self.metrics.network_programmed(t.family, latency);
         }
         self.health_checks
             .update(&snapshot.node, &serve::health_check_ports(snapshot))
@@ -410,44 +411,27 @@ impl Syncer {
         }
     }
 
-    /// The cluster as the stores see it now: converts what changed since the last sync
-    /// (everything after a re-list).
+    /// The cluster as the watchers have converted it now (the maps share every object with
+    /// the watchers' and with the previous snapshot, so this copies pointers only).
     fn snapshot(&mut self) -> Snapshot {
-        let touched = std::mem::take(&mut *self.changes.touched.lock().expect("touched lock"));
-        if touched.relisted_services || !self.primed {
-            self.services
-                .rebuild(&self.stores.services, convert::service);
-        } else {
-            self.services
-                .update(&self.stores.services, &touched.services, convert::service);
-        }
-        if touched.relisted_slices || !self.primed {
-            self.slices
-                .rebuild(&self.stores.slices, convert::endpoint_slice);
-        } else {
-            self.slices.update(
-                &self.stores.slices,
-                &touched.slices,
-                convert::endpoint_slice,
-            );
-        }
-        self.primed = true;
+        // What changed is in the maps already; the note of it is only cleared here.
+        drop(std::mem::take(
+            &mut *self.changes.touched.lock().expect("touched lock"),
+        ));
+        self.trigger_times.extend(self.changes.take_trigger_times());
         // Whole objects that could not be used, then elements left out of used ones.
-        let problems: Vec<Rejected> = self
-            .services
-            .rejected
-            .values()
-            .chain(self.slices.rejected.values())
-            .cloned()
-            .collect();
-        let mut skipped: Vec<Rejected> = self
-            .services
-            .skipped
-            .values()
-            .chain(self.slices.skipped.values())
-            .flatten()
-            .cloned()
-            .collect();
+        let (services, mut problems, mut skipped) = {
+            let m = self.stores.services.lock();
+            let problems: Vec<Rejected> = m.rejected.values().cloned().collect();
+            let skipped: Vec<Rejected> = m.skipped.values().flatten().cloned().collect();
+            (m.objects.clone(), problems, skipped)
+        };
+        let slices = {
+            let m = self.stores.slices.lock();
+            problems.extend(m.rejected.values().cloned());
+            skipped.extend(m.skipped.values().flatten().cloned());
+            m.objects.clone()
+        };
         let mut node = NodeInfo {
             name: self.config.node_name.clone(),
             ..NodeInfo::default()
@@ -509,8 +493,8 @@ impl Syncer {
                 .set(n as i64);
         }
         Snapshot {
-            services: self.services.objects.clone(),
-            slices: self.slices.objects.clone(),
+            services,
+            slices,
             node,
             service_cidrs,
         }
