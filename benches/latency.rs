@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use apiserver::FakeApiServer;
 use serde_json::{Value, json};
 use svcproxy::agent::AgentConfig;
-use svcproxy::conntrack::Conntrack;
 use svcproxy::nft::apply::NftCommand;
 
 fn service(i: usize) -> Value {
@@ -94,7 +93,6 @@ fn main() {
                 health_check_address: "127.0.0.1".parse().unwrap(),
                 nft: NftCommand::in_netns(&ns),
                 iptables: None,
-                conntrack: Conntrack::in_netns(&ns),
             };
             let start = Instant::now();
             let task = tokio::spawn(svcproxy::agent::run(config, stop_rx, Some(tx)));

@@ -12,7 +12,6 @@ use common::apiserver::FakeApiServer;
 use common::netns::Netns;
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, SyncRecord};
-use svcproxy::conntrack::Conntrack;
 use svcproxy::nft::apply::{NftCommand, SyncKind};
 use tokio::sync::{mpsc, watch};
 
@@ -57,8 +56,8 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft and
-/// conntrack in network namespace `netns`.
+/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft (and
+/// so its conntrack cleanup) in network namespace `netns`.
 fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
     AgentConfig {
         kube: api.kube_config(),
@@ -72,7 +71,6 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         health_check_address: "127.0.0.1".parse().unwrap(),
         nft: NftCommand::in_netns(netns),
         iptables: None,
-        conntrack: Conntrack::in_netns(netns),
     }
 }
 

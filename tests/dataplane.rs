@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::*;
 use svcproxy::backend::{Backend, Desired};
-use svcproxy::conntrack::{Conntrack, stale_udp};
+use svcproxy::conntrack::stale_udp;
 use svcproxy::iptables::{IptablesCommand, Variant};
 use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
@@ -158,7 +158,10 @@ impl Proxy {
             .apply(desired)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         if let Some(old) = &self.plan {
-            Conntrack::in_netns(&self.w.node)
+            // Where the backend's programs run, as the agent does.
+            self.backend
+                .conntrack()
+                .unwrap()
                 .flush(&stale_udp(old, &plan))
                 .unwrap();
         }
