@@ -437,5 +437,18 @@ mod tests {
         // A namespace that does not exist: only opening a socket there could fail.
         let ct = Conntrack::in_netns("svcproxy-test-no-such-namespace");
         assert_eq!(ct.flush(&[]).unwrap(), Flushed::default());
+        // With something to delete it does, and says where.
+        let stale = StaleFlows {
+            family: IpFamily::V4,
+            dst: None,
+            port: 30053,
+            dnat_to: None,
+        };
+        let e = ct.flush(&[stale]).unwrap_err();
+        assert!(matches!(e, ConntrackError::Netns { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("svcproxy-test-no-such-namespace"),
+            "{e}"
+        );
     }
 }

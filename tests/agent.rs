@@ -466,6 +466,68 @@ async fn traffic_follows_endpoint_slice_changes() {
     agent.stop().await;
 }
 
+/// A client that keeps its UDP socket follows the endpoint as soon as the agent reports the
+/// sync: the agent deletes the stale conntrack entry in the namespace its nft runs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_udp_socket_follows_the_endpoint() {
+    use common::netns::{Pod, World, udp_ask, udp_socket};
+    let Some(mut w) = World::new() else { return };
+    let pods: Vec<Pod> = (1..=2).map(|i| w.pod(&format!("p{i}"), false)).collect();
+    let client = w.pod("client", false);
+    for p in &pods {
+        w.serve(p, 5353);
+    }
+    let dns_slice = |pod: &Pod| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "dns-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [pod.ip.to_string()], "conditions": {"ready": true}, "nodeName": "node-a"}]
+        })
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service(
+        "dns",
+        "10.96.0.53",
+        json!({"ports": [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]}),
+    ));
+    api.apply(dns_slice(&pods[0]));
+    let mut agent = Agent::spawn(config(&api, &w.node));
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+
+    let to: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    let sock = std::sync::Arc::new(udp_socket(&client.ns));
+    let ask = {
+        let sock = sock.clone();
+        move || udp_ask(&sock, to).map(|r| r.pod)
+    };
+    assert_eq!(
+        tokio::task::spawn_blocking(ask.clone())
+            .await
+            .unwrap()
+            .unwrap(),
+        "p1"
+    );
+    // p1 keeps serving: only the rules and the conntrack entry decide who answers.
+    api.apply(dns_slice(&pods[1]));
+    agent
+        .next_sync(5 * SECOND)
+        .await
+        .expect("the sync of the change");
+    for _ in 0..3 {
+        assert_eq!(
+            tokio::task::spawn_blocking(ask.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+            "p2"
+        );
+    }
+    agent.stop().await;
+}
+
 /// `svcproxy dump --kubeconfig`: read the cluster once and print the ruleset, writing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_reads_the_cluster_once() {
