@@ -210,12 +210,9 @@ impl Conntrack {
             if filters.is_empty() {
                 continue;
             }
-            let entries = socket.dump_udp(family)?;
-            done.examined += entries.len();
-            let doomed: Vec<netlink::Entry> = entries
-                .into_iter()
-                .filter(|e| filters.iter().any(|f| f.matches(&e.flow)))
-                .collect();
+            let (examined, doomed) =
+                socket.dump_udp(family, |flow| filters.iter().any(|f| f.matches(flow)))?;
+            done.examined += examined;
             done.deleted += socket.delete(family, &doomed)?;
         }
         Ok(done)
@@ -224,11 +221,8 @@ impl Conntrack {
     /// The UDP entries of one family (for tests and diagnostics).
     pub fn udp_flows(&self, family: IpFamily) -> Result<Vec<UdpFlow>, ConntrackError> {
         let mut socket = netlink::Socket::open(self.netns.as_deref())?;
-        Ok(socket
-            .dump_udp(family)?
-            .into_iter()
-            .map(|e| e.flow)
-            .collect())
+        let (_, entries) = socket.dump_udp(family, |_| true)?;
+        Ok(entries.into_iter().map(|e| e.flow).collect())
     }
 }
 

@@ -162,9 +162,15 @@ impl Socket {
         }
     }
 
-    /// The UDP entries of one family.
-    pub fn dump_udp(&mut self, family: IpFamily) -> Result<Vec<Entry>, ConntrackError> {
+    /// The UDP entries of one family that `keep` wants (matched as they arrive, so that a
+    /// large table is never held whole), and how many UDP entries there were.
+    pub fn dump_udp(
+        &mut self,
+        family: IpFamily,
+        keep: impl Fn(&UdpFlow) -> bool,
+    ) -> Result<(usize, Vec<Entry>), ConntrackError> {
         let seq = self.send(family, NLM_F_DUMP, ConntrackMessage::Get(vec![]))?;
+        let mut udp = 0;
         let mut entries = Vec::new();
         self.receive(seq, |payload| match payload {
             NetlinkPayload::Done(_) => Ok(true),
@@ -176,12 +182,17 @@ impl Socket {
                 inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
                 ..
             }) => {
-                entries.extend(entry(attributes));
+                if let Some(e) = entry(attributes) {
+                    udp += 1;
+                    if keep(&e.flow) {
+                        entries.push(e);
+                    }
+                }
                 Ok(false)
             }
             _ => Ok(false),
         })?;
-        Ok(entries)
+        Ok((udp, entries))
     }
 
     /// Deletes `entries`; returns how many the kernel deleted. One that is already gone
