@@ -469,6 +469,10 @@ async fn traffic_follows_endpoint_slice_changes() {
 /// A client that keeps its UDP socket follows the endpoint as soon as the agent reports the
 /// sync: the agent deletes the stale conntrack entry in the namespace its nft runs in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
 async fn a_kept_udp_socket_follows_the_endpoint() {
     use common::netns::{Pod, World, udp_ask, udp_socket};
     let Some(mut w) = World::new() else { return };
