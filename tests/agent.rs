@@ -516,10 +516,22 @@ async fn a_kept_udp_socket_follows_the_endpoint() {
     );
     // p1 keeps serving: only the rules and the conntrack entry decide who answers.
     api.apply(dns_slice(&pods[1]));
-    agent
-        .next_sync(5 * SECOND)
-        .await
-        .expect("the sync of the change");
+    // Syncs until one has put p2 in the kernel; the agent reports a sync only after its
+    // conntrack cleanup, so from here on no stale entry is left.
+    let p2 = pods[1].ip.to_string();
+    loop {
+        agent
+            .next_sync(5 * SECOND)
+            .await
+            .expect("the sync of the change");
+        let ruleset = std::process::Command::new("ip")
+            .args(["netns", "exec", &w.node, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&ruleset.stdout).contains(&p2) {
+            break;
+        }
+    }
     for _ in 0..3 {
         assert_eq!(
             tokio::task::spawn_blocking(ask.clone())
