@@ -32,7 +32,6 @@ use common::apiserver::FakeApiServer;
 use common::netns::{World, in_ns, sh};
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, Phases, SyncRecord};
-use svcproxy::conntrack::Conntrack;
 use svcproxy::iptables::{IptablesCommand, Variant};
 use svcproxy::nft::apply::NftCommand;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -262,7 +261,6 @@ async fn measure(n: usize, opts: &Options) {
         nft: NftCommand::in_netns(&w.node),
         iptables: (opts.mode == "iptables")
             .then(|| IptablesCommand::in_netns(&w.node, opts.variant)),
-        conntrack: Conntrack::in_netns(&w.node),
     };
     let start = Instant::now();
     let task = tokio::spawn(svcproxy::agent::run(config, stop_rx, Some(tx)));

@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use crate::conntrack::stale_udp;
+use crate::conntrack::{Conntrack, ConntrackError, stale_udp};
 use crate::iptables::{self, Iptables, IptablesError, Variant};
 use crate::model::{ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyError, NftCommand, Nftables};
@@ -171,6 +171,11 @@ impl Backend {
             Kind::IptablesIncremental(i) => i.plan(),
             _ => self.last.as_ref().map(|(_, p)| p),
         }
+    }
+
+    /// Where this backend's conntrack entries are: the namespace its programs run in.
+    pub fn conntrack(&self) -> Result<Conntrack, ConntrackError> {
+        Conntrack::for_command_prefix(&self.prefix)
     }
 
     /// `nftables`, `iptables-legacy` or `iptables-nft`, for logs.

@@ -6,41 +6,67 @@
 //! refused while the Service had no endpoint, keeps sending to the bare ClusterIP. After a sync,
 //! svcproxy deletes those entries so that the next datagram is NATed afresh.
 //!
-//! [`stale_udp`] works out what to delete from two plans (pure); [`Conntrack::flush`] deletes it
-//! with the `conntrack` tool (conntrack-tools). The tool, not a netlink crate: deleting by a
-//! filter (original destination, DNAT target) is one well-tested command there, whereas the
-//! netlink crates available offer no conntrack delete-by-filter and would mean hand-writing the
-//! nfnetlink messages; these deletes are rare (a UDP endpoint going away), so a process spawn
-//! per delete is cheap enough.
+//! Two halves, as in kube-proxy since 1.32 (which talks netlink, not the `conntrack` tool):
+//! - pure: [`stale_udp`] works out from two plans which flows a sync made stale, as filters
+//!   ([`StaleFlows`]), and [`StaleFlows::matches`] says whether one kernel entry ([`UdpFlow`])
+//!   is one of them;
+//! - I/O, thin ([`Conntrack::flush`], in `netlink.rs`): dump the conntrack table of each family
+//!   concerned over a netfilter netlink socket, keep the UDP entries some filter matches, and
+//!   delete those one by one. That is what `conntrack -D` with a filter does too (the kernel
+//!   has no delete-by-filter), minus a process per sync.
+//!
+//! Every filter names its address family. An entry without an address (a NodePort, which
+//! answers on any local address) is still of one family: a dual-stack Service has a NodePort
+//! destination in each family's plan, and the two are distinct filters, so that an IPv4 client
+//! of a NodePort is moved on as surely as an IPv6 one.
+//!
+//! Where: conntrack tables are per network namespace. The rules' commands say where the rules
+//! go (`ip netns exec NS nft`, in tests); [`Conntrack::for_command_prefix`] reads the same
+//! words, and the socket is then opened in that namespace, on a short-lived thread that enters
+//! it, so that the process's own threads never change namespace.
+
+mod netlink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
+use std::path::PathBuf;
 
-use crate::model::Protocol;
+use crate::model::{IpFamily, Protocol};
 use crate::plan::{Address, Plan, Route};
 
-/// One `conntrack -D` filter: UDP entries whose original destination is `dst`:`port` (any
-/// local address for a NodePort) and, when `dnat_to` is set, that were DNATed to it.
+/// UDP entries to delete: those of `family` whose original destination is `dst`:`port` (any
+/// address for a NodePort) and, when `dnat_to` is set, that were DNATed to it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleFlows {
+    pub family: IpFamily,
     pub dst: Option<IpAddr>,
     pub port: u16,
-    /// `None`: every entry to the destination (it had no endpoint, so none was NATed).
+    /// `None`: every entry to the destination (it had no endpoint, so none was NATed to one).
     pub dnat_to: Option<IpAddr>,
 }
 
+/// What deciding staleness needs of one UDP conntrack entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UdpFlow {
+    /// The destination the client sent to (a ClusterIP, a node address).
+    pub orig_dst: IpAddr,
+    pub orig_dst_port: u16,
+    /// Who answers: the endpoint, when the flow was DNATed.
+    pub reply_src: IpAddr,
+    /// Whether the kernel DNATed the flow (`IPS_DST_NAT`).
+    pub dnat: bool,
+}
+
 impl StaleFlows {
-    fn args(&self) -> Vec<String> {
-        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
-        if let Some(dst) = self.dst {
-            a.extend(["--orig-dst".into(), dst.to_string()]);
-        }
-        a.extend(["--orig-port-dst".into(), self.port.to_string()]);
-        if let Some(to) = self.dnat_to {
-            a.extend(["--dst-nat".into(), to.to_string()]);
-        }
-        a
+    /// Whether `flow` is one of these. The same test as `conntrack -D -p udp [--orig-dst DST]
+    /// --orig-port-dst PORT [--dst-nat TO]` (the `-f` family being ours).
+    pub fn matches(&self, flow: &UdpFlow) -> bool {
+        IpFamily::of(&flow.orig_dst) == self.family
+            && flow.orig_dst_port == self.port
+            && self.dst.is_none_or(|d| d == flow.orig_dst)
+            && self
+                .dnat_to
+                .is_none_or(|to| flow.dnat && flow.reply_src == to)
     }
 }
 
@@ -58,12 +84,14 @@ fn endpoints(route: &Route) -> BTreeSet<SocketAddr> {
     }
 }
 
-fn udp_routes(plan: &Plan) -> BTreeMap<(Address, u16), BTreeSet<SocketAddr>> {
+/// Each UDP destination of the plan, by family: a NodePort is `Address::NodePort` in both
+/// families, so the family must be part of the key.
+fn udp_routes(plan: &Plan) -> BTreeMap<(IpFamily, Address, u16), BTreeSet<SocketAddr>> {
     plan.families
         .iter()
-        .flat_map(|f| &f.destinations)
-        .filter(|d| d.protocol == Protocol::Udp)
-        .map(|d| ((d.address, d.port), endpoints(&d.route)))
+        .flat_map(|f| f.destinations.iter().map(move |d| (f.family, d)))
+        .filter(|(_, d)| d.protocol == Protocol::Udp)
+        .map(|(family, d)| ((family, d.address, d.port), endpoints(&d.route)))
         .collect()
 }
 
@@ -72,33 +100,30 @@ fn udp_routes(plan: &Plan) -> BTreeMap<(Address, u16), BTreeSet<SocketAddr>> {
 pub fn stale_udp(old: &Plan, new: &Plan) -> Vec<StaleFlows> {
     let before = udp_routes(old);
     let after = udp_routes(new);
+    let dst = |address: &Address| match address {
+        Address::Ip(ip) => Some(*ip),
+        Address::NodePort => None,
+    };
     let mut out = BTreeSet::new();
-    for ((address, port), old_eps) in &before {
-        let dst = match address {
-            Address::Ip(ip) => Some(*ip),
-            Address::NodePort => None,
-        };
-        let new_eps = after.get(&(*address, *port));
+    for (key @ (family, address, port), old_eps) in &before {
+        let new_eps = after.get(key);
         for ep in old_eps {
             if !new_eps.is_some_and(|n| n.contains(ep)) {
                 out.insert(StaleFlows {
-                    dst,
+                    family: *family,
+                    dst: dst(address),
                     port: *port,
                     dnat_to: Some(ep.ip()),
                 });
             }
         }
     }
-    for ((address, port), new_eps) in &after {
-        let had_none = before
-            .get(&(*address, *port))
-            .is_none_or(BTreeSet::is_empty);
+    for (key @ (family, address, port), new_eps) in &after {
+        let had_none = before.get(key).is_none_or(BTreeSet::is_empty);
         if had_none && !new_eps.is_empty() {
             out.insert(StaleFlows {
-                dst: match address {
-                    Address::Ip(ip) => Some(*ip),
-                    Address::NodePort => None,
-                },
+                family: *family,
+                dst: dst(address),
                 port: *port,
                 dnat_to: None,
             });
@@ -107,65 +132,97 @@ pub fn stale_udp(old: &Plan, new: &Plan) -> Vec<StaleFlows> {
     out.into_iter().collect()
 }
 
-/// Why deleting conntrack entries failed.
+/// Why listing or deleting conntrack entries failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    #[error("cannot run `{program}`: {source}")]
-    Spawn {
-        program: String,
+    #[error(
+        "cannot tell the network namespace from `{0}` (expected nothing or `ip netns exec NAME`)"
+    )]
+    Prefix(String),
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("`conntrack {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
+    #[error("netfilter netlink socket: {what}: {source}")]
+    Socket {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel refused {what}: {source}")]
+    Refused {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unexpected netlink answer: {0}")]
+    Protocol(String),
 }
 
-/// How to run the `conntrack` tool (tests prefix `ip netns exec NAME`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where conntrack entries are listed and deleted: this process's network namespace, or a
+/// named one (`/run/netns/NAME`, as `ip netns` makes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Conntrack {
-    pub program: Vec<String>,
+    netns: Option<PathBuf>,
 }
 
-impl Default for Conntrack {
-    fn default() -> Self {
-        Conntrack {
-            program: vec!["conntrack".into()],
-        }
-    }
+/// What one [`Conntrack::flush`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// UDP entries looked at (of the families concerned).
+    pub examined: usize,
+    /// Entries deleted (an entry that expired meanwhile is not counted, and not an error).
+    pub deleted: usize,
 }
 
 impl Conntrack {
+    /// The network namespace named `name` (`ip netns add NAME`).
     pub fn in_netns(name: &str) -> Self {
         Conntrack {
-            program: ["ip", "netns", "exec", name, "conntrack"]
-                .map(String::from)
-                .to_vec(),
+            netns: Some(PathBuf::from("/run/netns").join(name)),
         }
     }
 
-    /// Deletes the entries; returns how many filters ran. Finding no entry is not an error.
-    pub fn flush(&self, stale: &[StaleFlows]) -> Result<usize, ConntrackError> {
-        let (program, prefix) = self.program.split_first().expect("a program");
-        for s in stale {
-            let args = s.args();
-            let out = Command::new(program)
-                .args(prefix)
-                .args(&args)
-                .output()
-                .map_err(|source| ConntrackError::Spawn {
-                    program: self.program.join(" "),
-                    source,
-                })?;
-            // conntrack exits 1 when no entry matched ("0 flow entries have been deleted").
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() && !stderr.contains("0 flow entries") {
-                return Err(ConntrackError::Failed {
-                    args: args.join(" "),
-                    stderr: stderr.trim().to_string(),
-                });
+    /// Where a backend's programs run, from the words run before them: none for here,
+    /// `ip netns exec NAME` for that namespace.
+    pub fn for_command_prefix(prefix: &[String]) -> Result<Self, ConntrackError> {
+        match prefix {
+            [] => Ok(Conntrack::default()),
+            [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
+                Ok(Conntrack::in_netns(name))
             }
+            _ => Err(ConntrackError::Prefix(prefix.join(" "))),
         }
-        Ok(stale.len())
+    }
+
+    /// Deletes the UDP entries that any of `stale` matches. One dump of the table per family
+    /// concerned, then one delete per matching entry.
+    pub fn flush(&self, stale: &[StaleFlows]) -> Result<Flushed, ConntrackError> {
+        let mut done = Flushed::default();
+        if stale.is_empty() {
+            return Ok(done);
+        }
+        let mut socket = netlink::Socket::open(self.netns.as_deref())?;
+        for family in IpFamily::ALL {
+            let filters: Vec<&StaleFlows> = stale.iter().filter(|s| s.family == family).collect();
+            if filters.is_empty() {
+                continue;
+            }
+            let (examined, doomed) =
+                socket.dump_udp(family, |flow| filters.iter().any(|f| f.matches(flow)))?;
+            done.examined += examined;
+            done.deleted += socket.delete(family, &doomed)?;
+        }
+        Ok(done)
+    }
+
+    /// The UDP entries of one family (for tests and diagnostics).
+    pub fn udp_flows(&self, family: IpFamily) -> Result<Vec<UdpFlow>, ConntrackError> {
+        let mut socket = netlink::Socket::open(self.netns.as_deref())?;
+        let (_, entries) = socket.dump_udp(family, |_| true)?;
+        Ok(entries.into_iter().map(|e| e.flow).collect())
     }
 }
 
@@ -175,20 +232,45 @@ mod tests {
     use crate::model::{ObjectRef, ProxyConfig};
     use crate::plan::{Backends, Destination, DestinationKind, FamilyPlan, Scope};
 
-    fn plan_with(route: Route) -> Plan {
-        let mut p = crate::plan::plan(&Default::default(), &ProxyConfig::default());
-        let fam: &mut FamilyPlan = &mut p.families[0];
-        fam.destinations.push(Destination {
-            address: Address::Ip("10.96.0.10".parse().unwrap()),
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn destination(address: Address, port: u16, route: Route) -> Destination {
+        Destination {
+            address,
             protocol: Protocol::Udp,
-            port: 53,
-            kind: DestinationKind::ClusterIp,
+            port,
+            kind: match address {
+                Address::Ip(_) => DestinationKind::ClusterIp,
+                Address::NodePort => DestinationKind::NodePort,
+            },
             service: ObjectRef::new("kube-system", "kube-dns"),
             port_name: "dns".into(),
             route,
             allowed_sources: vec![],
-        });
+        }
+    }
+
+    /// A plan with these destinations in the IPv4 family and those in the IPv6 one.
+    fn plan(v4: Vec<Destination>, v6: Vec<Destination>) -> Plan {
+        let mut p = crate::plan::plan(&Default::default(), &ProxyConfig::default());
+        for (fam, dests) in [(IpFamily::V4, v4), (IpFamily::V6, v6)] {
+            let f: &mut FamilyPlan = p
+                .families
+                .iter_mut()
+                .find(|f| f.family == fam)
+                .expect("both families");
+            f.destinations = dests;
+        }
         p
+    }
+
+    fn plan_with(route: Route) -> Plan {
+        plan(
+            vec![destination(Address::Ip(ip("10.96.0.10")), 53, route)],
+            vec![],
+        )
     }
 
     fn internal(eps: &[&str]) -> Route {
@@ -206,37 +288,162 @@ mod tests {
         assert_eq!(
             stale_udp(&old, &new),
             vec![StaleFlows {
-                dst: Some("10.96.0.10".parse().unwrap()),
+                family: IpFamily::V4,
+                dst: Some(ip("10.96.0.10")),
                 port: 53,
-                dnat_to: Some("10.1.0.1".parse().unwrap()),
+                dnat_to: Some(ip("10.1.0.1")),
             }]
         );
         let rejected = plan_with(Route::Reject);
         assert_eq!(
             stale_udp(&rejected, &new),
             vec![StaleFlows {
-                dst: Some("10.96.0.10".parse().unwrap()),
+                family: IpFamily::V4,
+                dst: Some(ip("10.96.0.10")),
                 port: 53,
                 dnat_to: None,
             }]
         );
         assert!(stale_udp(&new, &new).is_empty());
+    }
+
+    /// A dual-stack NodePort Service: both families' NodePort flows go stale, each as its own
+    /// filter (the IPv6 one used to replace the IPv4 one, leaving IPv4 clients pinned to a
+    /// deleted pod).
+    #[test]
+    fn dual_stack_nodeport_flows_of_both_families() {
+        let both = |v4: &[&str], v6: &[&str]| {
+            plan(
+                vec![destination(Address::NodePort, 30053, internal(v4))],
+                vec![destination(Address::NodePort, 30053, internal(v6))],
+            )
+        };
+        let old = both(&["10.1.0.1:53"], &["[fd01::1]:53"]);
+        let new = both(&["10.1.0.2:53"], &["[fd01::2]:53"]);
         assert_eq!(
-            StaleFlows {
+            stale_udp(&old, &new),
+            vec![
+                StaleFlows {
+                    family: IpFamily::V4,
+                    dst: None,
+                    port: 30053,
+                    dnat_to: Some(ip("10.1.0.1")),
+                },
+                StaleFlows {
+                    family: IpFamily::V6,
+                    dst: None,
+                    port: 30053,
+                    dnat_to: Some(ip("fd01::1")),
+                },
+            ]
+        );
+        // First endpoints in both families: every NodePort flow of each family goes.
+        let none = both(&[], &[]);
+        assert_eq!(
+            stale_udp(&none, &new),
+            [IpFamily::V4, IpFamily::V6].map(|family| StaleFlows {
+                family,
                 dst: None,
                 port: 30053,
-                dnat_to: Some("10.1.0.1".parse().unwrap())
-            }
-            .args(),
-            [
-                "-D",
-                "-p",
-                "udp",
-                "--orig-port-dst",
-                "30053",
-                "--dst-nat",
-                "10.1.0.1"
-            ]
+                dnat_to: None,
+            })
+        );
+        // IPv6 gains its first endpoint while IPv4 keeps its own: IPv4 flows are left alone.
+        let v6_empty = both(&["10.1.0.2:53"], &[]);
+        assert_eq!(
+            stale_udp(&v6_empty, &new),
+            vec![StaleFlows {
+                family: IpFamily::V6,
+                dst: None,
+                port: 30053,
+                dnat_to: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_filter_matches_as_conntrack_delete_does() {
+        let flow = |dst: &str, port: u16, reply: &str, dnat: bool| UdpFlow {
+            orig_dst: ip(dst),
+            orig_dst_port: port,
+            reply_src: ip(reply),
+            dnat,
+        };
+        let to_gone = StaleFlows {
+            family: IpFamily::V4,
+            dst: Some(ip("10.96.0.10")),
+            port: 53,
+            dnat_to: Some(ip("10.1.0.1")),
+        };
+        assert!(to_gone.matches(&flow("10.96.0.10", 53, "10.1.0.1", true)));
+        assert!(!to_gone.matches(&flow("10.96.0.10", 53, "10.1.0.2", true)));
+        assert!(!to_gone.matches(&flow("10.96.0.11", 53, "10.1.0.1", true)));
+        assert!(!to_gone.matches(&flow("10.96.0.10", 54, "10.1.0.1", true)));
+        assert!(!to_gone.matches(&flow("10.96.0.10", 53, "10.1.0.1", false)));
+        let first = StaleFlows {
+            dnat_to: None,
+            ..to_gone.clone()
+        };
+        assert!(first.matches(&flow("10.96.0.10", 53, "10.96.0.10", false)));
+        assert!(first.matches(&flow("10.96.0.10", 53, "10.1.0.7", true)));
+        // A NodePort: any destination address of the family, never the other family.
+        let nodeport = StaleFlows {
+            family: IpFamily::V4,
+            dst: None,
+            port: 30053,
+            dnat_to: Some(ip("10.1.0.1")),
+        };
+        assert!(nodeport.matches(&flow("203.0.113.1", 30053, "10.1.0.1", true)));
+        assert!(nodeport.matches(&flow("192.168.1.1", 30053, "10.1.0.1", true)));
+        assert!(!nodeport.matches(&flow("fd00::1", 30053, "10.1.0.1", true)));
+        let nodeport6 = StaleFlows {
+            family: IpFamily::V6,
+            dst: None,
+            port: 30053,
+            dnat_to: None,
+        };
+        assert!(nodeport6.matches(&flow("fd00::1", 30053, "fd00::1", false)));
+        assert!(!nodeport6.matches(&flow("203.0.113.1", 30053, "203.0.113.1", false)));
+    }
+
+    #[test]
+    fn the_namespace_comes_from_the_command_prefix() {
+        let words = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+        assert_eq!(
+            Conntrack::for_command_prefix(&[]).unwrap(),
+            Conntrack::default()
+        );
+        assert_eq!(
+            Conntrack::for_command_prefix(&words("ip netns exec svcp-1")).unwrap(),
+            Conntrack::in_netns("svcp-1")
+        );
+        assert_eq!(
+            Conntrack::in_netns("svcp-1").netns.unwrap(),
+            PathBuf::from("/run/netns/svcp-1")
+        );
+        assert!(matches!(
+            Conntrack::for_command_prefix(&words("sudo")),
+            Err(ConntrackError::Prefix(p)) if p == "sudo"
+        ));
+    }
+
+    #[test]
+    fn nothing_stale_opens_no_socket() {
+        // A namespace that does not exist: only opening a socket there could fail.
+        let ct = Conntrack::in_netns("svcproxy-test-no-such-namespace");
+        assert_eq!(ct.flush(&[]).unwrap(), Flushed::default());
+        // With something to delete it does, and says where.
+        let stale = StaleFlows {
+            family: IpFamily::V4,
+            dst: None,
+            port: 30053,
+            dnat_to: None,
+        };
+        let e = ct.flush(&[stale]).unwrap_err();
+        assert!(matches!(e, ConntrackError::Netns { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("svcproxy-test-no-such-namespace"),
+            "{e}"
         );
     }
 }

@@ -12,7 +12,6 @@ use common::apiserver::FakeApiServer;
 use common::netns::Netns;
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, SyncRecord};
-use svcproxy::conntrack::Conntrack;
 use svcproxy::nft::apply::{NftCommand, SyncKind};
 use tokio::sync::{mpsc, watch};
 
@@ -57,8 +56,8 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft and
-/// conntrack in network namespace `netns`.
+/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft (and
+/// so its conntrack cleanup) in network namespace `netns`.
 fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
     AgentConfig {
         kube: api.kube_config(),
@@ -72,7 +71,6 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         health_check_address: "127.0.0.1".parse().unwrap(),
         nft: NftCommand::in_netns(netns),
         iptables: None,
-        conntrack: Conntrack::in_netns(netns),
     }
 }
 
@@ -811,6 +809,84 @@ async fn traffic_follows_endpoint_slice_changes() {
                 .unwrap()
                 .unwrap(),
             "p3"
+        );
+    }
+    agent.stop().await;
+}
+
+/// A client that keeps its UDP socket follows the endpoint as soon as the agent reports the
+/// sync: the agent deletes the stale conntrack entry in the namespace its nft runs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
+)]
+async fn a_kept_udp_socket_follows_the_endpoint() {
+    use common::netns::{Pod, World, udp_ask, udp_socket};
+    let Some(mut w) = World::new() else { return };
+    let pods: Vec<Pod> = (1..=2).map(|i| w.pod(&format!("p{i}"), false)).collect();
+    let client = w.pod("client", false);
+    for p in &pods {
+        w.serve(p, 5353);
+    }
+    let dns_slice = |pod: &Pod| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "dns-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [pod.ip.to_string()], "conditions": {"ready": true}, "nodeName": "node-a"}]
+        })
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(node());
+    api.apply(service(
+        "dns",
+        "10.96.0.53",
+        json!({"ports": [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]}),
+    ));
+    api.apply(dns_slice(&pods[0]));
+    let mut agent = Agent::spawn(config(&api, &w.node));
+    agent.next_sync(5 * SECOND).await.expect("the first sync");
+
+    let to: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    let sock = std::sync::Arc::new(udp_socket(&client.ns));
+    let ask = {
+        let sock = sock.clone();
+        move || udp_ask(&sock, to).map(|r| r.pod)
+    };
+    assert_eq!(
+        tokio::task::spawn_blocking(ask.clone())
+            .await
+            .unwrap()
+            .unwrap(),
+        "p1"
+    );
+    // p1 keeps serving: only the rules and the conntrack entry decide who answers.
+    api.apply(dns_slice(&pods[1]));
+    // Syncs until one has put p2 in the kernel; the agent reports a sync only after its
+    // conntrack cleanup, so from here on no stale entry is left.
+    let p2 = pods[1].ip.to_string();
+    loop {
+        agent
+            .next_sync(5 * SECOND)
+            .await
+            .expect("the sync of the change");
+        let ruleset = std::process::Command::new("ip")
+            .args(["netns", "exec", &w.node, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&ruleset.stdout).contains(&p2) {
+            break;
+        }
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            tokio::task::spawn_blocking(ask.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+            "p2"
         );
     }
     agent.stop().await;

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::netns::*;
 use svcproxy::backend::{Backend, Desired};
-use svcproxy::conntrack::{Conntrack, stale_udp};
+use svcproxy::conntrack::{UdpFlow, stale_udp};
 use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::model::IpFamily;
 use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
 use svcproxy::plan::Plan;
@@ -171,7 +172,10 @@ impl Proxy {
             .apply(desired)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         if let Some(old) = &self.plan {
-            Conntrack::in_netns(&self.w.node)
+            // Where the backend's programs run, as the agent does.
+            self.backend
+                .conntrack()
+                .unwrap()
                 .flush(&stale_udp(old, &plan))
                 .unwrap();
         }
@@ -762,36 +766,121 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
     assert_eq!(tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod, "a1");
 }
 
+/// A UDP socket bound to `[::]` in namespace `ns` (it stays there), as [`udp_socket`] for IPv4.
+fn udp_socket6(ns: &str) -> std::net::UdpSocket {
+    in_ns(ns, || {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    })
+}
+
+/// Clients that keep their UDP socket, as resolvers do, follow the Service's endpoint at once:
+/// when it gains its first one and when it is replaced. On both families of a dual-stack
+/// Service, through its ClusterIPs (from a pod) and its NodePort (from outside the cluster);
+/// an unrelated UDP flow keeps its conntrack entry.
 fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
-    let (a1, a2, c) = (
+    let (a1, a2, k, c) = (
         p.w.pod("a1", false),
         p.w.pod("a2", false),
+        p.w.pod("k", false),
         p.w.pod("c", false),
     );
-    p.w.serve(&a1, 5353);
-    p.w.serve(&a2, 5353);
+    for pod in [&a1, &a2, &k] {
+        p.w.serve(pod, 5353);
+    }
+    let endpoints = |pod: Option<&Pod>, v6: bool| -> String {
+        pod.map(|p| {
+            let ip = if v6 { p.ip6 } else { p.ip };
+            format!(
+                "{{addresses: ['{ip}'], nodeName: {}, conditions: {READY}}}",
+                p.node
+            )
+        })
+        .unwrap_or_default()
+    };
     let dns = |pod: Option<&Pod>| {
-        let eps: Vec<(&Pod, &str)> = pod.into_iter().map(|p| (p, READY)).collect();
         svc(
             "dns",
-            "{clusterIP: 10.96.0.110, ports: [{port: 53, protocol: UDP, targetPort: 5353}]}",
-        ) + &slice("dns-1", "dns", "[{port: 5353, protocol: UDP}]", &eps)
+            "{type: NodePort, clusterIP: 10.96.0.110, clusterIPs: [10.96.0.110, 'fd00:96::110'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 53, protocol: UDP, targetPort: 5353, nodePort: 30110}]}",
+        ) + &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-v4, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{port: 5353, protocol: UDP}}]\nendpoints: [{}]\n",
+            endpoints(pod, false)
+        ) + &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-v6, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv6\nports: [{{port: 5353, protocol: UDP}}]\nendpoints: [{}]\n",
+            endpoints(pod, true)
+        ) + &svc(
+            "keep",
+            "{clusterIP: 10.96.0.111, ports: [{port: 53, protocol: UDP, targetPort: 5353}]}",
+        ) + &slice(
+            "keep-1",
+            "keep",
+            "[{port: 5353, protocol: UDP}]",
+            &[(&k, READY)],
+        )
     };
-    // A client that keeps its socket, as resolvers do.
+    // Each client keeps one socket throughout: (socket, destination, what it is).
+    let node_port = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 30110);
+    let clients = [
+        (udp_socket(&c.ns), sa("10.96.0.110:53"), "IPv4 ClusterIP"),
+        (
+            udp_socket6(&c.ns),
+            sa("[fd00:96::110]:53"),
+            "IPv6 ClusterIP",
+        ),
+        (udp_socket(&p.w.client), node_port(NODE_IP), "IPv4 NodePort"),
+        (
+            udp_socket6(&p.w.client),
+            node_port(NODE_IP6),
+            "IPv6 NodePort",
+        ),
+    ];
+    let keeper = udp_socket(&c.ns);
+    let answers = |clients: &[(std::net::UdpSocket, SocketAddr, &str)]| -> Vec<String> {
+        clients
+            .iter()
+            .map(|(sock, to, what)| match udp_ask(sock, *to) {
+                Ok(r) => format!("{what}: {}", r.pod),
+                Err(_) => format!("{what}: no answer"),
+            })
+            .collect()
+    };
+    let expect = |pod: &str| -> Vec<String> {
+        clients
+            .iter()
+            .map(|(_, _, what)| format!("{what}: {pod}"))
+            .collect()
+    };
     p.apply(&dns(None));
-    let sock = udp_socket(&c.ns);
-    assert!(
-        udp_ask(&sock, sa("10.96.0.110:53")).is_err(),
-        "no endpoint yet"
-    );
-    // The Service gains its first endpoint: the same socket reaches it at once.
+    assert_eq!(answers(&clients), expect("no answer"), "no endpoint yet");
+    assert_eq!(udp_ask(&keeper, sa("10.96.0.111:53")).unwrap().pod, "k");
+    // The Service gains its first endpoint: the same sockets reach it at once.
     p.apply(&dns(Some(&a1)));
-    assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a1");
-    // The endpoint is replaced (a1 keeps running: only the rules decide).
+    assert_eq!(answers(&clients), expect("a1"));
+    // The endpoint is replaced (a1 keeps running: only the rules and conntrack decide).
     let r = p.apply(&dns(Some(&a2)));
     assert_eq!(r.kind, SyncKind::Partial);
+    // The flows to a1 are gone from conntrack; the unrelated one to `keep` is not.
+    let conntrack = p.backend.conntrack().unwrap();
+    let flows: Vec<UdpFlow> = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|f| conntrack.udp_flows(f).unwrap())
+        .collect();
+    assert!(
+        !flows
+            .iter()
+            .any(|f| f.reply_src == a1.ip || f.reply_src == a1.ip6),
+        "{flows:?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.orig_dst == sa("10.96.0.111:53").ip() && f.reply_src == k.ip && f.dnat),
+        "{flows:?}"
+    );
     for _ in 0..3 {
-        assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a2");
+        assert_eq!(answers(&clients), expect("a2"));
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch as signal};
 
 use crate::backend::Backend;
-use crate::conntrack::{Conntrack, StaleFlows};
+use crate::conntrack::{Conntrack, ConntrackError, StaleFlows};
 use crate::convert::{self, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyReport, NftCommand, SyncKind};
@@ -54,7 +54,6 @@ pub struct AgentConfig {
     pub nft: NftCommand,
     /// The iptables mode's programs (`None`: the nftables mode).
     pub iptables: Option<crate::iptables::IptablesCommand>,
-    pub conntrack: Conntrack,
 }
 
 /// Why the agent could not start.
@@ -300,8 +299,16 @@ impl Syncer {
                     };
                     let (snapshot, plan) =
                         (nft.snapshot().expect("synced"), nft.plan().expect("synced"));
-                    self.after_sync(snapshot, plan, outcome.stale_udp, &report, timing)
-                        .await;
+                    let conntrack = nft.conntrack();
+                    self.after_sync(
+                        snapshot,
+                        plan,
+                        outcome.stale_udp,
+                        conntrack,
+                        &report,
+                        timing,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -335,6 +342,7 @@ impl Syncer {
         snapshot: &Snapshot,
         plan: &Plan,
         stale: Vec<StaleFlows>,
+        conntrack: Result<Conntrack, ConntrackError>,
         report: &ApplyReport,
         timing: Timing,
     ) {
@@ -349,13 +357,22 @@ impl Syncer {
         }
         self.conflicts = conflicts;
         if !stale.is_empty() {
-            let conntrack = self.config.conntrack.clone();
-            let result = tokio::task::spawn_blocking(move || conntrack.flush(&stale))
-                .await
-                .expect("conntrack task");
-            if let Err(e) = result {
-                self.metrics.conntrack_failures.inc();
-                tracing::warn!("deleting stale UDP conntrack entries: {e}");
+            let result = match conntrack {
+                Ok(ct) => tokio::task::spawn_blocking(move || ct.flush(&stale))
+                    .await
+                    .expect("conntrack task"),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(f) => tracing::debug!(
+                    examined = f.examined,
+                    deleted = f.deleted,
+                    "deleted stale UDP conntrack entries"
+                ),
+                Err(e) => {
+                    self.metrics.conntrack_failures.inc();
+                    tracing::warn!("deleting stale UDP conntrack entries: {e}");
+                }
             }
         }
         let elapsed = start.elapsed();
