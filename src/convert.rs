@@ -435,9 +435,12 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
         _ => None,
     };
 
-    for w in topology_warnings(svc) {
-        tracing::warn!("Service {object}: {w}");
-    }
+    // Logged once and counted (svcproxy_skipped_fields) with the other skipped fields.
+    skipped.extend(
+        topology_warnings(svc)
+            .into_iter()
+            .map(|(field, reason)| cx.err(field, reason)),
+    );
 
     let (load_balancer_source_ranges, bad_ranges) = source_ranges(svc, &cx);
     skipped.extend(bad_ranges);
@@ -462,7 +465,8 @@ pub fn service(svc: &core::Service) -> ConvertResult<Service> {
 /// reads neither `spec.trafficDistribution` nor the topology annotations: the EndpointSlice
 /// controller turns them into hints, and the hints decide (see `plan`). A value the controller
 /// does not know publishes no hints, so every endpoint is used: that is worth a warning.
-pub fn topology_warnings(svc: &core::Service) -> Vec<String> {
+/// Each is `(field, reason)`.
+pub fn topology_warnings(svc: &core::Service) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Some(td) = svc
         .spec
@@ -470,9 +474,13 @@ pub fn topology_warnings(svc: &core::Service) -> Vec<String> {
         .and_then(|s| s.traffic_distribution.as_deref())
         && !matches!(td, "" | "PreferClose" | "PreferSameZone" | "PreferSameNode")
     {
-        out.push(format!(
-            "spec.trafficDistribution: {td:?} is not known to svcproxy (PreferClose, \
-             PreferSameZone, PreferSameNode); the EndpointSlice hints are followed as published"
+        out.push((
+            "spec.trafficDistribution".into(),
+            format!(
+                "{td:?} is not known to svcproxy (PreferClose, \
+                 PreferSameZone, PreferSameNode); the EndpointSlice hints are followed as \
+                 published"
+            ),
         ));
     }
     let annotations = svc.metadata.annotations.as_ref();
@@ -485,9 +493,12 @@ pub fn topology_warnings(svc: &core::Service) -> Vec<String> {
             "" | "Auto" | "auto" | "Disabled" | "disabled"
         )
     {
-        out.push(format!(
-            "metadata.annotations[{key}]: {value:?} is neither Auto nor Disabled: the \
-             EndpointSlice controller publishes no hints for it, and every endpoint is used"
+        out.push((
+            format!("metadata.annotations[{key}]"),
+            format!(
+                "{value:?} is neither Auto nor Disabled: the EndpointSlice controller \
+                 publishes no hints for it, and every endpoint is used"
+            ),
         ));
     }
     out
@@ -1189,10 +1200,8 @@ mod tests {
         odd["trafficDistribution"] = json!("PreferNearby");
         let w = warnings(json!({"metadata": {"name": "a"}, "spec": odd}));
         assert_eq!(w.len(), 1);
-        assert!(
-            w[0].starts_with("spec.trafficDistribution: \"PreferNearby\""),
-            "{w:?}"
-        );
+        assert_eq!(w[0].0, "spec.trafficDistribution");
+        assert!(w[0].1.starts_with("\"PreferNearby\""), "{w:?}");
         for (key, value, n) in [
             (TOPOLOGY_MODE_ANNOTATION, "Auto", 0),
             (TOPOLOGY_MODE_ANNOTATION, "Disabled", 0),
