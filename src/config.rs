@@ -371,9 +371,9 @@ pub fn detect_local(
 
 /// Parses a Go duration (`1h0m0s`, `500ms`); negative durations are refused.
 pub fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    text.parse::<crate::cli::GoDuration>()
+    text.parse::<crate::duration::GoDuration>()
         .map(|d| d.0)
-        .map_err(|reason| invalid(field, text, reason))
+        .map_err(|reason| invalid(field, text, reason.to_string()))
 }
 
 /// A duration field of the file: `None` when unset, null or zero, which kube-proxy's defaulting
@@ -395,7 +395,7 @@ fn is_zero(v: &Value) -> bool {
         Value::Number(n) => n.as_f64() == Some(0.0),
         Value::String(t) => {
             t.is_empty()
-                || t.parse::<crate::cli::GoDuration>()
+                || t.parse::<crate::duration::GoDuration>()
                     .is_ok_and(|d| d.0.is_zero())
         }
         Value::Array(items) => items.iter().all(is_zero),
@@ -1151,7 +1151,7 @@ featureGates: {NFTablesProxyMode: true, MadeUpGate: false}
             &FlagOverrides::default(),
         )
         .unwrap();
-        assert_eq!(s.sync_period, crate::cli::MAX_DURATION);
+        assert_eq!(s.sync_period, crate::duration::MAX_DURATION);
         assert!(effective_yaml(&s).contains("syncPeriod: 2562047h47m16.854775807s"));
     }
 

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod convert;
+pub mod duration;
 pub mod incremental;
 pub mod iptables;
 pub mod manifests;

@@ -522,7 +522,7 @@ impl Syncer {
 /// but no configured value may make the agent panic.
 fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
-        .or_else(|| t.checked_add(crate::cli::MAX_DURATION))
+        .or_else(|| t.checked_add(crate::duration::MAX_DURATION))
         .unwrap_or(t)
 }
 
