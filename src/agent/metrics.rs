@@ -18,8 +18,8 @@ use prometheus_client::registry::Registry;
 
 use super::watch::Changes;
 use crate::model::IpFamily;
-use crate::nft::apply::SyncKind;
 use crate::plan::{DestinationKind, Plan, Route};
+use crate::report::SyncKind;
 
 /// Label sets, as `(name, value)` pairs.
 pub type Labels = Vec<(String, String)>;
