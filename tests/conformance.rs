@@ -533,7 +533,8 @@ fn cluster_ip_general(mut p: Proxy) {
 // node and clients share 203.0.113.0/24, so the node's subnet becomes the node's own address,
 // 203.0.113.1/32 (the point of that range: the node's IP is inside the ranges).
 fn load_balancer(mut p: Proxy) {
-    let pods = serving(&mut p, &[("a1", false)], &[80]);
+    // kube-proxy's endpoint 10.180.0.1 has no nodeName: a pod on the remote node.
+    let pods = serving(&mut p, &[("b1", true)], &[80]);
     let c = p.w.pod("c", false);
     sh(&[
         "ip",
