@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,96 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-use svcproxy::backend::{Backend, Desired};
-use svcproxy::conntrack::{UdpFlow, stale_udp};
-use svcproxy::iptables::{IptablesCommand, Variant};
+use common::proxy::*;
+use svcproxy::backend::Desired;
+use svcproxy::conntrack::UdpFlow;
+use svcproxy::iptables::Variant;
 use svcproxy::model::IpFamily;
-use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
+use svcproxy::nft::apply::{NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
-use svcproxy::plan::Plan;
-
-const FLAGS: &[&str] = &["--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16"];
-const T: Duration = Duration::from_secs(2);
-
-/// Which backend a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Nftables,
-    Iptables(Variant),
-}
-
-impl Mode {
-    /// The iptables programs in the node namespace, for the iptables modes.
-    fn iptables(self, ns: &str) -> Option<IptablesCommand> {
-        match self {
-            Mode::Nftables => None,
-            Mode::Iptables(v) => Some(IptablesCommand::in_netns(ns, v)),
-        }
-    }
-
-    /// `svcproxy apply`'s flags for this mode.
-    fn flags(self) -> Vec<&'static str> {
-        match self {
-            Mode::Nftables => vec!["--proxy-mode", "nftables"],
-            Mode::Iptables(Variant::Legacy) => {
-                vec!["--proxy-mode", "iptables", "--iptables-variant", "legacy"]
-            }
-            Mode::Iptables(Variant::Nft) => {
-                vec!["--proxy-mode", "iptables", "--iptables-variant", "nft"]
-            }
-        }
-    }
-}
-
-/// Whether this mode's tools are installed (nft is checked by `World::new`).
-fn have_tools(mode: Mode) -> bool {
-    match mode {
-        Mode::Nftables => true,
-        Mode::Iptables(v) => ["iptables", "ip6tables"].iter().all(|f| {
-            std::process::Command::new(format!("{f}-{v}-restore"))
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        }),
-    }
-}
-
-/// Runs a scenario once per backend: `mod NAME { nftables, iptables_legacy, iptables_nft }`.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-
-            #[test]
-            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
-            fn nftables() {
-                run(Mode::Nftables, super::$name);
-            }
-
-            #[test]
-            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
-            fn iptables_legacy() {
-                run(Mode::Iptables(Variant::Legacy), super::$name);
-            }
-
-            #[test]
-            #[cfg_attr(not(root_tests), ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)")]
-            fn iptables_nft() {
-                run(Mode::Iptables(Variant::Nft), super::$name);
-            }
-        }
-    )*};
-}
-
-/// Builds the world for `mode` and runs the scenario.
-fn run(mode: Mode, scenario: fn(Proxy)) {
-    if !have_tools(mode) {
-        common::cannot_run(&format!("{mode:?} needs its iptables programs"));
-    }
-    if let Some(p) = Proxy::new(mode) {
-        scenario(p);
-    }
-}
 
 on_every_backend!(
     clusterip_spreads_over_ready_endpoints_only,
@@ -129,131 +46,6 @@ on_every_backend!(
     unallocated_cluster_ips_are_dropped,
     invalid_conntrack_state_in_forward,
 );
-
-/// A world plus svcproxy's backend in its node namespace.
-struct Proxy {
-    w: World,
-    mode: Mode,
-    backend: Backend,
-    plan: Option<Plan>,
-}
-
-impl Proxy {
-    fn new(mode: Mode) -> Option<Proxy> {
-        let w = World::new()?;
-        let backend = Backend::new(NftCommand::in_netns(&w.node), mode.iptables(&w.node));
-        Some(Proxy {
-            w,
-            mode,
-            backend,
-            plan: None,
-        })
-    }
-
-    /// The backend's form of the manifests.
-    fn desired(&self, yaml: &str) -> (Plan, Desired) {
-        let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
-        let desired = self.backend.desired(&plan, ruleset);
-        (plan, desired)
-    }
-
-    /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
-    fn apply(&mut self, yaml: &str) -> ApplyReport {
-        self.apply_with(yaml, &[])
-    }
-
-    /// [`Proxy::apply`], with more `dump` flags after the usual ones.
-    fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
-        let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
-        let (plan, ruleset) = common::compile_yaml(yaml, &flags);
-        let desired = self.backend.desired(&plan, ruleset);
-        let report = self
-            .backend
-            .apply(desired)
-            .unwrap_or_else(|e| panic!("apply failed: {e}"));
-        if let Some(old) = &self.plan {
-            // Where the backend's programs run, as the agent does.
-            self.backend
-                .conntrack()
-                .unwrap()
-                .flush(&stale_udp(old, &plan))
-                .unwrap();
-        }
-        self.plan = Some(plan);
-        report
-    }
-
-    /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
-    fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
-        let (mut plan, ruleset) = common::compile_yaml(yaml, FLAGS);
-        plan.drop_invalid = !tcp_be_liberal;
-        let desired = self.backend.desired(&plan, ruleset);
-        let report = self
-            .backend
-            .apply(desired)
-            .unwrap_or_else(|e| panic!("apply failed: {e}"));
-        self.plan = Some(plan);
-        report
-    }
-
-    /// Runs a program in the node namespace; its stdout.
-    fn node_sh(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.w.node])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-fn svc(name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
-    )
-}
-
-/// An EndpointSlice; endpoints as (pod, conditions) with conditions in YAML flow form.
-fn slice(name: &str, service: &str, ports: &str, eps: &[(&Pod, &str)]) -> String {
-    let eps: Vec<String> = eps
-        .iter()
-        .map(|(p, cond)| {
-            format!(
-                "{{addresses: [{}], nodeName: {}, conditions: {cond}}}",
-                p.ip, p.node
-            )
-        })
-        .collect();
-    format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: [{}]\n",
-        eps.join(", ")
-    )
-}
-
-const READY: &str = "{ready: true}";
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-/// Who answered `n` TCP requests from `ns` to `to`.
-fn who_answers(ns: &str, to: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for _ in 0..n {
-        let r = tcp(ns, to, T).unwrap_or_else(|e| panic!("request to {to} from {ns}: {e}"));
-        *seen.entry(r.pod).or_default() += 1;
-    }
-    seen
-}
-
-fn names(m: &BTreeMap<String, usize>) -> BTreeSet<&str> {
-    m.keys().map(String::as_str).collect()
-}
 
 fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
     let (a1, a2, a3, b1, c) = (
@@ -1349,18 +1141,6 @@ fn detect_local_modes_decide_which_sources_are_pods(mut p: Proxy) {
             ),
             "{flags:?}: eTP Local without a local endpoint drops outside clients: {e:?}"
         );
-    }
-}
-
-/// Whether a TCP connection attempt from `ns` to `to` is dropped (times out) rather than
-/// answered or refused.
-fn dropped(ns: &str, to: SocketAddr) -> bool {
-    match tcp(ns, to, Duration::from_millis(700)) {
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-        ),
     }
 }
 

@@ -91,3 +91,4 @@ pub fn can_unshare_net() -> bool {
 }
 pub mod apiserver;
 pub mod netns;
+pub mod proxy;
