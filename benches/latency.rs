@@ -261,6 +261,7 @@ async fn measure(n: usize, opts: &Options) {
         nft: NftCommand::in_netns(&w.node),
         iptables: (opts.mode == "iptables")
             .then(|| IptablesCommand::in_netns(&w.node, opts.variant)),
+        config_warnings: 0,
     };
     let start = Instant::now();
     let task = tokio::spawn(svcproxy::agent::run(config, stop_rx, Some(tx)));

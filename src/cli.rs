@@ -505,6 +505,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
             health_check_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
             nft: Default::default(),
             iptables,
+            config_warnings: settings.warnings.len(),
         };
         tracing::info!(node = %config.node_name, mode = settings.mode.as_str(), "starting");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

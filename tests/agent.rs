@@ -71,6 +71,7 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         health_check_address: "127.0.0.1".parse().unwrap(),
         nft: NftCommand::in_netns(netns),
         iptables: None,
+        config_warnings: 0,
     }
 }
 
@@ -558,6 +559,7 @@ async fn health_metrics_and_health_check_node_ports() {
         r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#,
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "svcproxy_config_warnings 0\n",
         r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 0"#,
         r#"kubeproxy_proxy_healthz_total{code="200"} 1"#, // (a 503 before is possible)
         r#"kubeproxy_proxy_livez_total{code="200"} 1"#,

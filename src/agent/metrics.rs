@@ -54,6 +54,8 @@ pub struct Metrics {
     /// svcproxy's own figure: from a change reaching the agent to its rules in the kernel.
     pub change_to_kernel: Histogram,
     pub conntrack_failures: Counter,
+    /// The configuration's warnings at start-up (see `AgentConfig::config_warnings`).
+    pub config_warnings: Gauge,
     pub invalid_objects: Family<Labels, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Labels, Gauge>,
@@ -136,6 +138,7 @@ impl Metrics {
             livez: Family::default(),
             change_to_kernel: sync_histogram(),
             conntrack_failures: Counter::default(),
+            config_warnings: Gauge::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
             service_changes_pending: Gauge::default(),
@@ -239,6 +242,11 @@ impl Metrics {
             "svcproxy_conntrack_cleanup_failures",
             "Failed deletions of stale UDP conntrack entries",
             m.conntrack_failures.clone(),
+        );
+        registry.register(
+            "svcproxy_config_warnings",
+            "Warnings the configuration gave at start-up: fields set that svcproxy does not use, or reads differently",
+            m.config_warnings.clone(),
         );
         registry.register(
             "svcproxy_watch_errors",

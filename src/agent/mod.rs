@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub nft: NftCommand,
     /// The iptables mode's programs (`None`: the nftables mode).
     pub iptables: Option<crate::iptables::IptablesCommand>,
+    /// How many warnings the configuration gave (fields set that svcproxy does not use, values
+    /// it reads differently): logged at start-up by the caller, exported here as the gauge
+    /// `svcproxy_config_warnings`, so that a fleet's dashboards see them too.
+    pub config_warnings: usize,
 }
 
 /// Why the agent could not start.
@@ -110,6 +114,9 @@ pub async fn run(
     let client = kube::Client::try_from(config.kube.clone())?;
     let changes = Arc::new(Changes::default());
     let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
+    metrics
+        .config_warnings
+        .set(i64::try_from(config.config_warnings).unwrap_or(i64::MAX));
     let health = Arc::new(Health::new(serve::health_timeout(config.sync_period)));
     // As kube-proxy when its sync loop starts: healthy unless a change then waits too long.
     let started = SystemTime::now();
