@@ -18,7 +18,9 @@ pub mod model;
 pub mod nft;
 pub mod plan;
 pub mod process;
+pub mod services;
 pub mod synthetic;
+pub mod trace;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came
 /// from (for diagnostics such as destination conflicts).

@@ -11,6 +11,7 @@
 pub mod metrics;
 mod mirror;
 pub mod serve;
+pub mod state;
 pub mod watch;
 
 use std::collections::BTreeSet;
