@@ -320,11 +320,15 @@ fn hostname() -> String {
 #[derive(Debug, Args)]
 pub struct DumpArgs {
     /// Manifest files (YAML or JSON) or directories of them.
-    #[arg(long = "from", value_name = "PATH", num_args = 1.., required_unless_present = "kubeconfig")]
+    #[arg(long = "from", value_name = "PATH", num_args = 1.., required_unless_present_any = ["kubeconfig", "agent"])]
     pub from: Vec<PathBuf>,
     /// Read the cluster once through this kubeconfig instead of manifest files.
     #[arg(long, value_name = "PATH", conflicts_with = "from")]
     pub kubeconfig: Option<PathBuf>,
+    /// Print what a running agent last applied (its metrics address, e.g. 127.0.0.1:10249):
+    /// its snapshot and its configuration (the node options are then not used).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["from", "kubeconfig"])]
+    pub agent: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
     /// Output format (nftables mode).
@@ -1018,9 +1022,16 @@ pub fn cleanup() -> u8 {
 /// `svcproxy dump`: manifests → model → plan → nftables, printed to `out`. Problems go to the
 /// log (stderr), each naming the file, the object and the field.
 pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
-    let loaded = match &args.kubeconfig {
-        Some(path) => read_cluster(Some(path), &args.node),
-        None => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),
+    let mut config = args.node.proxy_config();
+    let loaded = match (&args.agent, &args.kubeconfig) {
+        (Some(addr), _) => crate::agent::state::fetch(addr)
+            .map(|(snapshot, agent_config)| {
+                config = agent_config;
+                (snapshot, true)
+            })
+            .map_err(|e| e.to_string()),
+        (None, Some(path)) => read_cluster(Some(path), &args.node),
+        (None, None) => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),
     };
     let (snapshot, clean) = match loaded {
         Ok(l) => l,
@@ -1031,7 +1042,7 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
             return EXIT_NOTHING;
         }
     };
-    let (plan, ruleset) = crate::compile(&snapshot, &args.node.proxy_config());
+    let (plan, ruleset) = crate::compile(&snapshot, &config);
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }

@@ -17,7 +17,7 @@ use crate::model::{
 };
 
 /// The whole plan: one part per IP family, IPv4 first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     /// The packet mark bit (as a mask) that flags a packet for masquerading.
     pub masquerade_mark: u32,
@@ -33,7 +33,7 @@ pub struct Plan {
 }
 
 /// Two Services claiming the same address, protocol and port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Conflict {
     pub destination: String,
     pub kept: String,
@@ -51,7 +51,7 @@ impl fmt::Display for Conflict {
 }
 
 /// Which traffic to a ClusterIP is masqueraded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ClusterIpMasquerade {
     /// None (pod traffic cannot be recognised, and masquerade-all is off).
     Never,
@@ -66,13 +66,13 @@ pub enum ClusterIpMasquerade {
 /// detector" (`detectLocalMode`). It decides two things only: which ClusterIP traffic is
 /// masqueraded ([`ClusterIpMasquerade::NotLocal`]), and which clients of an
 /// externalTrafficPolicy Local address are pods, sent to any endpoint ([`Route::ExternalLocal`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum LocalTraffic {
     /// Not recognisable (no CIDR of this family is known): nothing is treated as pod traffic.
     Unknown,
     /// Sources inside these CIDRs (`ClusterCIDR`: the cluster's pod network; `NodeCIDR`: the
     /// Node's `spec.podCIDRs`).
-    FromCidrs(Vec<IpNet>),
+    FromCidrs(#[serde(serialize_with = "crate::model::nets::serialize")] Vec<IpNet>),
     /// Packets arriving on an interface whose name starts with this prefix
     /// (`InterfaceNamePrefix`).
     FromInterfacePrefix(String),
@@ -114,12 +114,12 @@ impl LocalTraffic {
 }
 
 /// Which destination addresses answer NodePorts, for one family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum NodePortMatch {
     /// Every local address except loopback: the kernel knows them, no list needed.
     AnyLocal,
     /// Local addresses inside these CIDRs.
-    LocalIn(Vec<IpNet>),
+    LocalIn(#[serde(serialize_with = "crate::model::nets::serialize")] Vec<IpNet>),
     /// Exactly these addresses.
     Addresses(Vec<IpAddr>),
     /// No address of this family answers NodePorts.
@@ -127,7 +127,7 @@ pub enum NodePortMatch {
 }
 
 /// The plan for one IP family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FamilyPlan {
     pub family: IpFamily,
     pub local_traffic: LocalTraffic,
@@ -137,6 +137,7 @@ pub struct FamilyPlan {
     pub cluster_ips: BTreeMap<IpAddr, ObjectRef>,
     /// The Service CIDRs of this family (aggregated): traffic to an address inside them that is
     /// not in [`FamilyPlan::cluster_ips`] is dropped.
+    #[serde(serialize_with = "crate::model::nets::serialize")]
     pub service_cidrs: Vec<IpNet>,
     /// Endpoints on this node: a pod reaching itself through a Service is masqueraded so that
     /// its reply comes back through the proxy's NAT.
@@ -146,7 +147,7 @@ pub struct FamilyPlan {
 }
 
 /// Where traffic is addressed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Address {
     Ip(IpAddr),
     /// Any of the node's NodePort addresses ([`FamilyPlan::nodeports`]).
@@ -154,7 +155,7 @@ pub enum Address {
 }
 
 /// Why the proxy handles a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum DestinationKind {
     ClusterIp,
     ExternalIp,
@@ -174,7 +175,7 @@ impl DestinationKind {
 }
 
 /// One address, protocol and port of a Service, and what happens to traffic sent there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Destination {
     pub address: Address,
     pub protocol: Protocol,
@@ -186,6 +187,7 @@ pub struct Destination {
     pub route: Route,
     /// loadBalancerSourceRanges of a load-balancer IP: new connections from sources outside
     /// these (aggregated, sorted) are dropped, whatever the route. Empty: no firewall.
+    #[serde(serialize_with = "crate::model::nets::serialize")]
     pub allowed_sources: Vec<IpNet>,
 }
 
@@ -209,7 +211,7 @@ fn service_port_label(svc: &ObjectRef, port_name: &str, protocol: Protocol, port
 }
 
 /// What happens to new connections to a destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Route {
     /// The Service has no usable endpoint at all: refuse at once (TCP reset / ICMP unreachable),
     /// so that clients fail fast instead of timing out.
@@ -235,7 +237,7 @@ pub enum Route {
 }
 
 /// Which endpoints a backend set was chosen from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Scope {
     /// Endpoints anywhere in the cluster.
     Cluster,
@@ -244,7 +246,7 @@ pub enum Scope {
 }
 
 /// The endpoints a destination's traffic is spread over (uniformly at random per connection).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Backends {
     pub scope: Scope,
     /// Never empty; sorted.

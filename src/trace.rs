@@ -652,10 +652,27 @@ impl<'a> Tracer<'a> {
                 "{dst} answers NodePorts, but no Service has NodePort {}: the packet is left alone (whatever listens on the node answers)",
                 q.target.probe_port()
             ),
-            Probe::Port { .. } => format!(
-                "no Service this node proxies has {}: the packet is left alone",
-                q.target
-            ),
+            Probe::Port { protocol, port } => {
+                let mut r = format!(
+                    "no Service this node proxies has {}: the packet is left alone",
+                    q.target
+                );
+                if let Ok(i) = fp
+                    .destinations
+                    .binary_search_by_key(&(Address::NodePort, protocol, port), Destination::key)
+                {
+                    r.push_str(&format!(
+                        " (if {dst} is one of this node's addresses, it is NodePort {port} of {}: the kernel's list of local addresses decides, and trace knows only the Node's: {})",
+                        fp.destinations[i].service,
+                        node.addresses
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                r
+            }
         };
         step(&mut steps, "left-alone", reason.clone());
         Ok(finish(

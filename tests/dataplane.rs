@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,9 +19,11 @@ use common::netns::*;
 use svcproxy::backend::{Backend, Desired};
 use svcproxy::conntrack::{Conntrack, stale_udp};
 use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::model::{ProxyConfig, Snapshot};
 use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
 use svcproxy::plan::Plan;
+use svcproxy::trace::{Query, Verdict as Fate};
 
 const FLAGS: &[&str] = &["--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16"];
 const T: Duration = Duration::from_secs(2);
@@ -135,6 +137,8 @@ struct Proxy {
     mode: Mode,
     backend: Backend,
     plan: Option<Plan>,
+    /// The inputs last applied, for `svcproxy trace`'s predictions ([`Proxy::probe`]).
+    applied: Option<(Snapshot, ProxyConfig)>,
 }
 
 impl Proxy {
@@ -146,6 +150,7 @@ impl Proxy {
             mode,
             backend,
             plan: None,
+            applied: None,
         })
     }
 
@@ -165,6 +170,7 @@ impl Proxy {
     fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
         let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
         let (plan, ruleset) = common::compile_yaml(yaml, &flags);
+        self.applied = Some(common::snapshot_yaml(yaml, &flags));
         let desired = self.backend.desired(&plan, ruleset);
         let report = self
             .backend
@@ -182,6 +188,7 @@ impl Proxy {
     /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
     fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
         let (mut plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        self.applied = Some(common::snapshot_yaml(yaml, FLAGS));
         plan.drop_invalid = !tcp_be_liberal;
         let desired = self.backend.desired(&plan, ruleset);
         let report = self
@@ -205,6 +212,145 @@ impl Proxy {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+fn node_ip() -> IpAddr {
+    NODE_IP.parse().unwrap()
+}
+
+fn client_ip() -> IpAddr {
+    CLIENT_IP.parse().unwrap()
+}
+
+/// What new TCP connections did, as real packets or as `svcproxy trace` predicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Observed {
+    /// Answered by these pods; for each, whether it saw another source address than the
+    /// client's (masqueraded); `None` where that cannot be seen (the node is the client: its
+    /// own address and its masquerading address are the same).
+    Reached(BTreeMap<String, Option<bool>>),
+    /// Refused at once (a TCP reset or an ICMP unreachable).
+    Refused,
+    /// No answer.
+    Dropped,
+}
+
+impl Proxy {
+    /// The pod with this address (`svcproxy trace` names endpoints by address).
+    fn pod_named(&self, ip: IpAddr) -> String {
+        self.w
+            .pods
+            .iter()
+            .find(|p| p.ip == ip || p.ip6 == ip)
+            .map_or_else(|| ip.to_string(), |p| p.name.clone())
+    }
+
+    /// `svcproxy trace`'s prediction for a TCP connection from `src` to `to`, on the inputs last
+    /// applied and this backend.
+    fn predict(
+        &self,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: SocketAddr,
+    ) -> (Observed, svcproxy::trace::Trace) {
+        let (snapshot, config) = self.applied.as_ref().expect("something applied");
+        let q = Query {
+            source: src,
+            target: format!("{to}/tcp").parse().unwrap(),
+            iifname: iifname.map(String::from),
+            backend: match self.mode {
+                Mode::Nftables => svcproxy::trace::Backend::Nftables,
+                Mode::Iptables(_) => svcproxy::trace::Backend::Iptables,
+            },
+        };
+        let t = svcproxy::trace::trace_snapshot(snapshot, config, &q).unwrap();
+        let node = src.to_string() == NODE_IP || src.to_string() == NODE_IP6;
+        let o = match &t.verdict {
+            Fate::Dnat { .. } => Observed::Reached(
+                t.endpoints
+                    .iter()
+                    .map(|c| {
+                        (
+                            self.pod_named(c.state.address.ip()),
+                            (!node).then_some(c.masquerade),
+                        )
+                    })
+                    .collect(),
+            ),
+            Fate::Reject { .. } => Observed::Refused,
+            Fate::Drop { .. } => Observed::Dropped,
+            Fate::LeftAlone { .. } => panic!("{to} is not a Service's: {t}"),
+        };
+        (o, t)
+    }
+
+    /// Makes `n` TCP connections from namespace `ns` (whose address is `src`) to `to`, and
+    /// asserts that `svcproxy trace` predicted exactly what they did: the same endpoints (all
+    /// of them, unless session affinity keeps the client on one), masqueraded or not, refused
+    /// or dropped. Returns what they did.
+    fn probe(&self, ns: &str, src: IpAddr, to: SocketAddr, n: usize) -> Observed {
+        self.probe_via(ns, src, None, to, n)
+    }
+
+    /// [`Proxy::probe`] for a source arriving on interface `iifname` of the node.
+    fn probe_via(
+        &self,
+        ns: &str,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: SocketAddr,
+        n: usize,
+    ) -> Observed {
+        let (predicted, t) = self.predict(src, iifname, to);
+        let node = src.to_string() == NODE_IP || src.to_string() == NODE_IP6;
+        let mut seen = BTreeMap::new();
+        let mut observed = None;
+        for _ in 0..n {
+            let timeout = if seen.is_empty() {
+                Duration::from_millis(700)
+            } else {
+                T
+            };
+            match tcp(ns, to, timeout) {
+                Ok(r) => {
+                    let masq = (!node).then_some(r.peer != src);
+                    let prev = seen.insert(r.pod.clone(), masq);
+                    assert!(
+                        prev.is_none() || prev == Some(masq),
+                        "{to} from {src}: {} seen both masqueraded and not",
+                        r.pod
+                    );
+                }
+                Err(e) if seen.is_empty() => {
+                    observed = Some(match e.kind() {
+                        io::ErrorKind::ConnectionRefused => Observed::Refused,
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Observed::Dropped,
+                        _ => panic!("{to} from {ns}: {e:?}"),
+                    });
+                    break;
+                }
+                Err(e) => panic!("{to} from {ns}: {e:?} after answers {seen:?}"),
+            }
+        }
+        let observed = observed.unwrap_or(Observed::Reached(seen));
+        let affinity = t.steps.iter().any(|s| s.decision == "session-affinity");
+        match (&predicted, &observed) {
+            (Observed::Reached(p), Observed::Reached(o)) if affinity => {
+                assert_eq!(o.len(), 1, "affinity keeps one endpoint: {o:?}");
+                assert!(
+                    o.iter().all(|(k, v)| p.get(k) == Some(v)),
+                    "{:?}: {to} from {src}: trace predicted {p:?}, packets did {o:?}\n{t}",
+                    self.mode
+                );
+            }
+            _ => assert_eq!(
+                predicted, observed,
+                "{:?}: {to} from {src}: trace predicted (left) what packets did (right)\n{t}",
+                self.mode
+            ),
+        }
+        observed
     }
 }
 
@@ -294,6 +440,11 @@ fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
             "traffic from outside the cluster CIDR is masqueraded"
         );
     }
+    // trace predicts each of these.
+    let to = sa("10.96.0.10:80");
+    p.probe(&c.ns, c.ip, to, 40);
+    p.probe(&p.w.client, client_ip(), to, 40);
+    p.probe(&p.w.node, node_ip(), to, 40);
 }
 
 /// A dual-stack Service: each of its ClusterIPs spreads over the endpoints of its own family,
@@ -329,7 +480,9 @@ fn dual_stack_service_answers_on_both_families(mut p: Proxy) {
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
         v6_endpoints.join(", ")
     );
-    p.apply(&yaml);
+    // The node's IPv6 address too, as a dual-stack Node lists it: trace knows the node's
+    // addresses from it (the kernel's list of local addresses decides NodePorts).
+    p.apply_with(&yaml, &["--node-ip", NODE_IP6]);
     let both = BTreeSet::from(["a1", "b1"]);
     for to in ["10.96.0.60:80", "[fd00:96::60]:80"] {
         let seen = who_answers(&c.ns, sa(to), 30);
@@ -347,6 +500,21 @@ fn dual_stack_service_answers_on_both_families(mut p: Proxy) {
         30,
     );
     assert_eq!(names(&seen), both, "NodePort over IPv6: {seen:?}");
+    for to in ["10.96.0.60:80", "[fd00:96::60]:80"] {
+        let to = sa(to);
+        let pod = if to.is_ipv4() { c.ip } else { c.ip6 };
+        let client: IpAddr = if to.is_ipv4() { CLIENT_IP } else { CLIENT_IP6 }
+            .parse()
+            .unwrap();
+        p.probe(&c.ns, pod, to, 30);
+        p.probe(&p.w.client, client, to, 30);
+    }
+    p.probe(
+        &p.w.client,
+        CLIENT_IP6.parse().unwrap(),
+        SocketAddr::new(NODE_IP6.parse().unwrap(), 30660),
+        30,
+    );
 }
 
 fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {
@@ -435,6 +603,8 @@ fn selector_less_service_and_terminating_fallback(mut p: Proxy) {
         names(&who_answers(&c.ns, sa("10.96.0.31:80"), 10)),
         BTreeSet::from(["a1"])
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.30:80"), 5);
+    p.probe(&c.ns, c.ip, sa("10.96.0.31:80"), 10);
 }
 
 fn session_affinity_keeps_a_client_on_one_endpoint(mut p: Proxy) {
@@ -473,6 +643,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint(mut p: Proxy) {
         chosen.len() > 1,
         "after idling past the timeout the client is balanced again: {chosen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.40:80"), 10);
 }
 
 fn nodeport_cluster_and_local_traffic_policy(mut p: Proxy) {
@@ -541,6 +712,12 @@ fn nodeport_cluster_and_local_traffic_policy(mut p: Proxy) {
     // ...while pods on this node still reach the Service through its ClusterIP and NodePort.
     assert_eq!(tcp(&c.ns, sa("10.96.0.52:80"), T).unwrap().pod, "b1");
     assert_eq!(tcp(&c.ns, node_port(30082), T).unwrap().pod, "b1");
+    // trace predicts each of these.
+    for port in [30080, 30081, 30082] {
+        p.probe(&p.w.client, client_ip(), node_port(port), 30);
+        p.probe(&c.ns, c.ip, node_port(port), 30);
+    }
+    p.probe(&c.ns, c.ip, sa("10.96.0.52:80"), 5);
 }
 
 fn load_balancer_ip_and_external_ip(mut p: Proxy) {
@@ -564,7 +741,14 @@ fn load_balancer_ip_and_external_ip(mut p: Proxy) {
             BTreeSet::from(["a1", "b1"]),
             "{addr}: {seen:?}"
         );
+        p.probe(&p.w.client, client_ip(), sa(addr), 30);
     }
+    p.probe(
+        &p.w.client,
+        client_ip(),
+        SocketAddr::new(node_ip(), 30090),
+        30,
+    );
 }
 
 fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
@@ -597,6 +781,17 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
     // A port the Service does not have, on a ClusterIP that works.
     assert_eq!(tcp(&c.ns, sa("10.96.0.71:80"), T).unwrap().pod, "a1");
     refused_fast(&c.ns, sa("10.96.0.71:81"));
+    // trace predicts each of these.
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 1);
+    p.probe(&p.w.node, node_ip(), sa("10.96.0.70:80"), 1);
+    p.probe(
+        &p.w.client,
+        client_ip(),
+        SocketAddr::new(node_ip(), 30070),
+        1,
+    );
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:80"), 3);
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:81"), 1);
     // UDP: ICMP port unreachable, seen by a connected socket.
     let e = in_ns(&c.ns, || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -622,6 +817,10 @@ fn hairpin_a_pod_reaches_itself_through_its_service(mut p: Proxy) {
     assert_ne!(
         r.peer, a1.ip,
         "hairpin traffic is masqueraded, so the reply comes back through the node"
+    );
+    assert_eq!(
+        p.probe(&a1.ns, a1.ip, sa("10.96.0.80:80"), 3),
+        Observed::Reached(BTreeMap::from([("a1".to_string(), Some(true))]))
     );
 }
 
@@ -1102,17 +1301,22 @@ fn zone_hints_keep_traffic_in_the_zone_and_fall_back_when_incomplete(mut p: Prox
     assert_eq!(names(&seen), zone_a, "from outside, NodePort: {seen:?}");
     let seen = who_answers(&c.ns, sa("10.96.0.71:80"), 10);
     assert_eq!(names(&seen), BTreeSet::from(["a1"]), "iTP Local: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 40);
+    p.probe(&p.w.client, client_ip(), node_port, 40);
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:80"), 10);
 
     // b2 loses its hint (the controller mid-update): hints are all or nothing.
     p.apply(&(services.clone() + &node_a("zone-a") + &hinted("")));
     let all = BTreeSet::from(["a1", "b1", "b2"]);
     let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
     assert_eq!(names(&seen), all, "incomplete hints: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 60);
 
     // A node in a zone no endpoint is hinted for: every endpoint too.
     p.apply(&(services + &node_a("zone-c") + &hinted(zb)));
     let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
     assert_eq!(names(&seen), all, "no hint for this zone: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 60);
 }
 
 /// Node hints (`trafficDistribution: PreferSameNode`: `hints.forNodes`): when every ready
@@ -1163,6 +1367,8 @@ fn node_hints_keep_traffic_on_the_node(mut p: Proxy) {
         BTreeSet::from(["a1"]),
         "from outside: {seen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.72:80"), 20);
+    p.probe(&p.w.client, client_ip(), sa("10.96.0.72:80"), 10);
 
     p.apply(&yaml("{forZones: [{name: zone-a}]}"));
     let seen = who_answers(&c.ns, sa("10.96.0.72:80"), 40);
@@ -1171,6 +1377,7 @@ fn node_hints_keep_traffic_on_the_node(mut p: Proxy) {
         BTreeSet::from(["a1", "b1"]),
         "a node hint missing, zone hints: {seen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.72:80"), 40);
 }
 
 /// `detectLocalMode` decides which sources are pods: their ClusterIP traffic keeps its
@@ -1260,6 +1467,14 @@ fn detect_local_modes_decide_which_sources_are_pods(mut p: Proxy) {
             ),
             "{flags:?}: eTP Local without a local endpoint drops outside clients: {e:?}"
         );
+        // trace predicts each of these (pod c arrives on vp1, d on vp2).
+        for (pod, iif) in [(&c, "vp1"), (&d, "vp2")] {
+            for to in [sa("10.96.0.80:80"), node_port] {
+                p.probe_via(&pod.ns, pod.ip, Some(iif), to, 3);
+            }
+        }
+        p.probe(&p.w.client, client_ip(), sa("10.96.0.80:80"), 3);
+        p.probe(&p.w.client, client_ip(), node_port, 1);
     }
 }
 
@@ -1306,12 +1521,19 @@ fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
     let node_port = SocketAddr::new(NODE_IP.parse().unwrap(), 30095);
     assert_eq!(tcp(&c.ns, node_port, T).unwrap().pod, "a1");
     assert_eq!(tcp(&c.ns, sa("10.96.0.90:80"), T).unwrap().pod, "a1");
+    // trace predicts each of these.
+    p.probe(&p.w.client, client_ip(), lb, 3);
+    p.probe(&c.ns, c.ip, lb, 1);
+    p.probe(&p.w.node, node_ip(), lb, 1);
+    p.probe(&c.ns, c.ip, node_port, 3);
+    p.probe(&c.ns, c.ip, sa("10.96.0.90:80"), 3);
     // Ranges with whitespace around them are valid.
     p.apply(&yaml(r#"[" 198.18.0.0/15 "]"#));
     assert!(
         dropped(&p.w.client, lb),
         "a client outside the ranges reached the LB IP"
     );
+    p.probe(&p.w.client, client_ip(), lb, 1);
     // The LB IP held by the node (a VIP-like load balancer): the node's requests to it come
     // from the LB IP itself. Allowed only when the node's own IP is in the ranges.
     p.node_sh(&["ip", "addr", "add", "198.51.100.30/32", "dev", "lo"]);
@@ -1324,6 +1546,8 @@ fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
     assert_eq!(tcp(&p.w.node, lb, T).unwrap().pod, "a1");
     assert_eq!(tcp(&c.ns, lb, T).unwrap().pod, "a1");
     assert_eq!(tcp(&p.w.client, lb, T).unwrap().pod, "a1");
+    p.probe(&c.ns, c.ip, lb, 3);
+    p.probe(&p.w.client, client_ip(), lb, 3);
 }
 
 // Traffic to an address of the Service CIDRs (a ServiceCIDR object) that no Service holds is
@@ -1370,6 +1594,11 @@ fn unallocated_cluster_ips_are_dropped(mut p: Proxy) {
             "from {ns}: {e:?}"
         );
         assert!(dropped(&ns, sa("10.96.0.99:80")), "from {ns}: not dropped");
+    }
+    for (ns, src) in [(c.ns.clone(), c.ip), (p.w.node.clone(), node_ip())] {
+        p.probe(&ns, src, sa("10.96.0.80:80"), 3);
+        p.probe(&ns, src, sa("10.96.0.80:81"), 1);
+        p.probe(&ns, src, sa("10.96.0.99:80"), 1);
     }
 }
 

@@ -109,6 +109,7 @@ pub async fn run(
     let changes = Arc::new(Changes::default());
     let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
     let health = Arc::new(Health::new(serve::health_timeout(config.sync_period)));
+    let state = Arc::new(state::AgentState::default());
     // As kube-proxy when its sync loop starts: healthy unless a change then waits too long.
     let started = SystemTime::now();
     health.updated(started);
@@ -139,6 +140,7 @@ pub async fn run(
         tokio::spawn(serve::serve_metrics(
             listener,
             metrics.clone(),
+            state.clone(),
             stop.clone(),
         ));
     }
@@ -157,6 +159,7 @@ pub async fn run(
         changes,
         metrics,
         health,
+        state,
         observer,
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
@@ -175,6 +178,8 @@ struct Syncer {
     changes: Arc<Changes>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// What `/state/…` on the metrics address serves.
+    state: Arc<state::AgentState>,
     health_checks: HealthCheckServers,
     observer: Option<mpsc::UnboundedSender<SyncRecord>>,
     /// The problems reported at the last sync, so that each is logged once, not every sync.
@@ -297,6 +302,7 @@ impl Syncer {
                         .min(Duration::from_secs(30));
                     retry_at = Some(Instant::now() + backoff);
                     self.metrics.sync_failed();
+                    self.state.failed(e.to_string(), start.elapsed());
                     tracing::error!(
                         "sync failed (the kernel keeps its previous rules), retrying as a full sync in {backoff:?}: {e}"
                     );
@@ -338,6 +344,22 @@ impl Syncer {
         }
         let elapsed = start.elapsed();
         let now = SystemTime::now();
+        self.state.applied(
+            snapshot,
+            &self.config.proxy,
+            state::SyncOutcome {
+                at: serve::rfc3339(Some(now)),
+                ok: true,
+                kind: Some(report.kind.as_str().to_string()),
+                error: None,
+                services: snapshot.services.len(),
+                endpoint_slices: snapshot.slices.len(),
+                elements_added: report.elements_added,
+                elements_deleted: report.elements_deleted,
+                chains_changed: report.chains_changed,
+                duration_ms: elapsed.as_secs_f64() * 1e3,
+            },
+        );
         self.health.updated(now);
         self.metrics.synced(report.kind, elapsed, now, plan);
         if let Some(since) = pending {
