@@ -590,6 +590,12 @@ impl<'a> Tracer<'a> {
                 "{} has no usable endpoint at all: new connections are refused at once, so that clients fail fast",
                 d.service_port()
             );
+            if excluded.is_empty() {
+                reason.push_str(&format!(
+                    " (no EndpointSlice lists any endpoint for it: does the Service's selector match the pods' labels? kubectl get endpointslices -n {} -l kubernetes.io/service-name={})",
+                    d.service.namespace, d.service.name
+                ));
+            }
             if q.backend == Backend::Iptables && !d.allowed_sources.is_empty() {
                 reason = format!(
                     "{} has no usable endpoint; in the iptables mode a load balancer with loadBalancerSourceRanges drops instead of refusing (its firewall chain DNATs nothing, and what it leaves is dropped, as kube-proxy's iptables mode)",
@@ -619,7 +625,13 @@ impl<'a> Tracer<'a> {
                     "{dst} is the ClusterIP of {svc}: a ClusterIP is no host's address, svcproxy answers only its Service's ports and refuses everything else, a ping included (ping prints \"Destination Port Unreachable\"), as kube-proxy's nftables mode"
                 ),
                 Probe::Port { .. } => format!(
-                    "{dst} is the ClusterIP of {svc}, which has no such port: refused at once"
+                    "{dst} is the ClusterIP of {svc}, which has no such port (its ports: {}; connect to the Service's port, not the pods' targetPort): refused at once",
+                    fp.destinations
+                        .iter()
+                        .filter(|d| d.address == Address::Ip(dst))
+                        .map(|d| format!("{}/{}", d.port, d.protocol))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             };
             step(&mut steps, "unknown-port", reason.clone());
