@@ -19,7 +19,7 @@ use common::netns::*;
 use svcproxy::backend::{Backend, Desired};
 use svcproxy::conntrack::{Conntrack, stale_udp};
 use svcproxy::iptables::{IptablesCommand, Variant};
-use svcproxy::model::{ProxyConfig, Snapshot};
+use svcproxy::model::{Protocol, ProxyConfig, Snapshot};
 use svcproxy::nft::apply::{ApplyReport, NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
 use svcproxy::plan::Plan;
@@ -223,6 +223,104 @@ fn client_ip() -> IpAddr {
     CLIENT_IP.parse().unwrap()
 }
 
+/// One datagram from namespace `ns` to `to` on a connected socket, and its answer.
+fn udp_once(ns: &str, to: SocketAddr, timeout: Duration) -> io::Result<Reply> {
+    in_ns(ns, move || {
+        let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let s = std::net::UdpSocket::bind(any)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.connect(to)?;
+        s.send(b"hello")?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf)?;
+        parse_reply(&String::from_utf8_lossy(&buf[..n]))
+    })
+}
+
+/// One ICMP echo request (a raw socket: no ping program needed) from namespace `ns` to `to`
+/// (IPv4): an echo reply is an answer, a destination unreachable a refusal, nothing within the
+/// deadline a drop.
+fn ping(ns: &str, to: IpAddr) -> Observed {
+    let IpAddr::V4(v4) = to else {
+        panic!("ping is IPv4 here")
+    };
+    in_ns(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            let id: u16 = 0x5350;
+            let mut pkt = [8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, b'p', b'i'];
+            let mut sum: u32 = 0;
+            for c in pkt.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            let ck = !(sum as u16);
+            pkt[2] = (ck >> 8) as u8;
+            pkt[3] = ck as u8;
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let sent = libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            if sent < 0 {
+                // A packet the node itself sends and its own netfilter drops or rejects
+                // (OUTPUT) fails with EPERM; a reject then delivers its ICMP error, read below.
+                let e = io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ping {to}: {e}");
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut out = Observed::Dropped;
+            let mut buf = [0u8; 1500];
+            while Instant::now() < deadline {
+                let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+                if n <= 0 {
+                    continue;
+                }
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                match buf.get(ihl) {
+                    Some(0) => {
+                        out = Observed::Reached(BTreeMap::new());
+                        break;
+                    }
+                    Some(3) => {
+                        out = Observed::Refused;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            libc::close(fd);
+            out
+        }
+    })
+}
+
 /// What new TCP connections did, as real packets or as `svcproxy trace` predicts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Observed {
@@ -252,12 +350,12 @@ impl Proxy {
         &self,
         src: IpAddr,
         iifname: Option<&str>,
-        to: SocketAddr,
+        to: &str,
     ) -> (Observed, svcproxy::trace::Trace) {
         let (snapshot, config) = self.applied.as_ref().expect("something applied");
         let q = Query {
             source: src,
-            target: format!("{to}/tcp").parse().unwrap(),
+            target: to.parse().unwrap(),
             iifname: iifname.map(String::from),
             backend: match self.mode {
                 Mode::Nftables => svcproxy::trace::Backend::Nftables,
@@ -293,6 +391,25 @@ impl Proxy {
         self.probe_via(ns, src, None, to, n)
     }
 
+    /// [`Proxy::probe`] with UDP datagrams (a connected socket, so that an ICMP port
+    /// unreachable is seen as a refusal).
+    fn probe_udp(&self, ns: &str, src: IpAddr, to: SocketAddr, n: usize) -> Observed {
+        self.probe_proto(ns, src, None, to, Protocol::Udp, n)
+    }
+
+    /// A ping from namespace `ns` (address `src`) to `to`: what `svcproxy trace` predicts
+    /// (refused: an ICMP port unreachable; dropped: no answer) is what happens.
+    fn ping_agrees(&self, ns: &str, src: IpAddr, to: IpAddr) -> Observed {
+        let (predicted, t) = self.predict(src, None, &to.to_string());
+        let observed = ping(ns, to);
+        assert_eq!(
+            predicted, observed,
+            "{:?}: ping {to} from {src}: trace predicted (left) what packets did (right)\n{t}",
+            self.mode
+        );
+        observed
+    }
+
     /// [`Proxy::probe`] for a source arriving on interface `iifname` of the node.
     fn probe_via(
         &self,
@@ -302,7 +419,19 @@ impl Proxy {
         to: SocketAddr,
         n: usize,
     ) -> Observed {
-        let (predicted, t) = self.predict(src, iifname, to);
+        self.probe_proto(ns, src, iifname, to, Protocol::Tcp, n)
+    }
+
+    fn probe_proto(
+        &self,
+        ns: &str,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: SocketAddr,
+        proto: Protocol,
+        n: usize,
+    ) -> Observed {
+        let (predicted, t) = self.predict(src, iifname, &format!("{to}/{proto}"));
         let node = src.to_string() == NODE_IP || src.to_string() == NODE_IP6;
         let mut seen = BTreeMap::new();
         let mut observed = None;
@@ -312,7 +441,11 @@ impl Proxy {
             } else {
                 T
             };
-            match tcp(ns, to, timeout) {
+            let answer = match proto {
+                Protocol::Tcp => tcp(ns, to, timeout),
+                _ => udp_once(ns, to, timeout),
+            };
+            match answer {
                 Ok(r) => {
                     let masq = (!node).then_some(r.peer != src);
                     let prev = seen.insert(r.pod.clone(), masq);
@@ -562,6 +695,10 @@ fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {
     let sock = udp_socket(&c.ns);
     let r = udp_ask(&sock, sa("10.96.0.20:53")).unwrap();
     assert_eq!((r.pod.as_str(), r.port), ("a1", 5353));
+    // trace predicts each of these (named ports resolved per slice, UDP too).
+    p.probe(&c.ns, c.ip, sa("10.96.0.20:80"), 30);
+    p.probe(&c.ns, c.ip, sa("10.96.0.20:90"), 30);
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.20:53"), 5);
 }
 
 fn selector_less_service_and_terminating_fallback(mut p: Proxy) {
@@ -792,6 +929,10 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
     );
     p.probe(&c.ns, c.ip, sa("10.96.0.71:80"), 3);
     p.probe(&c.ns, c.ip, sa("10.96.0.71:81"), 1);
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.70:53"), 1);
+    // A ping to a ClusterIP: refused (ICMP port unreachable), with or without endpoints.
+    p.ping_agrees(&c.ns, c.ip, "10.96.0.71".parse().unwrap());
+    p.ping_agrees(&c.ns, c.ip, "10.96.0.70".parse().unwrap());
     // UDP: ICMP port unreachable, seen by a connected socket.
     let e = in_ns(&c.ns, || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -1599,6 +1740,9 @@ fn unallocated_cluster_ips_are_dropped(mut p: Proxy) {
         p.probe(&ns, src, sa("10.96.0.80:80"), 3);
         p.probe(&ns, src, sa("10.96.0.80:81"), 1);
         p.probe(&ns, src, sa("10.96.0.99:80"), 1);
+        // A ping to an unallocated ClusterIP is dropped too; to an allocated one, refused.
+        p.ping_agrees(&ns, src, "10.96.0.99".parse().unwrap());
+        p.ping_agrees(&ns, src, "10.96.0.80".parse().unwrap());
     }
 }
 

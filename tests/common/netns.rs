@@ -103,7 +103,7 @@ pub struct Reply {
     pub port: u16,
 }
 
-fn parse_reply(s: &str) -> io::Result<Reply> {
+pub fn parse_reply(s: &str) -> io::Result<Reply> {
     let mut it = s.split_whitespace();
     let (Some(pod), Some(peer), Some(port)) = (it.next(), it.next(), it.next()) else {
         return Err(io::Error::other(format!("bad reply {s:?}")));
