@@ -1963,6 +1963,38 @@ mod tests {
                 "{}: local endpoints",
                 case.name
             );
+            // The explanation (svcproxy trace) runs the same selection: the same sets, and
+            // every candidate it leaves out has a reason.
+            let svc = s.services.values().next().unwrap();
+            let slices: Vec<&EndpointSlice> = s.slices.values().map(|x| x.as_ref()).collect();
+            let ctx = FamilyContext::new(&s.node, &ProxyConfig::default(), IpFamily::V4);
+            let choice = explain_endpoints(&ctx, &svc.ports[0], &slices);
+            let last = |v: &[SocketAddr]| {
+                v.iter()
+                    .map(|a| match a.ip() {
+                        IpAddr::V4(v4) => v4.octets()[3],
+                        IpAddr::V6(_) => unreachable!(),
+                    })
+                    .collect::<Vec<u8>>()
+            };
+            if let Some(c) = case.cluster {
+                assert_eq!(last(&choice.cluster), c, "{}: explained cluster", case.name);
+            }
+            if let Some(l) = case.local {
+                assert_eq!(last(&choice.local), l, "{}: explained local", case.name);
+            }
+            assert_eq!(
+                choice.cluster.len() + choice.cluster_excluded.len(),
+                choice.endpoints.len(),
+                "{}: every endpoint is used or has a reason",
+                case.name
+            );
+            assert_eq!(
+                choice.local.len() + choice.local_excluded.len(),
+                choice.endpoints.len(),
+                "{}: every endpoint is used or has a reason (local)",
+                case.name
+            );
         }
     }
 
