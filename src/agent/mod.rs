@@ -109,7 +109,7 @@ pub async fn run(
     let changes = Arc::new(Changes::default());
     let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
     let health = Arc::new(Health::new(serve::health_timeout(config.sync_period)));
-    let state = Arc::new(state::AgentState::default());
+    let (state, state_requests) = state::AgentState::new();
     // As kube-proxy when its sync loop starts: healthy unless a change then waits too long.
     let started = SystemTime::now();
     health.updated(started);
@@ -160,6 +160,7 @@ pub async fn run(
         metrics,
         health,
         state,
+        state_requests,
         observer,
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
@@ -180,6 +181,8 @@ struct Syncer {
     health: Arc<Health>,
     /// What `/state/…` on the metrics address serves.
     state: Arc<state::AgentState>,
+    /// Requests for the snapshot last applied, answered between syncs.
+    state_requests: tokio::sync::mpsc::Receiver<state::StateRequest>,
     health_checks: HealthCheckServers,
     observer: Option<mpsc::UnboundedSender<SyncRecord>>,
     /// The problems reported at the last sync, so that each is logged once, not every sync.
@@ -231,6 +234,10 @@ impl Syncer {
                         backend.as_mut().expect("backend").invalidate();
                         false
                     }
+                    Some(reply) = self.state_requests.recv() => {
+                        self.answer_state(backend.as_ref(), reply);
+                        continue;
+                    }
                     _ = stopped(&mut stop) => return,
                 };
                 pending = Some(Instant::now());
@@ -249,9 +256,14 @@ impl Syncer {
                 earliest = earliest.max(r);
             }
             if earliest > Instant::now() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(earliest.into()) => {}
-                    _ = stopped(&mut stop) => return,
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(earliest.into()) => break,
+                        Some(reply) = self.state_requests.recv() => {
+                            self.answer_state(backend.as_ref(), reply);
+                        }
+                        _ = stopped(&mut stop) => return,
+                    }
                 }
             }
             let start = Instant::now();
@@ -312,6 +324,17 @@ impl Syncer {
         }
     }
 
+    /// `/state/snapshot`'s question: a copy of the snapshot last applied (sharing its objects).
+    fn answer_state(&self, backend: Option<&Backend>, reply: state::StateRequest) {
+        let applied = backend.and_then(|b| b.snapshot()).map(|s| {
+            Arc::new(state::Applied {
+                config: self.config.proxy.clone(),
+                snapshot: s.clone(),
+            })
+        });
+        let _ = reply.send(applied);
+    }
+
     /// Everything after a successful apply: stale UDP flows, health, metrics, health check
     /// servers, the log line.
     async fn after_sync(
@@ -344,22 +367,18 @@ impl Syncer {
         }
         let elapsed = start.elapsed();
         let now = SystemTime::now();
-        self.state.applied(
-            snapshot,
-            &self.config.proxy,
-            state::SyncOutcome {
-                at: serve::rfc3339(Some(now)),
-                ok: true,
-                kind: Some(report.kind.as_str().to_string()),
-                error: None,
-                services: snapshot.services.len(),
-                endpoint_slices: snapshot.slices.len(),
-                elements_added: report.elements_added,
-                elements_deleted: report.elements_deleted,
-                chains_changed: report.chains_changed,
-                duration_ms: elapsed.as_secs_f64() * 1e3,
-            },
-        );
+        self.state.synced(state::SyncOutcome {
+            at: serve::rfc3339(Some(now)),
+            ok: true,
+            kind: Some(report.kind.as_str().to_string()),
+            error: None,
+            services: snapshot.services.len(),
+            endpoint_slices: snapshot.slices.len(),
+            elements_added: report.elements_added,
+            elements_deleted: report.elements_deleted,
+            chains_changed: report.chains_changed,
+            duration_ms: elapsed.as_secs_f64() * 1e3,
+        });
         self.health.updated(now);
         self.metrics.synced(report.kind, elapsed, now, plan);
         if let Some(since) = pending {

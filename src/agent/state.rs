@@ -9,6 +9,9 @@
 //!   function of the two, the same the backend rendered).
 //! - `GET /state/sync`: the last sync's outcome, failed ones included.
 //!
+//! The snapshot is copied from the sync loop when asked for, between syncs: a sync pays nothing
+//! for this.
+//!
 //! Only GET routes exist (anything else is 405): nothing here changes the agent. The metrics
 //! address binds to loopback by default (`127.0.0.1:10249`); the snapshot names every Service and
 //! endpoint of the cluster, so a wider binding exposes that to whoever can reach it.
@@ -51,24 +54,38 @@ pub struct Applied {
     pub snapshot: Snapshot,
 }
 
-/// The state the agent publishes, updated after each sync.
-#[derive(Debug, Default)]
+/// A question for the sync loop: the snapshot it last applied.
+pub type StateRequest = tokio::sync::oneshot::Sender<Option<Arc<Applied>>>;
+
+/// The state the agent publishes. The last sync's outcome is recorded after each sync (cheap);
+/// the snapshot is asked of the sync loop only when someone asks for it, so that a sync pays
+/// nothing for it (a copy of a 10k-Service snapshot's maps costs milliseconds).
+#[derive(Debug)]
 pub struct AgentState {
-    applied: Mutex<Option<Arc<Applied>>>,
     sync: Mutex<Option<SyncOutcome>>,
+    ask: tokio::sync::mpsc::Sender<StateRequest>,
 }
 
 impl AgentState {
-    /// After a successful sync: the snapshot applied (sharing its objects: a cheap clone).
-    pub fn applied(&self, snapshot: &Snapshot, config: &ProxyConfig, outcome: SyncOutcome) {
-        *self.applied.lock().expect("state lock") = Some(Arc::new(Applied {
-            config: config.clone(),
-            snapshot: snapshot.clone(),
-        }));
+    /// The state, and the receiving end the sync loop answers.
+    pub fn new() -> (Arc<AgentState>, tokio::sync::mpsc::Receiver<StateRequest>) {
+        let (ask, requests) = tokio::sync::mpsc::channel(16);
+        (
+            Arc::new(AgentState {
+                sync: Mutex::new(None),
+                ask,
+            }),
+            requests,
+        )
+    }
+
+    /// After a successful sync.
+    pub fn synced(&self, outcome: SyncOutcome) {
         *self.sync.lock().expect("state lock") = Some(outcome);
     }
 
-    /// After a failed sync: the kernel keeps the previous rules, and so does the snapshot.
+    /// After a failed sync: the kernel keeps the previous rules, and the state the previous
+    /// snapshot.
     pub fn failed(&self, error: String, duration: Duration) {
         *self.sync.lock().expect("state lock") = Some(SyncOutcome {
             at: super::serve::rfc3339(Some(SystemTime::now())),
@@ -84,8 +101,15 @@ impl AgentState {
         });
     }
 
-    fn current(&self) -> Option<Arc<Applied>> {
-        self.applied.lock().expect("state lock").clone()
+    /// The snapshot last applied, from the sync loop (which answers between syncs).
+    async fn current(&self) -> Option<Arc<Applied>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask.send(tx).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .ok()?
+            .ok()
+            .flatten()
     }
 }
 
@@ -107,7 +131,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route(
             "/state/snapshot",
             get(|State(s): State<Arc<AgentState>>| async move {
-                match s.current() {
+                match s.current().await {
                     Some(a) => json(serde_json::to_string(&*a).expect("serializes")),
                     None => not_yet(),
                 }
@@ -116,7 +140,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route(
             "/state/plan",
             get(|State(s): State<Arc<AgentState>>| async move {
-                let Some(a) = s.current() else {
+                let Some(a) = s.current().await else {
                     return not_yet();
                 };
                 let body = tokio::task::spawn_blocking(move || {
