@@ -32,6 +32,10 @@ fn trace(c: &mut Criterion) {
             t
         })
     });
+    // The part of the whole answer that is the plan itself (made and freed), for comparison.
+    group.bench_function("plan-alone/10000x10", |b| {
+        b.iter(|| svcproxy::plan::plan(&snapshot, &config))
+    });
     let plan = svcproxy::plan::plan(&snapshot, &config);
     let tracer = Tracer::new(&snapshot, &config, &plan);
     group.bench_function("one-question-after-plan/10000x10", |b| {
