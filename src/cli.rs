@@ -93,9 +93,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "NAME")]
     pub iifname: Option<String>,
     /// Which backend's rules: they differ in one place (a guarded load balancer without
-    /// endpoints drops in the iptables mode instead of refusing).
-    #[arg(long, value_enum, default_value_t = ProxyModeArg::Nftables)]
-    pub proxy_mode: ProxyModeArg,
+    /// endpoints drops in the iptables mode instead of refusing). Default: the agent's mode
+    /// with --agent, else nftables.
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyModeArg>,
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     /// The source: an IP address (a pod, the node, an outside client), or `node` (this
@@ -799,9 +800,11 @@ fn load_input(
     input: &InputArgs,
     node_args: &NodeArgs,
     plugin: bool,
-) -> Result<(Snapshot, ProxyConfig), String> {
+) -> Result<(Snapshot, ProxyConfig, Option<String>), String> {
     if let Some(addr) = &input.agent {
-        return crate::agent::state::fetch(addr).map_err(|e| e.to_string());
+        return crate::agent::state::fetch(addr)
+            .map(|a| (a.snapshot, a.config, Some(a.mode)))
+            .map_err(|e| e.to_string());
     }
     let config = node_args.proxy_config();
     let loaded = if let Some(path) = &input.kubeconfig {
@@ -813,7 +816,7 @@ fn load_input(
     } else {
         return Err("say where the cluster state comes from: --from PATH, --kubeconfig PATH or --agent ADDR".into());
     };
-    loaded.map(|(s, _)| (s, config))
+    loaded.map(|(s, _)| (s, config, None))
 }
 
 fn print(out: &mut impl Write, text: &str) -> bool {
@@ -829,7 +832,7 @@ fn print(out: &mut impl Write, text: &str) -> bool {
 
 /// `svcproxy trace`.
 pub fn trace(args: &TraceArgs, plugin: bool, out: &mut impl Write) -> u8 {
-    let (snapshot, config) = match load_input(&args.input, &args.node, plugin) {
+    let (snapshot, config, agent_mode) = match load_input(&args.input, &args.node, plugin) {
         Ok(l) => l,
         Err(e) => {
             if !e.is_empty() {
@@ -863,9 +866,11 @@ pub fn trace(args: &TraceArgs, plugin: bool, out: &mut impl Write) -> u8 {
         source,
         target: args.destination,
         iifname: args.iifname.clone(),
-        backend: match args.proxy_mode {
-            ProxyModeArg::Nftables => crate::trace::Backend::Nftables,
-            ProxyModeArg::Iptables => crate::trace::Backend::Iptables,
+        backend: match (args.proxy_mode, agent_mode.as_deref()) {
+            (Some(ProxyModeArg::Iptables), _) | (None, Some("iptables")) => {
+                crate::trace::Backend::Iptables
+            }
+            _ => crate::trace::Backend::Nftables,
         },
     };
     let t = match crate::trace::trace_snapshot(&snapshot, &config, &query) {
@@ -891,7 +896,7 @@ pub fn trace(args: &TraceArgs, plugin: bool, out: &mut impl Write) -> u8 {
 
 /// `svcproxy services`.
 pub fn services(args: &ServicesArgs, plugin: bool, out: &mut impl Write) -> u8 {
-    let (snapshot, config) = match load_input(&args.input, &args.node, plugin) {
+    let (snapshot, config, _) = match load_input(&args.input, &args.node, plugin) {
         Ok(l) => l,
         Err(e) => {
             if !e.is_empty() {
@@ -1025,9 +1030,9 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
     let mut config = args.node.proxy_config();
     let loaded = match (&args.agent, &args.kubeconfig) {
         (Some(addr), _) => crate::agent::state::fetch(addr)
-            .map(|(snapshot, agent_config)| {
-                config = agent_config;
-                (snapshot, true)
+            .map(|a| {
+                config = a.config;
+                (a.snapshot, true)
             })
             .map_err(|e| e.to_string()),
         (None, Some(path)) => read_cluster(Some(path), &args.node),

@@ -317,7 +317,10 @@ async fn the_agent_serves_its_state_read_only() {
             svcproxy(&["services", "--agent", &addr, "-o", "json"]),
             svcproxy(&["dump", "--agent", &addr]),
             svcproxy::agent::state::get_path(&addr, "/state/sync").unwrap(),
-            svcproxy::agent::state::get_path(&addr, "/state/plan").unwrap(),
+            (
+                svcproxy::agent::state::get_path(&addr, "/state/plan").unwrap(),
+                svcproxy::agent::state::fetch(&addr).unwrap(),
+            ),
             post,
         )
     })
@@ -347,6 +350,10 @@ async fn the_agent_serves_its_state_read_only() {
         "{sync}"
     );
     assert_eq!(sync["services"], 1);
+    let (plan, applied) = plan;
+    assert_eq!(applied.mode, "nftables");
+    assert_eq!(applied.snapshot.node.name, "node-a");
+    assert_eq!(applied.config.cluster_cidrs.len(), 1);
     let plan: Value = serde_json::from_slice(&plan).unwrap();
     assert!(plan["families"][0]["destinations"].is_array(), "{plan}");
     assert!(

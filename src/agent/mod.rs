@@ -329,6 +329,12 @@ impl Syncer {
         let applied = backend.and_then(|b| b.snapshot()).map(|s| {
             Arc::new(state::Applied {
                 config: self.config.proxy.clone(),
+                mode: if self.config.iptables.is_some() {
+                    "iptables"
+                } else {
+                    "nftables"
+                }
+                .into(),
                 snapshot: s.clone(),
             })
         });

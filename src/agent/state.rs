@@ -51,6 +51,9 @@ pub struct SyncOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub config: ProxyConfig,
+    /// `nftables` or `iptables`: which backend the agent programs.
+    #[serde(default)]
+    pub mode: String,
     pub snapshot: Snapshot,
 }
 
@@ -216,14 +219,13 @@ pub fn get_path(addr: &str, path: &str) -> Result<Vec<u8>, FetchError> {
     Ok(answer[split + 4..].to_vec())
 }
 
-/// Reads a running agent's last applied snapshot and its configuration.
-pub fn fetch(addr: &str) -> Result<(Snapshot, ProxyConfig), FetchError> {
+/// Reads a running agent's last applied snapshot, its configuration and its mode.
+pub fn fetch(addr: &str) -> Result<Applied, FetchError> {
     let body = get_path(addr, "/state/snapshot")?;
-    let a: Applied = serde_json::from_slice(&body).map_err(|source| FetchError::Json {
+    serde_json::from_slice(&body).map_err(|source| FetchError::Json {
         addr: addr.to_string(),
         source,
-    })?;
-    Ok((a.snapshot, a.config))
+    })
 }
 
 #[cfg(test)]
@@ -244,6 +246,7 @@ mod tests {
         };
         let a = Applied {
             config,
+            mode: "nftables".into(),
             snapshot: s,
         };
         let text = serde_json::to_string(&a).unwrap();
