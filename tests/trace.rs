@@ -381,3 +381,51 @@ fn services_of_the_examples() {
     assert_eq!(code, 0, "{err}");
     insta::assert_snapshot!("services-examples", text);
 }
+
+/// The README's "Troubleshooting a Service" shows real output: each `$ svcproxy trace …` there
+/// prints exactly what is pasted under it, with the exit code given.
+#[test]
+fn the_readme_troubleshooting_walk_is_real_output() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme.find("## Troubleshooting a Service").unwrap();
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let lines: Vec<&str> = section.lines().collect();
+    let mut checked = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(cmd) = lines[i].strip_prefix("$ svcproxy trace ") else {
+            i += 1;
+            continue;
+        };
+        let end = (i..lines.len())
+            .find(|&j| lines[j].starts_with("(exit "))
+            .unwrap();
+        let want = lines[i + 1..end].join("\n");
+        let code: i32 = lines[end]
+            .trim_start_matches("(exit ")
+            .trim_end_matches(')')
+            .parse()
+            .unwrap();
+        let mut args = vec!["trace"];
+        args.extend(cmd.split_whitespace());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+            .args(&args)
+            .current_dir(dir)
+            .env_remove("NODE_NAME")
+            .output()
+            .unwrap();
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got.trim_end(), want, "README: svcproxy trace {cmd}");
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "README: svcproxy trace {cmd}"
+        );
+        checked += 1;
+        i = end + 1;
+    }
+    assert!(checked >= 7, "{checked} commands");
+}
