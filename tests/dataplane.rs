@@ -1033,6 +1033,9 @@ fn live_updates_under_load_lose_no_connection(mut p: Proxy) {
         failed.len(),
         ok + failed.len()
     );
+    // After the last partial sync, trace (on the last inputs) and the kernel agree.
+    p.probe(&c.ns, c.ip, sa("10.96.0.90:80"), 60);
+    p.probe(&c.ns, c.ip, sa("10.96.0.91:80"), 40);
 }
 
 fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
@@ -1124,6 +1127,7 @@ fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
         udp_ask(&sock, sa("10.96.0.110:53")).is_err(),
         "no endpoint yet"
     );
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.110:53"), 1);
     // The Service gains its first endpoint: the same socket reaches it at once.
     p.apply(&dns(Some(&a1)));
     assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a1");
@@ -1133,6 +1137,7 @@ fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
     for _ in 0..3 {
         assert_eq!(udp_ask(&sock, sa("10.96.0.110:53")).unwrap().pod, "a2");
     }
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.110:53"), 3);
 }
 
 /// What svcproxy has in the node namespace: (`ip svcproxy` table present, SVCP rule lines in
