@@ -28,6 +28,18 @@ tmp=$(mktemp)
               printf "| %s | %s %s (%s %s to %s %s) |\n", name, $3, $4, $1, $2, $5, $6; next }
     NF { last = $1 }'
   echo
+  echo "## svcproxy trace (\`cargo bench --bench trace\`, criterion)"
+  echo
+  echo "The whole answer after loading (plan, index, trace) and one more question once the plan"
+  echo "is made, on 10000 Services x 10 endpoints; the bound is 100 ms for the whole answer."
+  echo
+  echo "| benchmark | time (criterion's estimate, with its 95% interval) |"
+  echo "|---|---|"
+  cargo bench -q --bench trace 2>/dev/null | awk '
+    /time:/ { name = ($1 == "time:") ? last : $1; sub(/.*\[/, ""); sub(/\].*/, "");
+              printf "| %s | %s %s (%s %s to %s %s) |\n", name, $3, $4, $1, $2, $5, $6; next }
+    NF { last = $1 }'
+  echo
   echo "## Compile, full and partial syncs (\`cargo bench --bench scale\`)"
   echo
   cargo bench -q --bench scale -- --examples examples/ --services 1000,10000 --endpoints 10 --runs 5 --kube-proxy-layout 2>/dev/null | grep '^|'

@@ -49,6 +49,72 @@ pub enum Command {
     /// Delete svcproxy's nftables tables and its iptables chains and jump rules (both
     /// variants, both families), and nothing else.
     Cleanup,
+    /// Where a new connection (or a ping) from SRC to DST goes on this node, and why: the
+    /// Service and port, each decision with its reason, the endpoints and those left out, the
+    /// verdict. Exit code 0: it reaches an endpoint; 3: dropped or rejected; 5: svcproxy leaves
+    /// it alone; 1: bad input.
+    Trace(TraceArgs),
+    /// Every frontend (address, protocol, port) this node proxies, with its endpoints and
+    /// their state, its policies, and what an outside client and a pod get.
+    Services(ServicesArgs),
+}
+
+/// Where the cluster state comes from, for `trace` and `services`.
+#[derive(Debug, Clone, Args)]
+pub struct InputArgs {
+    /// Manifest files (YAML or JSON) or directories of them; repeat for several.
+    #[arg(long = "from", value_name = "PATH")]
+    pub from: Vec<PathBuf>,
+    /// Read the cluster once through this kubeconfig.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["from", "agent"])]
+    pub kubeconfig: Option<PathBuf>,
+    /// Ask a running agent for what it last applied (its metrics address, e.g.
+    /// 127.0.0.1:10249).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["from", "kubeconfig"])]
+    pub agent: Option<String>,
+}
+
+/// `--output` of `trace` and `services`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The interface the packet arrives on (for --detect-local-mode InterfaceNamePrefix or
+    /// BridgeInterface): tells a pod's packets from others.
+    #[arg(long, value_name = "NAME")]
+    pub iifname: Option<String>,
+    /// Which backend's rules: they differ in one place (a guarded load balancer without
+    /// endpoints drops in the iptables mode instead of refusing). Default: the agent's mode
+    /// with --agent, else nftables.
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyModeArg>,
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// The source: an IP address (a pod, the node, an outside client), or `node` (this
+    /// node's primary address of DST's family).
+    #[arg(value_name = "SRC")]
+    pub source: String,
+    /// `IP:PORT[/tcp|udp|sctp]` (`[IPv6]:PORT`), or `IP` / `IP/icmp` for a ping.
+    #[arg(value_name = "DST")]
+    pub destination: crate::trace::Target,
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 /// The output format of `dump`.
@@ -254,11 +320,15 @@ fn hostname() -> String {
 #[derive(Debug, Args)]
 pub struct DumpArgs {
     /// Manifest files (YAML or JSON) or directories of them.
-    #[arg(long = "from", value_name = "PATH", num_args = 1.., required_unless_present = "kubeconfig")]
+    #[arg(long = "from", value_name = "PATH", num_args = 1.., required_unless_present_any = ["kubeconfig", "agent"])]
     pub from: Vec<PathBuf>,
     /// Read the cluster once through this kubeconfig instead of manifest files.
     #[arg(long, value_name = "PATH", conflicts_with = "from")]
     pub kubeconfig: Option<PathBuf>,
+    /// Print what a running agent last applied (its metrics address, e.g. 127.0.0.1:10249):
+    /// its snapshot and its configuration (the node options are then not used).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["from", "kubeconfig"])]
+    pub agent: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
     /// Output format (nftables mode).
@@ -578,13 +648,186 @@ pub const EXIT_SKIPPED: u8 = 2;
 
 /// Runs a command; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
+    run_as(cli, false)
+}
+
+/// Whether the program was started as the kubectl plugin `kubectl-svcproxy` (its file name):
+/// then `trace` and `services` read the cluster through the current kubeconfig context unless
+/// told otherwise, as kubectl users expect.
+pub fn is_kubectl_plugin(argv0: &std::ffi::OsStr) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "kubectl-svcproxy")
+}
+
+/// [`run`], as the kubectl plugin when `plugin`.
+pub fn run_as(cli: Cli, plugin: bool) -> u8 {
     match cli.command {
+        Command::Trace(args) => trace(&args, plugin, &mut std::io::stdout().lock()),
+        Command::Services(args) => services(&args, plugin, &mut std::io::stdout().lock()),
         Command::Dump(args) => dump(&args, &mut std::io::stdout().lock()),
         Command::Run(args) => run_agent(&args),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Apply(args) => apply(&args),
         Command::Cleanup => cleanup(),
     }
+}
+
+/// The cluster read once through a kubeconfig (`None`: `kube::Config::infer`, the current
+/// context), as a snapshot seen from the node; whether nothing was skipped.
+fn read_cluster(path: Option<&PathBuf>, node_args: &NodeArgs) -> Result<(Snapshot, bool), String> {
+    runtime().block_on(async {
+        let config = kube_config(path).await?;
+        let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+        let (converted, problems) = fetch_cluster(client, &node_args.node_name())
+            .await
+            .map_err(|e| e.to_string())?;
+        for e in &problems {
+            tracing::warn!("skipped: {e}");
+        }
+        let mut notices = Vec::new();
+        let node = node_args.node_info(&converted, &mut notices);
+        for n in &notices {
+            tracing::info!("{n}");
+        }
+        Ok::<_, String>((
+            Snapshot {
+                services: converted.services,
+                slices: converted.slices,
+                node,
+                service_cidrs: converted.service_cidrs,
+            },
+            problems.is_empty(),
+        ))
+    })
+}
+
+/// The snapshot and configuration `trace` and `services` work on: from manifests, the cluster
+/// or a running agent. The agent's answer carries its own configuration; otherwise the node
+/// options give it.
+fn load_input(
+    input: &InputArgs,
+    node_args: &NodeArgs,
+    plugin: bool,
+) -> Result<(Snapshot, ProxyConfig, Option<String>), String> {
+    if let Some(addr) = &input.agent {
+        return crate::agent::state::fetch(addr)
+            .map(|a| (a.snapshot, a.config, Some(a.mode)))
+            .map_err(|e| e.to_string());
+    }
+    let config = node_args.proxy_config();
+    let loaded = if let Some(path) = &input.kubeconfig {
+        read_cluster(Some(path), node_args)
+    } else if !input.from.is_empty() {
+        load_snapshot(&input.from, node_args).map_err(|()| String::new())
+    } else if plugin {
+        read_cluster(None, node_args)
+    } else {
+        return Err("say where the cluster state comes from: --from PATH, --kubeconfig PATH or --agent ADDR".into());
+    };
+    loaded.map(|(s, _)| (s, config, None))
+}
+
+fn print(out: &mut impl Write, text: &str) -> bool {
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            tracing::error!("writing the answer: {e}");
+            false
+        }
+    }
+}
+
+/// `svcproxy trace`.
+pub fn trace(args: &TraceArgs, plugin: bool, out: &mut impl Write) -> u8 {
+    let (snapshot, config, agent_mode) = match load_input(&args.input, &args.node, plugin) {
+        Ok(l) => l,
+        Err(e) => {
+            if !e.is_empty() {
+                tracing::error!("{e}");
+            }
+            return EXIT_NOTHING;
+        }
+    };
+    let family = crate::model::IpFamily::of(&args.destination.address);
+    let source = if args.source == "node" {
+        match snapshot.node.primary(family) {
+            Some(ip) => ip,
+            None => {
+                tracing::error!(
+                    "the node {} has no address of the destination's family (--node-ip, or its Node object)",
+                    snapshot.node.name
+                );
+                return EXIT_NOTHING;
+            }
+        }
+    } else {
+        match args.source.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                tracing::error!("{:?} is not an IP address (or `node`)", args.source);
+                return EXIT_NOTHING;
+            }
+        }
+    };
+    let query = crate::trace::Query {
+        source,
+        target: args.destination,
+        iifname: args.iifname.clone(),
+        backend: match (args.proxy_mode, agent_mode.as_deref()) {
+            (Some(ProxyModeArg::Iptables), _) | (None, Some("iptables")) => {
+                crate::trace::Backend::Iptables
+            }
+            _ => crate::trace::Backend::Nftables,
+        },
+    };
+    let t = match crate::trace::trace_snapshot(&snapshot, &config, &query) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e}");
+            return EXIT_NOTHING;
+        }
+    };
+    let text = match args.output {
+        Output::Text => t.to_string(),
+        Output::Json => {
+            let mut s = serde_json::to_string_pretty(&t).expect("a trace serializes");
+            s.push('\n');
+            s
+        }
+    };
+    if !print(out, &text) {
+        return EXIT_NOTHING;
+    }
+    t.verdict.exit_code()
+}
+
+/// `svcproxy services`.
+pub fn services(args: &ServicesArgs, plugin: bool, out: &mut impl Write) -> u8 {
+    let (snapshot, config, _) = match load_input(&args.input, &args.node, plugin) {
+        Ok(l) => l,
+        Err(e) => {
+            if !e.is_empty() {
+                tracing::error!("{e}");
+            }
+            return EXIT_NOTHING;
+        }
+    };
+    let table = crate::services::services(&snapshot, &config);
+    let text = match args.output {
+        Output::Text => table.to_string(),
+        Output::Json => {
+            let mut s = serde_json::to_string_pretty(&table).expect("a table serializes");
+            s.push('\n');
+            s
+        }
+    };
+    if !print(out, &text) {
+        return EXIT_NOTHING;
+    }
+    EXIT_OK
 }
 
 /// Manifests → snapshot, with every problem logged. `Err(())`: nothing usable was read.
@@ -694,32 +937,16 @@ pub fn cleanup() -> u8 {
 /// `svcproxy dump`: manifests → model → plan → nftables, printed to `out`. Problems go to the
 /// log (stderr), each naming the file, the object and the field.
 pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
-    let loaded = match &args.kubeconfig {
-        Some(path) => runtime().block_on(async {
-            let config = kube_config(Some(path)).await?;
-            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
-            let (converted, problems) = fetch_cluster(client, &args.node.node_name())
-                .await
-                .map_err(|e| e.to_string())?;
-            for e in &problems {
-                tracing::warn!("skipped: {e}");
-            }
-            let mut notices = Vec::new();
-            let node = args.node.node_info(&converted, &mut notices);
-            for n in &notices {
-                tracing::info!("{n}");
-            }
-            Ok::<_, String>((
-                Snapshot {
-                    services: converted.services,
-                    slices: converted.slices,
-                    node,
-                    service_cidrs: converted.service_cidrs,
-                },
-                problems.is_empty(),
-            ))
-        }),
-        None => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),
+    let mut config = args.node.proxy_config();
+    let loaded = match (&args.agent, &args.kubeconfig) {
+        (Some(addr), _) => crate::agent::state::fetch(addr)
+            .map(|a| {
+                config = a.config;
+                (a.snapshot, true)
+            })
+            .map_err(|e| e.to_string()),
+        (None, Some(path)) => read_cluster(Some(path), &args.node),
+        (None, None) => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),
     };
     let (snapshot, clean) = match loaded {
         Ok(l) => l,
@@ -730,7 +957,7 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
             return EXIT_NOTHING;
         }
     };
-    let (plan, ruleset) = crate::compile(&snapshot, &args.node.proxy_config());
+    let (plan, ruleset) = crate::compile(&snapshot, &config);
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }

@@ -21,7 +21,9 @@ pub mod nft;
 pub mod plan;
 pub mod process;
 pub mod report;
+pub mod services;
 pub mod synthetic;
+pub mod trace;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came
 /// from (for diagnostics such as destination conflicts).

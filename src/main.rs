@@ -11,7 +11,22 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     // Usage errors exit 1, not clap's 2: for svcproxy, 2 means "compiled, but something was
     // skipped", and scripts must be able to tell the two apart.
-    let cli = match Cli::try_parse() {
+    // Installed as `kubectl-svcproxy`, svcproxy is a kubectl plugin: `kubectl svcproxy trace …`
+    // reads the cluster through the current kubeconfig context by default.
+    let plugin = std::env::args_os()
+        .next()
+        .is_some_and(|a| svcproxy::cli::is_kubectl_plugin(&a));
+    let parsed = if plugin {
+        use clap::{CommandFactory, FromArgMatches};
+        Cli::command()
+            .name("kubectl-svcproxy")
+            .bin_name("kubectl svcproxy")
+            .try_get_matches()
+            .and_then(|m| Cli::from_arg_matches(&m))
+    } else {
+        Cli::try_parse()
+    };
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -35,7 +50,7 @@ fn main() -> ExitCode {
         LogFormat::Text if matches!(cli.command, Command::Run(_)) => logs.with_ansi(ansi).init(),
         LogFormat::Text => logs.with_ansi(ansi).without_time().init(),
     }
-    ExitCode::from(svcproxy::cli::run(cli))
+    ExitCode::from(svcproxy::cli::run_as(cli, plugin))
 }
 
 /// At most two glibc malloc arenas. By default glibc gives each thread that allocates an arena

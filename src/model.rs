@@ -13,7 +13,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 /// A transport protocol a Service port can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -38,7 +41,9 @@ impl fmt::Display for Protocol {
 }
 
 /// IPv4 or IPv6: the proxy keeps one ruleset per family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum IpFamily {
     V4,
     V6,
@@ -63,7 +68,9 @@ impl IpFamily {
 }
 
 /// Namespace and name of an object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -85,7 +92,19 @@ impl fmt::Display for ObjectRef {
 }
 
 /// externalTrafficPolicy / internalTrafficPolicy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum TrafficPolicy {
     /// Any ready endpoint in the cluster.
     #[default]
@@ -96,7 +115,9 @@ pub enum TrafficPolicy {
 
 /// One port of a Service. The target port is not kept: EndpointSlices carry the resolved number
 /// per slice, matched by the Service port's name and protocol.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServicePort {
     /// The port's name ("" for the single unnamed port); EndpointSlice ports are matched by it.
     pub name: String,
@@ -106,7 +127,7 @@ pub struct ServicePort {
 }
 
 /// A Service that the proxy implements (headless and ExternalName Services never get this far).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Service {
     pub id: ObjectRef,
     /// The cluster IPs, at most one per family.
@@ -117,6 +138,7 @@ pub struct Service {
     pub load_balancer_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges`, both families (unparsable ones left out on conversion):
     /// only these sources may reach the load-balancer IPs. Empty: every source may.
+    #[serde(with = "nets")]
     pub load_balancer_source_ranges: Vec<IpNet>,
     /// ClientIP session affinity timeout in seconds, if affinity is on.
     pub affinity_timeout: Option<u32>,
@@ -126,7 +148,9 @@ pub struct Service {
 }
 
 /// One endpoint address as an EndpointSlice reports it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Endpoint {
     pub address: IpAddr,
     pub ready: bool,
@@ -142,14 +166,27 @@ pub struct Endpoint {
 
 /// An endpoint's topology hints (`hints.forZones[].name`, `hints.forNodes[].name`), each list
 /// sorted and without duplicates; at least one of them is non-empty.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct EndpointHints {
     pub for_zones: Vec<String>,
     pub for_nodes: Vec<String>,
 }
 
 /// One port of an EndpointSlice: the Service port name it serves and the number the pods listen on.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct EndpointPort {
     pub name: String,
     pub protocol: Protocol,
@@ -157,7 +194,7 @@ pub struct EndpointPort {
 }
 
 /// An EndpointSlice of a Service (only IPv4/IPv6 slices; FQDN slices are ignored on conversion).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointSlice {
     pub id: ObjectRef,
     /// The Service this slice belongs to (label `kubernetes.io/service-name`), in the slice's namespace.
@@ -168,12 +205,13 @@ pub struct EndpointSlice {
 }
 
 /// What the proxy knows about the node it runs on.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub name: String,
     /// The node's addresses, primary (first InternalIP per family) first.
     pub addresses: Vec<IpAddr>,
     pub zone: Option<String>,
+    #[serde(with = "nets")]
     pub pod_cidrs: Vec<IpNet>,
     /// The Node has a `deletionTimestamp`: it is going away.
     pub deleting: bool,
@@ -199,7 +237,7 @@ impl NodeInfo {
 }
 
 /// Which local addresses answer NodePorts (`--nodeport-addresses`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum NodePortAddresses {
     /// Every local address of the node except loopback.
     #[default]
@@ -207,13 +245,13 @@ pub enum NodePortAddresses {
     /// The node's primary address of each family.
     Primary,
     /// Local addresses inside these CIDRs (loopback never).
-    Cidrs(Vec<IpNet>),
+    Cidrs(#[serde(with = "nets")] Vec<IpNet>),
 }
 
 /// How traffic from this node's pods is told apart from other traffic (kube-proxy's
 /// `detectLocalMode`). "Local" traffic is what ClusterIP masquerading leaves alone (unless
 /// masquerade-all) and what reaches externalTrafficPolicy Local addresses through any endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DetectLocal {
     /// Sources inside [`ProxyConfig::cluster_cidrs`] (of the packet's family).
     #[default]
@@ -240,11 +278,12 @@ impl DetectLocal {
 
 /// How the proxy is configured on this node: everything the compiler needs that is not a
 /// Kubernetes object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProxyConfig {
     /// The pod network(s) of the cluster. With `detectLocalMode: ClusterCIDR` (the default),
     /// traffic from outside it to a ClusterIP is masqueraded; empty means unknown: then no such
     /// masquerading (as kube-proxy without `--cluster-cidr`).
+    #[serde(with = "nets")]
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: NodePortAddresses,
     /// Masquerade all traffic to ClusterIPs.
@@ -255,6 +294,7 @@ pub struct ProxyConfig {
     pub detect_local: DetectLocal,
     /// The Service CIDRs to use when the cluster has no ServiceCIDR objects
     /// (`--service-cidr`): traffic to an address inside them that no Service holds is dropped.
+    #[serde(with = "nets")]
     pub service_cidrs: Vec<IpNet>,
     /// `conntrack.tcpBeLiberal`: the kernel accepts out-of-window TCP packets, so the iptables
     /// mode does not drop `ctstate INVALID` in forward (as kube-proxy).
@@ -282,15 +322,80 @@ impl ProxyConfig {
 }
 
 /// The whole state the compiler works from: the cluster as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// Shared, not owned: the agent's snapshots share unchanged objects with the previous one
     /// (and with its conversion cache), so building a snapshot is cheap and an unchanged object
     /// is recognised by its address without comparing it.
+    #[serde(with = "by_id")]
     pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    #[serde(with = "by_id")]
     pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     pub node: NodeInfo,
     /// The cluster's Service CIDRs, from its `networking.k8s.io/v1` ServiceCIDR objects (both
     /// families, sorted). Empty: the cluster has none, and [`ProxyConfig::service_cidrs`] is used.
+    #[serde(with = "nets")]
     pub service_cidrs: Vec<IpNet>,
+}
+
+/// `Vec<IpNet>` as a list of strings (`10.0.0.0/8`), for the agent's read-only state.
+pub mod nets {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| n.parse().map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// A map of objects by their identity, as the list of the objects (each carries its `id`).
+pub mod by_id {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{EndpointSlice, ObjectRef, Service};
+
+    /// An object that knows its identity.
+    pub trait Keyed {
+        fn key(&self) -> &ObjectRef;
+    }
+
+    impl Keyed for Service {
+        fn key(&self) -> &ObjectRef {
+            &self.id
+        }
+    }
+
+    impl Keyed for EndpointSlice {
+        fn key(&self) -> &ObjectRef {
+            &self.id
+        }
+    }
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        map: &BTreeMap<ObjectRef, Arc<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.values().map(|v| &**v))
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<BTreeMap<ObjectRef, Arc<T>>, D::Error>
+    where
+        T: Deserialize<'de> + Keyed,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<T>::deserialize(d)?
+            .into_iter()
+            .map(|v| (v.key().clone(), Arc::new(v)))
+            .collect())
+    }
 }

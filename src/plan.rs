@@ -12,12 +12,12 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::model::{
-    DetectLocal, EndpointHints, EndpointSlice, IpFamily, NodeInfo, NodePortAddresses, ObjectRef,
-    Protocol, ProxyConfig, Service, ServicePort, Snapshot, TrafficPolicy,
+    DetectLocal, Endpoint, EndpointHints, EndpointSlice, IpFamily, NodeInfo, NodePortAddresses,
+    ObjectRef, Protocol, ProxyConfig, Service, ServicePort, Snapshot, TrafficPolicy,
 };
 
 /// The whole plan: one part per IP family, IPv4 first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     /// The packet mark bit (as a mask) that flags a packet for masquerading.
     pub masquerade_mark: u32,
@@ -33,7 +33,7 @@ pub struct Plan {
 }
 
 /// Two Services claiming the same address, protocol and port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Conflict {
     pub destination: String,
     pub kept: String,
@@ -51,7 +51,7 @@ impl fmt::Display for Conflict {
 }
 
 /// Which traffic to a ClusterIP is masqueraded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ClusterIpMasquerade {
     /// None (pod traffic cannot be recognised, and masquerade-all is off).
     Never,
@@ -66,13 +66,13 @@ pub enum ClusterIpMasquerade {
 /// detector" (`detectLocalMode`). It decides two things only: which ClusterIP traffic is
 /// masqueraded ([`ClusterIpMasquerade::NotLocal`]), and which clients of an
 /// externalTrafficPolicy Local address are pods, sent to any endpoint ([`Route::ExternalLocal`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum LocalTraffic {
     /// Not recognisable (no CIDR of this family is known): nothing is treated as pod traffic.
     Unknown,
     /// Sources inside these CIDRs (`ClusterCIDR`: the cluster's pod network; `NodeCIDR`: the
     /// Node's `spec.podCIDRs`).
-    FromCidrs(Vec<IpNet>),
+    FromCidrs(#[serde(serialize_with = "crate::model::nets::serialize")] Vec<IpNet>),
     /// Packets arriving on an interface whose name starts with this prefix
     /// (`InterfaceNamePrefix`).
     FromInterfacePrefix(String),
@@ -114,12 +114,12 @@ impl LocalTraffic {
 }
 
 /// Which destination addresses answer NodePorts, for one family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum NodePortMatch {
     /// Every local address except loopback: the kernel knows them, no list needed.
     AnyLocal,
     /// Local addresses inside these CIDRs.
-    LocalIn(Vec<IpNet>),
+    LocalIn(#[serde(serialize_with = "crate::model::nets::serialize")] Vec<IpNet>),
     /// Exactly these addresses.
     Addresses(Vec<IpAddr>),
     /// No address of this family answers NodePorts.
@@ -127,7 +127,7 @@ pub enum NodePortMatch {
 }
 
 /// The plan for one IP family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FamilyPlan {
     pub family: IpFamily,
     pub local_traffic: LocalTraffic,
@@ -137,6 +137,7 @@ pub struct FamilyPlan {
     pub cluster_ips: BTreeMap<IpAddr, ObjectRef>,
     /// The Service CIDRs of this family (aggregated): traffic to an address inside them that is
     /// not in [`FamilyPlan::cluster_ips`] is dropped.
+    #[serde(serialize_with = "crate::model::nets::serialize")]
     pub service_cidrs: Vec<IpNet>,
     /// Endpoints on this node: a pod reaching itself through a Service is masqueraded so that
     /// its reply comes back through the proxy's NAT.
@@ -146,7 +147,7 @@ pub struct FamilyPlan {
 }
 
 /// Where traffic is addressed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Address {
     Ip(IpAddr),
     /// Any of the node's NodePort addresses ([`FamilyPlan::nodeports`]).
@@ -154,7 +155,7 @@ pub enum Address {
 }
 
 /// Why the proxy handles a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum DestinationKind {
     ClusterIp,
     ExternalIp,
@@ -174,7 +175,7 @@ impl DestinationKind {
 }
 
 /// One address, protocol and port of a Service, and what happens to traffic sent there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Destination {
     pub address: Address,
     pub protocol: Protocol,
@@ -186,6 +187,7 @@ pub struct Destination {
     pub route: Route,
     /// loadBalancerSourceRanges of a load-balancer IP: new connections from sources outside
     /// these (aggregated, sorted) are dropped, whatever the route. Empty: no firewall.
+    #[serde(serialize_with = "crate::model::nets::serialize")]
     pub allowed_sources: Vec<IpNet>,
 }
 
@@ -209,7 +211,7 @@ fn service_port_label(svc: &ObjectRef, port_name: &str, protocol: Protocol, port
 }
 
 /// What happens to new connections to a destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Route {
     /// The Service has no usable endpoint at all: refuse at once (TCP reset / ICMP unreachable),
     /// so that clients fail fast instead of timing out.
@@ -235,7 +237,7 @@ pub enum Route {
 }
 
 /// Which endpoints a backend set was chosen from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Scope {
     /// Endpoints anywhere in the cluster.
     Cluster,
@@ -244,7 +246,7 @@ pub enum Scope {
 }
 
 /// The endpoints a destination's traffic is spread over (uniformly at random per connection).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Backends {
     pub scope: Scope,
     /// Never empty; sorted.
@@ -256,39 +258,121 @@ pub struct Backends {
 
 /// One endpoint of one Service port, merged over all slices.
 #[derive(Debug, Clone, Copy)]
-struct Candidate<'a> {
+pub(crate) struct Candidate<'a> {
     addr: SocketAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
     local: bool,
     hints: Option<&'a EndpointHints>,
+    /// The endpoint as its (first) slice reports it, for explanations.
+    endpoint: &'a Endpoint,
 }
+
+/// Why an endpoint of a Service port gets none of a destination's traffic. Each variant is
+/// produced by the function that makes the decision ([`candidates`], [`usable`],
+/// [`cluster_usable`], [`local_usable`]), while it decides, so that an explanation
+/// (`svcproxy trace`) and the plan cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exclusion {
+    /// Its slice is of the other IP family than the destination.
+    WrongFamily,
+    /// Its slice has no port with the Service port's name and protocol (a named targetPort
+    /// the pods do not define, or a slice for other ports).
+    NoSuchPort,
+    /// Not ready, and not a usable fallback (ready endpoints exist, or it is not serving).
+    NotReady,
+    /// Serving but terminating, while ready endpoints exist: terminating endpoints are a
+    /// fallback only.
+    TerminatingWhileReadyExist,
+    /// On another node, and a Local traffic policy keeps this traffic on this node.
+    OtherNode,
+    /// Topology: every ready endpoint has node hints and some name this node; this one's do not.
+    NotHintedForThisNode,
+    /// Topology: every ready endpoint has zone hints and some name this node's zone; this
+    /// one's do not.
+    NotHintedForThisZone,
+}
+
+impl Exclusion {
+    /// In words, for `svcproxy trace`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Exclusion::WrongFamily => "its EndpointSlice is of the other IP family",
+            Exclusion::NoSuchPort => {
+                "its EndpointSlice has no port of the Service port's name and protocol"
+            }
+            Exclusion::NotReady => "not ready (and not a serving-terminating fallback)",
+            Exclusion::TerminatingWhileReadyExist => {
+                "terminating (still serving), and ready endpoints exist: terminating ones are a fallback only"
+            }
+            Exclusion::OtherNode => "on another node, and a Local traffic policy applies",
+            Exclusion::NotHintedForThisNode => {
+                "topology: its hints name other nodes (every ready endpoint has node hints, some for this node)"
+            }
+            Exclusion::NotHintedForThisZone => {
+                "topology: its hints name other zones (every ready endpoint has zone hints, some for this node's zone)"
+            }
+        }
+    }
+}
+
+/// Which endpoint set an exclusion is about: the cluster-wide one, or the one a Local policy
+/// keeps on this node.
+pub(crate) trait Explain<'a> {
+    /// `c` gets none of `scope`'s traffic, because of `why`.
+    fn candidate(&mut self, _scope: Scope, _c: &Candidate<'a>, _why: Exclusion) {}
+    /// An endpoint of `slice` is not a candidate at all for the port, because of `why`.
+    fn slice_endpoint(&mut self, _slice: &'a EndpointSlice, _e: &'a Endpoint, _why: Exclusion) {}
+}
+
+/// The plan's explainer: says nothing (compiled away).
+pub(crate) struct Silent;
+impl Explain<'_> for Silent {}
 
 /// The usable endpoints among `candidates`: the ready ones; if there are none, the ones that
 /// are serving but terminating (so that a rolling update or a scale-down to zero does not cut
 /// traffic while the last pods finish).
-fn usable<'a>(candidates: impl Iterator<Item = Candidate<'a>> + Clone) -> Vec<SocketAddr> {
-    let ready: Vec<SocketAddr> = candidates
-        .clone()
-        .filter(|c| c.ready)
-        .map(|c| c.addr)
-        .collect();
-    if !ready.is_empty() {
-        return ready;
+fn usable<'a, 'c, E: Explain<'a>>(
+    candidates: impl Iterator<Item = &'c Candidate<'a>> + Clone,
+    scope: Scope,
+    ex: &mut E,
+) -> Vec<SocketAddr>
+where
+    'a: 'c,
+{
+    let any_ready = candidates.clone().any(|c| c.ready);
+    let mut out = Vec::new();
+    for c in candidates {
+        let fallback = c.serving && c.terminating;
+        if c.ready || (!any_ready && fallback) {
+            out.push(c.addr);
+        } else if any_ready && fallback {
+            ex.candidate(scope, c, Exclusion::TerminatingWhileReadyExist);
+        } else {
+            ex.candidate(scope, c, Exclusion::NotReady);
+        }
     }
-    candidates
-        .filter(|c| c.serving && c.terminating)
-        .map(|c| c.addr)
-        .collect()
+    out
+}
+
+/// The endpoints traffic kept on this node (a Local policy) uses: the usable ones among this
+/// node's. Topology hints do not apply: this node is as close as can be.
+fn local_usable<'a, E: Explain<'a>>(cands: &[Candidate<'a>], ex: &mut E) -> Vec<SocketAddr> {
+    for c in cands.iter().filter(|c| !c.local) {
+        ex.candidate(Scope::Local, c, Exclusion::OtherNode);
+    }
+    usable(cands.iter().filter(|c| c.local), Scope::Local, ex)
 }
 
 /// Which endpoints cluster-wide traffic may use on this node, as the EndpointSlice controller's
 /// hints say (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go). kube-proxy reads
 /// neither `trafficDistribution` nor the `topology-mode` annotation: the controller turns
 /// them into hints, and the proxy follows the hints it finds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Topology {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
     /// No usable hints: every endpoint.
     Any,
     /// Endpoints hinted for this node (`hints.forNodes`, `PreferSameNode`).
@@ -351,32 +435,64 @@ impl Topology {
 /// The endpoints cluster-wide traffic uses: the ready ones the hints give this node; if none is
 /// ready anywhere, the serving-but-terminating ones, hints aside (as kube-proxy's
 /// `CategorizeEndpoints`: the hints only ever name ready endpoints).
-fn cluster_usable(cands: &[Candidate], node_name: &str, zone: Option<&str>) -> Vec<SocketAddr> {
-    match Topology::from_hints(cands, node_name, zone) {
-        Topology::Any => usable(cands.iter().copied()),
-        mode => cands
-            .iter()
-            .filter(|c| c.ready && mode.admits(c, node_name, zone))
-            .map(|c| c.addr)
-            .collect(),
+fn cluster_usable<'a, E: Explain<'a>>(
+    cands: &[Candidate<'a>],
+    topology: Topology,
+    node_name: &str,
+    zone: Option<&str>,
+    ex: &mut E,
+) -> Vec<SocketAddr> {
+    match topology {
+        Topology::Any => usable(cands.iter(), Scope::Cluster, ex),
+        mode => {
+            let mut out = Vec::new();
+            for c in cands {
+                if !c.ready {
+                    // Topology is only ever used when some endpoint is ready.
+                    let why = if c.serving && c.terminating {
+                        Exclusion::TerminatingWhileReadyExist
+                    } else {
+                        Exclusion::NotReady
+                    };
+                    ex.candidate(Scope::Cluster, c, why);
+                } else if mode.admits(c, node_name, zone) {
+                    out.push(c.addr);
+                } else if mode == Topology::SameNode {
+                    ex.candidate(Scope::Cluster, c, Exclusion::NotHintedForThisNode);
+                } else {
+                    ex.candidate(Scope::Cluster, c, Exclusion::NotHintedForThisZone);
+                }
+            }
+            out
+        }
     }
 }
 
 /// The endpoints of one Service port in one family, from every slice of the Service: each
 /// slice resolves the target port by the Service port's name and protocol in its own port list.
-fn candidates<'a>(
+fn candidates<'a, E: Explain<'a>>(
     slices: &[&'a EndpointSlice],
     family: IpFamily,
     port: &ServicePort,
     node_name: &str,
+    ex: &mut E,
 ) -> Vec<Candidate<'a>> {
     let mut by_addr: BTreeMap<SocketAddr, Candidate<'a>> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.family == family) {
+    for slice in slices {
+        if slice.family != family {
+            for e in &slice.endpoints {
+                ex.slice_endpoint(slice, e, Exclusion::WrongFamily);
+            }
+            continue;
+        }
         let Some(target) = slice
             .ports
             .iter()
             .find(|p| p.name == port.name && p.protocol == port.protocol)
         else {
+            for e in &slice.endpoints {
+                ex.slice_endpoint(slice, e, Exclusion::NoSuchPort);
+            }
             continue;
         };
         for ep in &slice.endpoints {
@@ -387,6 +503,7 @@ fn candidates<'a>(
                 terminating: ep.terminating,
                 local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
                 hints: ep.hints.as_deref(),
+                endpoint: ep,
             };
             // The same endpoint in two slices (a pod moving between slices): merge the views.
             by_addr
@@ -402,6 +519,148 @@ fn candidates<'a>(
         }
     }
     by_addr.into_values().collect()
+}
+
+/// An endpoint of a Service port, with the state the decisions read: what
+/// [`explain_endpoints`] reports, for `svcproxy trace` and `svcproxy services`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointState {
+    pub address: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node.
+    pub local: bool,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    /// The EndpointSlice it came from (the first, if several list it).
+    pub slice: String,
+}
+
+/// An endpoint left out of an endpoint set, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Excluded {
+    /// The address, with the target port when its slice resolves one.
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    pub slice: String,
+    pub reason: Exclusion,
+}
+
+/// How one Service port's endpoints are chosen in one family, every decision explained: the
+/// same functions as the plan's, with a recording explainer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointChoice {
+    /// Every candidate endpoint (merged over slices).
+    pub endpoints: Vec<EndpointState>,
+    /// Endpoints of the Service's slices that are no candidate for this port at all.
+    pub not_candidates: Vec<Excluded>,
+    /// The topology mode of cluster-wide traffic.
+    pub topology: Topology,
+    /// The cluster-wide endpoint set, and what it leaves out.
+    pub cluster: Vec<SocketAddr>,
+    pub cluster_excluded: Vec<Excluded>,
+    /// The endpoints a Local policy keeps traffic on, and what it leaves out.
+    pub local: Vec<SocketAddr>,
+    pub local_excluded: Vec<Excluded>,
+}
+
+/// Records exclusions.
+#[derive(Default)]
+struct Recorder {
+    not_candidates: Vec<Excluded>,
+    cluster: Vec<Excluded>,
+    local: Vec<Excluded>,
+}
+
+impl<'a> Explain<'a> for Recorder {
+    fn candidate(&mut self, scope: Scope, c: &Candidate<'a>, why: Exclusion) {
+        let e = Excluded {
+            address: c.addr.ip(),
+            port: Some(c.addr.port()),
+            node: c.endpoint.node_name.clone(),
+            zone: c.endpoint.zone.clone(),
+            slice: String::new(),
+            reason: why,
+        };
+        match scope {
+            Scope::Cluster => self.cluster.push(e),
+            Scope::Local => self.local.push(e),
+        }
+    }
+
+    fn slice_endpoint(&mut self, slice: &'a EndpointSlice, e: &'a Endpoint, why: Exclusion) {
+        self.not_candidates.push(Excluded {
+            address: e.address,
+            port: None,
+            node: e.node_name.clone(),
+            zone: e.zone.clone(),
+            slice: slice.id.to_string(),
+            reason: why,
+        });
+    }
+}
+
+/// [`plan_service`]'s endpoint choice for one port of `svc` in `ctx`'s family, explained.
+pub fn explain_endpoints(
+    ctx: &FamilyContext,
+    svc_port: &ServicePort,
+    slices: &[&EndpointSlice],
+) -> EndpointChoice {
+    let mut rec = Recorder::default();
+    let cands = candidates(slices, ctx.family, svc_port, &ctx.node_name, &mut rec);
+    // The slice each candidate came from, for the report.
+    let slice_of = |addr: &SocketAddr| {
+        slices
+            .iter()
+            .find(|s| s.family == ctx.family && s.endpoints.iter().any(|e| e.address == addr.ip()))
+            .map(|s| s.id.to_string())
+            .unwrap_or_default()
+    };
+    let topology = Topology::from_hints(&cands, &ctx.node_name, ctx.zone.as_deref());
+    let cluster = cluster_usable(
+        &cands,
+        topology,
+        &ctx.node_name,
+        ctx.zone.as_deref(),
+        &mut rec,
+    );
+    let local = local_usable(&cands, &mut rec);
+    let fill = |v: &mut Vec<Excluded>| {
+        for e in v.iter_mut() {
+            if let Some(p) = e.port {
+                e.slice = slice_of(&SocketAddr::new(e.address, p));
+            }
+        }
+    };
+    fill(&mut rec.cluster);
+    fill(&mut rec.local);
+    // An endpoint that is a candidate through another slice is not "no candidate".
+    rec.not_candidates
+        .retain(|x| !cands.iter().any(|c| c.addr.ip() == x.address));
+    EndpointChoice {
+        endpoints: cands
+            .iter()
+            .map(|c| EndpointState {
+                address: c.addr,
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
+                local: c.local,
+                node: c.endpoint.node_name.clone(),
+                zone: c.endpoint.zone.clone(),
+                slice: slice_of(&c.addr),
+            })
+            .collect(),
+        not_candidates: rec.not_candidates,
+        topology,
+        cluster,
+        cluster_excluded: rec.cluster,
+        local,
+        local_excluded: rec.local,
+    }
 }
 
 /// Resolves the Service semantics of a snapshot into a plan.
@@ -536,7 +795,7 @@ pub fn plan_service(
         hairpin: BTreeSet::new(),
     };
     for port in &svc.ports {
-        let cands = candidates(slices, family, port, &ctx.node_name);
+        let cands = candidates(slices, family, port, &ctx.node_name, &mut Silent);
         part.hairpin.extend(
             cands
                 .iter()
@@ -719,8 +978,10 @@ impl Routes {
     /// and pods and the node itself under externalTrafficPolicy Local) follows the topology
     /// hints; traffic kept on this node by a Local policy ignores them (it is as close as can be).
     fn new(ctx: &FamilyContext, svc: &Service, cands: &[Candidate]) -> Routes {
-        let cluster = cluster_usable(cands, &ctx.node_name, ctx.zone.as_deref());
-        let local = usable(cands.iter().copied().filter(|c| c.local));
+        let (node, zone) = (ctx.node_name.as_str(), ctx.zone.as_deref());
+        let topology = Topology::from_hints(cands, node, zone);
+        let cluster = cluster_usable(cands, topology, node, zone, &mut Silent);
+        let local = local_usable(cands, &mut Silent);
         if cluster.is_empty() {
             return Routes {
                 internal: Route::Reject,
@@ -1700,6 +1961,38 @@ mod tests {
                 local.as_deref(),
                 case.local,
                 "{}: local endpoints",
+                case.name
+            );
+            // The explanation (svcproxy trace) runs the same selection: the same sets, and
+            // every candidate it leaves out has a reason.
+            let svc = s.services.values().next().unwrap();
+            let slices: Vec<&EndpointSlice> = s.slices.values().map(|x| x.as_ref()).collect();
+            let ctx = FamilyContext::new(&s.node, &ProxyConfig::default(), IpFamily::V4);
+            let choice = explain_endpoints(&ctx, &svc.ports[0], &slices);
+            let last = |v: &[SocketAddr]| {
+                v.iter()
+                    .map(|a| match a.ip() {
+                        IpAddr::V4(v4) => v4.octets()[3],
+                        IpAddr::V6(_) => unreachable!(),
+                    })
+                    .collect::<Vec<u8>>()
+            };
+            if let Some(c) = case.cluster {
+                assert_eq!(last(&choice.cluster), c, "{}: explained cluster", case.name);
+            }
+            if let Some(l) = case.local {
+                assert_eq!(last(&choice.local), l, "{}: explained local", case.name);
+            }
+            assert_eq!(
+                choice.cluster.len() + choice.cluster_excluded.len(),
+                choice.endpoints.len(),
+                "{}: every endpoint is used or has a reason",
+                case.name
+            );
+            assert_eq!(
+                choice.local.len() + choice.local_excluded.len(),
+                choice.endpoints.len(),
+                "{}: every endpoint is used or has a reason (local)",
                 case.name
             );
         }

@@ -8,9 +8,9 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,9 +20,10 @@ use common::proxy::*;
 use svcproxy::backend::Desired;
 use svcproxy::conntrack::UdpFlow;
 use svcproxy::iptables::Variant;
-use svcproxy::model::IpFamily;
+use svcproxy::model::{IpFamily, Protocol};
 use svcproxy::nft::apply::{NftCommand, SyncKind};
 use svcproxy::nft::syntax::{Data, Element, Value, Verdict};
+use svcproxy::trace::{Query, Verdict as Fate};
 
 on_every_backend!(
     clusterip_spreads_over_ready_endpoints_only,
@@ -46,6 +47,278 @@ on_every_backend!(
     unallocated_cluster_ips_are_dropped,
     invalid_conntrack_state_in_forward,
 );
+
+fn node_ip() -> IpAddr {
+    NODE_IP.parse().unwrap()
+}
+
+fn client_ip() -> IpAddr {
+    CLIENT_IP.parse().unwrap()
+}
+
+/// One datagram from namespace `ns` to `to` on a connected socket, and its answer.
+fn udp_once(ns: &str, to: SocketAddr, timeout: Duration) -> io::Result<Reply> {
+    in_ns(ns, move || {
+        let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let s = std::net::UdpSocket::bind(any)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.connect(to)?;
+        s.send(b"hello")?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf)?;
+        parse_reply(&String::from_utf8_lossy(&buf[..n]))
+    })
+}
+
+/// One ICMP echo request (a raw socket: no ping program needed) from namespace `ns` to `to`
+/// (IPv4): an echo reply is an answer, a destination unreachable a refusal, nothing within the
+/// deadline a drop.
+fn ping(ns: &str, to: IpAddr) -> Observed {
+    let IpAddr::V4(v4) = to else {
+        panic!("ping is IPv4 here")
+    };
+    in_ns(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            let id: u16 = 0x5350;
+            let mut pkt = [8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, b'p', b'i'];
+            let mut sum: u32 = 0;
+            for c in pkt.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            let ck = !(sum as u16);
+            pkt[2] = (ck >> 8) as u8;
+            pkt[3] = ck as u8;
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let sent = libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            if sent < 0 {
+                // A packet the node itself sends and its own netfilter drops or rejects
+                // (OUTPUT) fails with EPERM; a reject then delivers its ICMP error, read below.
+                let e = io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ping {to}: {e}");
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut out = Observed::Dropped;
+            let mut buf = [0u8; 1500];
+            while Instant::now() < deadline {
+                let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+                if n <= 0 {
+                    continue;
+                }
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                match buf.get(ihl) {
+                    Some(0) => {
+                        out = Observed::Reached(BTreeMap::new());
+                        break;
+                    }
+                    Some(3) => {
+                        out = Observed::Refused;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            libc::close(fd);
+            out
+        }
+    })
+}
+
+/// What new TCP connections did, as real packets or as `svcproxy trace` predicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Observed {
+    /// Answered by these pods; for each, whether it saw another source address than the
+    /// client's (masqueraded); `None` where that cannot be seen (the node is the client: its
+    /// own address and its masquerading address are the same).
+    Reached(BTreeMap<String, Option<bool>>),
+    /// Refused at once (a TCP reset or an ICMP unreachable).
+    Refused,
+    /// No answer.
+    Dropped,
+}
+
+impl Proxy {
+    /// The pod with this address (`svcproxy trace` names endpoints by address).
+    fn pod_named(&self, ip: IpAddr) -> String {
+        self.w
+            .pods
+            .iter()
+            .find(|p| p.ip == ip || p.ip6 == ip)
+            .map_or_else(|| ip.to_string(), |p| p.name.clone())
+    }
+
+    /// `svcproxy trace`'s prediction for a TCP connection from `src` to `to`, on the inputs last
+    /// applied and this backend.
+    fn predict(
+        &self,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: &str,
+    ) -> (Observed, svcproxy::trace::Trace) {
+        let (snapshot, config) = self.applied.as_ref().expect("something applied");
+        let q = Query {
+            source: src,
+            target: to.parse().unwrap(),
+            iifname: iifname.map(String::from),
+            backend: match self.mode {
+                Mode::Nftables => svcproxy::trace::Backend::Nftables,
+                Mode::Iptables(_) => svcproxy::trace::Backend::Iptables,
+            },
+        };
+        let t = svcproxy::trace::trace_snapshot(snapshot, config, &q).unwrap();
+        let node = src.to_string() == NODE_IP || src.to_string() == NODE_IP6;
+        let o = match &t.verdict {
+            Fate::Dnat { .. } => Observed::Reached(
+                t.endpoints
+                    .iter()
+                    .map(|c| {
+                        (
+                            self.pod_named(c.state.address.ip()),
+                            (!node).then_some(c.masquerade),
+                        )
+                    })
+                    .collect(),
+            ),
+            Fate::Reject { .. } => Observed::Refused,
+            Fate::Drop { .. } => Observed::Dropped,
+            Fate::LeftAlone { .. } => panic!("{to} is not a Service's: {t}"),
+        };
+        (o, t)
+    }
+
+    /// Makes `n` TCP connections from namespace `ns` (whose address is `src`) to `to`, and
+    /// asserts that `svcproxy trace` predicted exactly what they did: the same endpoints (all
+    /// of them, unless session affinity keeps the client on one), masqueraded or not, refused
+    /// or dropped. Returns what they did.
+    fn probe(&self, ns: &str, src: IpAddr, to: SocketAddr, n: usize) -> Observed {
+        self.probe_via(ns, src, None, to, n)
+    }
+
+    /// [`Proxy::probe`] with UDP datagrams (a connected socket, so that an ICMP port
+    /// unreachable is seen as a refusal).
+    fn probe_udp(&self, ns: &str, src: IpAddr, to: SocketAddr, n: usize) -> Observed {
+        self.probe_proto(ns, src, None, to, Protocol::Udp, n)
+    }
+
+    /// A ping from namespace `ns` (address `src`) to `to`: what `svcproxy trace` predicts
+    /// (refused: an ICMP port unreachable; dropped: no answer) is what happens.
+    fn ping_agrees(&self, ns: &str, src: IpAddr, to: IpAddr) -> Observed {
+        let (predicted, t) = self.predict(src, None, &to.to_string());
+        let observed = ping(ns, to);
+        assert_eq!(
+            predicted, observed,
+            "{:?}: ping {to} from {src}: trace predicted (left) what packets did (right)\n{t}",
+            self.mode
+        );
+        observed
+    }
+
+    /// [`Proxy::probe`] for a source arriving on interface `iifname` of the node.
+    fn probe_via(
+        &self,
+        ns: &str,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: SocketAddr,
+        n: usize,
+    ) -> Observed {
+        self.probe_proto(ns, src, iifname, to, Protocol::Tcp, n)
+    }
+
+    fn probe_proto(
+        &self,
+        ns: &str,
+        src: IpAddr,
+        iifname: Option<&str>,
+        to: SocketAddr,
+        proto: Protocol,
+        n: usize,
+    ) -> Observed {
+        let (predicted, t) = self.predict(src, iifname, &format!("{to}/{proto}"));
+        let node = src.to_string() == NODE_IP || src.to_string() == NODE_IP6;
+        let mut seen = BTreeMap::new();
+        let mut observed = None;
+        for _ in 0..n {
+            let timeout = if seen.is_empty() {
+                Duration::from_millis(700)
+            } else {
+                T
+            };
+            let answer = match proto {
+                Protocol::Tcp => tcp(ns, to, timeout),
+                _ => udp_once(ns, to, timeout),
+            };
+            match answer {
+                Ok(r) => {
+                    let masq = (!node).then_some(r.peer != src);
+                    let prev = seen.insert(r.pod.clone(), masq);
+                    assert!(
+                        prev.is_none() || prev == Some(masq),
+                        "{to} from {src}: {} seen both masqueraded and not",
+                        r.pod
+                    );
+                }
+                Err(e) if seen.is_empty() => {
+                    observed = Some(match e.kind() {
+                        io::ErrorKind::ConnectionRefused => Observed::Refused,
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Observed::Dropped,
+                        _ => panic!("{to} from {ns}: {e:?}"),
+                    });
+                    break;
+                }
+                Err(e) => panic!("{to} from {ns}: {e:?} after answers {seen:?}"),
+            }
+        }
+        let observed = observed.unwrap_or(Observed::Reached(seen));
+        let affinity = t.steps.iter().any(|s| s.decision == "session-affinity");
+        match (&predicted, &observed) {
+            (Observed::Reached(p), Observed::Reached(o)) if affinity => {
+                assert_eq!(o.len(), 1, "affinity keeps one endpoint: {o:?}");
+                assert!(
+                    o.iter().all(|(k, v)| p.get(k) == Some(v)),
+                    "{:?}: {to} from {src}: trace predicted {p:?}, packets did {o:?}\n{t}",
+                    self.mode
+                );
+            }
+            _ => assert_eq!(
+                predicted, observed,
+                "{:?}: {to} from {src}: trace predicted (left) what packets did (right)\n{t}",
+                self.mode
+            ),
+        }
+        observed
+    }
+}
 
 fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
     let (a1, a2, a3, b1, c) = (
@@ -90,6 +363,11 @@ fn clusterip_spreads_over_ready_endpoints_only(mut p: Proxy) {
             "traffic from outside the cluster CIDR is masqueraded"
         );
     }
+    // trace predicts each of these.
+    let to = sa("10.96.0.10:80");
+    p.probe(&c.ns, c.ip, to, 40);
+    p.probe(&p.w.client, client_ip(), to, 40);
+    p.probe(&p.w.node, node_ip(), to, 40);
 }
 
 /// A dual-stack Service: each of its ClusterIPs spreads over the endpoints of its own family,
@@ -125,7 +403,9 @@ fn dual_stack_service_answers_on_both_families(mut p: Proxy) {
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
         v6_endpoints.join(", ")
     );
-    p.apply(&yaml);
+    // The node's IPv6 address too, as a dual-stack Node lists it: trace knows the node's
+    // addresses from it (the kernel's list of local addresses decides NodePorts).
+    p.apply_with(&yaml, &["--node-ip", NODE_IP6]);
     let both = BTreeSet::from(["a1", "b1"]);
     for to in ["10.96.0.60:80", "[fd00:96::60]:80"] {
         let seen = who_answers(&c.ns, sa(to), 30);
@@ -143,6 +423,21 @@ fn dual_stack_service_answers_on_both_families(mut p: Proxy) {
         30,
     );
     assert_eq!(names(&seen), both, "NodePort over IPv6: {seen:?}");
+    for to in ["10.96.0.60:80", "[fd00:96::60]:80"] {
+        let to = sa(to);
+        let pod = if to.is_ipv4() { c.ip } else { c.ip6 };
+        let client: IpAddr = if to.is_ipv4() { CLIENT_IP } else { CLIENT_IP6 }
+            .parse()
+            .unwrap();
+        p.probe(&c.ns, pod, to, 30);
+        p.probe(&p.w.client, client, to, 30);
+    }
+    p.probe(
+        &p.w.client,
+        CLIENT_IP6.parse().unwrap(),
+        SocketAddr::new(NODE_IP6.parse().unwrap(), 30660),
+        30,
+    );
 }
 
 fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {
@@ -190,6 +485,10 @@ fn udp_service_and_named_target_ports_on_several_ports(mut p: Proxy) {
     let sock = udp_socket(&c.ns);
     let r = udp_ask(&sock, sa("10.96.0.20:53")).unwrap();
     assert_eq!((r.pod.as_str(), r.port), ("a1", 5353));
+    // trace predicts each of these (named ports resolved per slice, UDP too).
+    p.probe(&c.ns, c.ip, sa("10.96.0.20:80"), 30);
+    p.probe(&c.ns, c.ip, sa("10.96.0.20:90"), 30);
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.20:53"), 5);
 }
 
 fn selector_less_service_and_terminating_fallback(mut p: Proxy) {
@@ -231,6 +530,8 @@ fn selector_less_service_and_terminating_fallback(mut p: Proxy) {
         names(&who_answers(&c.ns, sa("10.96.0.31:80"), 10)),
         BTreeSet::from(["a1"])
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.30:80"), 5);
+    p.probe(&c.ns, c.ip, sa("10.96.0.31:80"), 10);
 }
 
 fn session_affinity_keeps_a_client_on_one_endpoint(mut p: Proxy) {
@@ -269,6 +570,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint(mut p: Proxy) {
         chosen.len() > 1,
         "after idling past the timeout the client is balanced again: {chosen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.40:80"), 10);
 }
 
 fn nodeport_cluster_and_local_traffic_policy(mut p: Proxy) {
@@ -337,6 +639,12 @@ fn nodeport_cluster_and_local_traffic_policy(mut p: Proxy) {
     // ...while pods on this node still reach the Service through its ClusterIP and NodePort.
     assert_eq!(tcp(&c.ns, sa("10.96.0.52:80"), T).unwrap().pod, "b1");
     assert_eq!(tcp(&c.ns, node_port(30082), T).unwrap().pod, "b1");
+    // trace predicts each of these.
+    for port in [30080, 30081, 30082] {
+        p.probe(&p.w.client, client_ip(), node_port(port), 30);
+        p.probe(&c.ns, c.ip, node_port(port), 30);
+    }
+    p.probe(&c.ns, c.ip, sa("10.96.0.52:80"), 5);
 }
 
 fn load_balancer_ip_and_external_ip(mut p: Proxy) {
@@ -360,7 +668,14 @@ fn load_balancer_ip_and_external_ip(mut p: Proxy) {
             BTreeSet::from(["a1", "b1"]),
             "{addr}: {seen:?}"
         );
+        p.probe(&p.w.client, client_ip(), sa(addr), 30);
     }
+    p.probe(
+        &p.w.client,
+        client_ip(),
+        SocketAddr::new(node_ip(), 30090),
+        30,
+    );
 }
 
 fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
@@ -393,6 +708,21 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once(mut p: Proxy) {
     // A port the Service does not have, on a ClusterIP that works.
     assert_eq!(tcp(&c.ns, sa("10.96.0.71:80"), T).unwrap().pod, "a1");
     refused_fast(&c.ns, sa("10.96.0.71:81"));
+    // trace predicts each of these.
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 1);
+    p.probe(&p.w.node, node_ip(), sa("10.96.0.70:80"), 1);
+    p.probe(
+        &p.w.client,
+        client_ip(),
+        SocketAddr::new(node_ip(), 30070),
+        1,
+    );
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:80"), 3);
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:81"), 1);
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.70:53"), 1);
+    // A ping to a ClusterIP: refused (ICMP port unreachable), with or without endpoints.
+    p.ping_agrees(&c.ns, c.ip, "10.96.0.71".parse().unwrap());
+    p.ping_agrees(&c.ns, c.ip, "10.96.0.70".parse().unwrap());
     // UDP: ICMP port unreachable, seen by a connected socket.
     let e = in_ns(&c.ns, || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -418,6 +748,10 @@ fn hairpin_a_pod_reaches_itself_through_its_service(mut p: Proxy) {
     assert_ne!(
         r.peer, a1.ip,
         "hairpin traffic is masqueraded, so the reply comes back through the node"
+    );
+    assert_eq!(
+        p.probe(&a1.ns, a1.ip, sa("10.96.0.80:80"), 3),
+        Observed::Reached(BTreeMap::from([("a1".to_string(), Some(true))]))
     );
 }
 
@@ -489,6 +823,9 @@ fn live_updates_under_load_lose_no_connection(mut p: Proxy) {
         failed.len(),
         ok + failed.len()
     );
+    // After the last partial sync, trace (on the last inputs) and the kernel agree.
+    p.probe(&c.ns, c.ip, sa("10.96.0.90:80"), 60);
+    p.probe(&c.ns, c.ip, sa("10.96.0.91:80"), 40);
 }
 
 fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
@@ -674,6 +1011,7 @@ fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
     for _ in 0..3 {
         assert_eq!(answers(&clients), expect("a2"));
     }
+    p.probe_udp(&c.ns, c.ip, sa("10.96.0.110:53"), 3);
 }
 
 /// What svcproxy has in the node namespace: (`ip svcproxy` table present, SVCP rule lines in
@@ -983,17 +1321,22 @@ fn zone_hints_keep_traffic_in_the_zone_and_fall_back_when_incomplete(mut p: Prox
     assert_eq!(names(&seen), zone_a, "from outside, NodePort: {seen:?}");
     let seen = who_answers(&c.ns, sa("10.96.0.71:80"), 10);
     assert_eq!(names(&seen), BTreeSet::from(["a1"]), "iTP Local: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 40);
+    p.probe(&p.w.client, client_ip(), node_port, 40);
+    p.probe(&c.ns, c.ip, sa("10.96.0.71:80"), 10);
 
     // b2 loses its hint (the controller mid-update): hints are all or nothing.
     p.apply(&(services.clone() + &node_a("zone-a") + &hinted("")));
     let all = BTreeSet::from(["a1", "b1", "b2"]);
     let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
     assert_eq!(names(&seen), all, "incomplete hints: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 60);
 
     // A node in a zone no endpoint is hinted for: every endpoint too.
     p.apply(&(services + &node_a("zone-c") + &hinted(zb)));
     let seen = who_answers(&c.ns, sa("10.96.0.70:80"), 60);
     assert_eq!(names(&seen), all, "no hint for this zone: {seen:?}");
+    p.probe(&c.ns, c.ip, sa("10.96.0.70:80"), 60);
 }
 
 /// Node hints (`trafficDistribution: PreferSameNode`: `hints.forNodes`): when every ready
@@ -1044,6 +1387,8 @@ fn node_hints_keep_traffic_on_the_node(mut p: Proxy) {
         BTreeSet::from(["a1"]),
         "from outside: {seen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.72:80"), 20);
+    p.probe(&p.w.client, client_ip(), sa("10.96.0.72:80"), 10);
 
     p.apply(&yaml("{forZones: [{name: zone-a}]}"));
     let seen = who_answers(&c.ns, sa("10.96.0.72:80"), 40);
@@ -1052,6 +1397,7 @@ fn node_hints_keep_traffic_on_the_node(mut p: Proxy) {
         BTreeSet::from(["a1", "b1"]),
         "a node hint missing, zone hints: {seen:?}"
     );
+    p.probe(&c.ns, c.ip, sa("10.96.0.72:80"), 40);
 }
 
 /// `detectLocalMode` decides which sources are pods: their ClusterIP traffic keeps its
@@ -1141,6 +1487,14 @@ fn detect_local_modes_decide_which_sources_are_pods(mut p: Proxy) {
             ),
             "{flags:?}: eTP Local without a local endpoint drops outside clients: {e:?}"
         );
+        // trace predicts each of these (pod c arrives on vp1, d on vp2).
+        for (pod, iif) in [(&c, "vp1"), (&d, "vp2")] {
+            for to in [sa("10.96.0.80:80"), node_port] {
+                p.probe_via(&pod.ns, pod.ip, Some(iif), to, 3);
+            }
+        }
+        p.probe(&p.w.client, client_ip(), sa("10.96.0.80:80"), 3);
+        p.probe(&p.w.client, client_ip(), node_port, 1);
     }
 }
 
@@ -1175,12 +1529,19 @@ fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
     let node_port = SocketAddr::new(NODE_IP.parse().unwrap(), 30095);
     assert_eq!(tcp(&c.ns, node_port, T).unwrap().pod, "a1");
     assert_eq!(tcp(&c.ns, sa("10.96.0.90:80"), T).unwrap().pod, "a1");
+    // trace predicts each of these.
+    p.probe(&p.w.client, client_ip(), lb, 3);
+    p.probe(&c.ns, c.ip, lb, 1);
+    p.probe(&p.w.node, node_ip(), lb, 1);
+    p.probe(&c.ns, c.ip, node_port, 3);
+    p.probe(&c.ns, c.ip, sa("10.96.0.90:80"), 3);
     // Ranges with whitespace around them are valid.
     p.apply(&yaml(r#"[" 198.18.0.0/15 "]"#));
     assert!(
         dropped(&p.w.client, lb),
         "a client outside the ranges reached the LB IP"
     );
+    p.probe(&p.w.client, client_ip(), lb, 1);
     // The LB IP held by the node (a VIP-like load balancer): the node's requests to it come
     // from the LB IP itself. Allowed only when the node's own IP is in the ranges.
     p.node_sh(&["ip", "addr", "add", "198.51.100.30/32", "dev", "lo"]);
@@ -1193,6 +1554,8 @@ fn load_balancer_source_ranges_guard_the_load_balancer_ip(mut p: Proxy) {
     assert_eq!(tcp(&p.w.node, lb, T).unwrap().pod, "a1");
     assert_eq!(tcp(&c.ns, lb, T).unwrap().pod, "a1");
     assert_eq!(tcp(&p.w.client, lb, T).unwrap().pod, "a1");
+    p.probe(&c.ns, c.ip, lb, 3);
+    p.probe(&p.w.client, client_ip(), lb, 3);
 }
 
 // Traffic to an address of the Service CIDRs (a ServiceCIDR object) that no Service holds is
@@ -1239,6 +1602,14 @@ fn unallocated_cluster_ips_are_dropped(mut p: Proxy) {
             "from {ns}: {e:?}"
         );
         assert!(dropped(&ns, sa("10.96.0.99:80")), "from {ns}: not dropped");
+    }
+    for (ns, src) in [(c.ns.clone(), c.ip), (p.w.node.clone(), node_ip())] {
+        p.probe(&ns, src, sa("10.96.0.80:80"), 3);
+        p.probe(&ns, src, sa("10.96.0.80:81"), 1);
+        p.probe(&ns, src, sa("10.96.0.99:80"), 1);
+        // A ping to an unallocated ClusterIP is dropped too; to an allocated one, refused.
+        p.ping_agrees(&ns, src, "10.96.0.99".parse().unwrap());
+        p.ping_agrees(&ns, src, "10.96.0.80".parse().unwrap());
     }
 }
 

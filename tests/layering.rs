@@ -17,6 +17,9 @@ const ROOMS: &[(&str, &[&str])] = &[
     ("convert", &["model"]),
     ("plan", &["model"]),
     ("incremental", &["model", "plan"]),
+    // Where a packet goes and why, and the table of frontends: read from the plan alone.
+    ("trace", &["model", "plan"]),
+    ("services", &["model", "plan", "trace"]),
     ("synthetic", &["model"]),
     ("manifests", &["model", "convert"]),
     // Stale conntrack flows: the pure computation and its netlink writer.

@@ -14,6 +14,7 @@ pub mod metrics;
 mod mirror;
 mod pacer;
 pub mod serve;
+pub mod state;
 pub mod watch;
 
 use std::collections::BTreeSet;
@@ -118,6 +119,7 @@ pub async fn run(
         .config_warnings
         .set(i64::try_from(config.config_warnings).unwrap_or(i64::MAX));
     let health = Arc::new(Health::new(serve::health_timeout(config.sync_period)));
+    let (state, state_requests) = state::AgentState::new();
     // As kube-proxy when its sync loop starts: healthy unless a change then waits too long.
     let started = SystemTime::now();
     health.updated(started);
@@ -148,6 +150,7 @@ pub async fn run(
         tokio::spawn(serve::serve_metrics(
             listener,
             metrics.clone(),
+            state.clone(),
             stop.clone(),
         ));
     }
@@ -166,6 +169,8 @@ pub async fn run(
         changes,
         metrics,
         health,
+        state,
+        state_requests,
         observer,
         rejected: BTreeSet::new(),
         conflicts: BTreeSet::new(),
@@ -182,6 +187,10 @@ struct Syncer {
     changes: Arc<Changes>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// What `/state/…` on the metrics address serves.
+    state: Arc<state::AgentState>,
+    /// Requests for the snapshot last applied, answered between syncs.
+    state_requests: tokio::sync::mpsc::Receiver<state::StateRequest>,
     health_checks: HealthCheckServers,
     observer: Option<mpsc::UnboundedSender<SyncRecord>>,
     /// The problems reported at the last sync, so that each is logged once, not every sync.
@@ -232,6 +241,10 @@ impl Syncer {
                         backend.as_mut().expect("backend").invalidate();
                         false
                     }
+                    Some(reply) = self.state_requests.recv() => {
+                        self.answer_state(backend.as_ref(), reply);
+                        continue;
+                    }
                     _ = stopped(&mut stop) => return,
                 };
                 pending = Some(Instant::now());
@@ -257,6 +270,9 @@ impl Syncer {
                 tokio::select! {
                     _ = tokio::time::sleep_until(earliest.into()) => {}
                     _ = self.changes.notify.notified() => self.count_pending(),
+                    Some(reply) = self.state_requests.recv() => {
+                        self.answer_state(backend.as_ref(), reply);
+                    }
                     _ = stopped(&mut stop) => return,
                 }
             }
@@ -324,6 +340,7 @@ impl Syncer {
                         .min(Duration::from_secs(30));
                     retry_at = Some(Instant::now() + backoff);
                     self.metrics.sync_failed();
+                    self.state.failed(e.to_string(), start.elapsed());
                     tracing::error!(
                         "sync failed (the kernel keeps its previous rules), retrying as a full sync in {backoff:?}: {e}"
                     );
@@ -341,6 +358,23 @@ impl Syncer {
         drop(touched);
         self.metrics.service_changes_pending.set(services as i64);
         self.metrics.endpoint_changes_pending.set(slices as i64);
+    }
+
+    /// `/state/snapshot`'s question: a copy of the snapshot last applied (sharing its objects).
+    fn answer_state(&self, backend: Option<&Backend>, reply: state::StateRequest) {
+        let applied = backend.and_then(|b| b.snapshot()).map(|s| {
+            Arc::new(state::Applied {
+                config: self.config.proxy.clone(),
+                mode: if self.config.iptables.is_some() {
+                    "iptables"
+                } else {
+                    "nftables"
+                }
+                .into(),
+                snapshot: s.clone(),
+            })
+        });
+        let _ = reply.send(applied);
     }
 
     /// Everything after a successful apply: stale UDP flows, health, metrics, health check
@@ -385,6 +419,18 @@ impl Syncer {
         }
         let elapsed = start.elapsed();
         let now = SystemTime::now();
+        self.state.synced(state::SyncOutcome {
+            at: serve::rfc3339(Some(now)),
+            ok: true,
+            kind: Some(report.kind.as_str().to_string()),
+            error: None,
+            services: snapshot.services.len(),
+            endpoint_slices: snapshot.slices.len(),
+            elements_added: report.elements_added,
+            elements_deleted: report.elements_deleted,
+            chains_changed: report.chains_changed,
+            duration_ms: elapsed.as_secs_f64() * 1e3,
+        });
         self.health.updated(now);
         self.metrics.synced(report.kind, elapsed, now, plan);
         if let Some(since) = pending {

@@ -318,6 +318,7 @@ pub async fn serve_health(
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    state: Arc<super::state::AgentState>,
     stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
@@ -333,7 +334,8 @@ pub async fn serve_metrics(
                 )
             }),
         )
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(super::state::router(state));
     serve(listener, app, stop).await;
 }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use svcproxy::cli::NodeArgs;
 use svcproxy::manifests;
-use svcproxy::model::Snapshot;
+use svcproxy::model::{ProxyConfig, Snapshot};
 use svcproxy::nft::Ruleset;
 use svcproxy::plan::Plan;
 
@@ -27,8 +27,9 @@ pub fn node_args(extra: &[&str]) -> NodeArgs {
     Wrapper::parse_from(argv).node
 }
 
-/// Compiles manifests given as YAML text (node-a unless the flags say otherwise).
-pub fn compile_yaml(yaml: &str, flags: &[&str]) -> (Plan, Ruleset) {
+/// The snapshot and configuration of manifests given as YAML text, with node flags (node-a
+/// unless the flags say otherwise): what [`compile_yaml`] compiles.
+pub fn snapshot_yaml(yaml: &str, flags: &[&str]) -> (Snapshot, ProxyConfig) {
     let mut loaded = manifests::load_text(Path::new("inline.yaml"), yaml);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let args = node_args(flags);
@@ -40,7 +41,13 @@ pub fn compile_yaml(yaml: &str, flags: &[&str]) -> (Plan, Ruleset) {
         node,
         service_cidrs: std::mem::take(&mut loaded.converted.service_cidrs),
     };
-    svcproxy::compile(&snapshot, &args.proxy_config())
+    (snapshot, args.proxy_config())
+}
+
+/// Compiles manifests given as YAML text (node-a unless the flags say otherwise).
+pub fn compile_yaml(yaml: &str, flags: &[&str]) -> (Plan, Ruleset) {
+    let (snapshot, config) = snapshot_yaml(yaml, flags);
+    svcproxy::compile(&snapshot, &config)
 }
 
 /// The nft script of manifests given as YAML text.

@@ -103,7 +103,7 @@ pub struct Reply {
     pub port: u16,
 }
 
-fn parse_reply(s: &str) -> io::Result<Reply> {
+pub fn parse_reply(s: &str) -> io::Result<Reply> {
     let mut it = s.split_whitespace();
     let (Some(pod), Some(peer), Some(port)) = (it.next(), it.next(), it.next()) else {
         return Err(io::Error::other(format!("bad reply {s:?}")));
@@ -163,6 +163,8 @@ pub struct World {
     servers: Vec<JoinHandle<()>>,
     pods_here: u8,
     pods_remote: u8,
+    /// Every pod made so far.
+    pub pods: Vec<Pod>,
     pub node: String,
     pub remote: String,
     pub client: String,
@@ -190,6 +192,7 @@ impl World {
             servers: Vec::new(),
             pods_here: 0,
             pods_remote: 0,
+            pods: Vec::new(),
         };
         let (node, remote, client) = (w.node.clone(), w.remote.clone(), w.client.clone());
         for ns in [&node, &remote, &client] {
@@ -398,13 +401,15 @@ impl World {
             argv.extend(args);
             sh(&argv);
         }
-        Pod {
+        let pod = Pod {
             name: name.to_string(),
             ns,
             ip: ip.parse().unwrap(),
             ip6: ip6.parse().unwrap(),
             node: if remote { "node-b" } else { "node-a" },
-        }
+        };
+        self.pods.push(pod.clone());
+        pod
     }
 
     /// Starts TCP and UDP servers on `port`, IPv4 and IPv6, in the pod (or any namespace holding

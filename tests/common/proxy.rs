@@ -16,6 +16,7 @@ use crate::common::netns::*;
 use svcproxy::backend::{Backend, Desired};
 use svcproxy::conntrack::stale_udp;
 use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::model::{ProxyConfig, Snapshot};
 use svcproxy::nft::apply::{ApplyReport, NftCommand};
 use svcproxy::plan::Plan;
 
@@ -109,6 +110,9 @@ pub struct Proxy {
     pub mode: Mode,
     pub backend: Backend,
     pub plan: Option<Plan>,
+    /// The inputs last applied, for `svcproxy trace`'s predictions (`Proxy::probe` in
+    /// tests/dataplane.rs).
+    pub applied: Option<(Snapshot, ProxyConfig)>,
 }
 
 impl Proxy {
@@ -120,6 +124,7 @@ impl Proxy {
             mode,
             backend,
             plan: None,
+            applied: None,
         })
     }
 
@@ -139,6 +144,7 @@ impl Proxy {
     pub fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
         let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
         let (plan, ruleset) = common::compile_yaml(yaml, &flags);
+        self.applied = Some(common::snapshot_yaml(yaml, &flags));
         let desired = self.backend.desired(&plan, ruleset);
         let report = self
             .backend
@@ -159,6 +165,7 @@ impl Proxy {
     /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
     pub fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
         let (mut plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        self.applied = Some(common::snapshot_yaml(yaml, FLAGS));
         plan.drop_invalid = !tcp_be_liberal;
         let desired = self.backend.desired(&plan, ruleset);
         let report = self
