@@ -19,6 +19,7 @@ pub mod nft;
 pub mod plan;
 pub mod process;
 pub mod synthetic;
+pub mod verify;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came
 /// from (for diagnostics such as destination conflicts).
