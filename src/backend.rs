@@ -154,7 +154,9 @@ impl Backend {
 
     /// What the kernel holds of svcproxy's tables, compared with the plan last synced
     /// (`svcproxy_ruleset_drift`): `None` before the first sync.
-    pub fn verify(&self) -> Option<Result<Vec<crate::verify::Difference>, crate::verify::VerifyError>> {
+    pub fn verify(
+        &self,
+    ) -> Option<Result<Vec<crate::verify::Difference>, crate::verify::VerifyError>> {
         let plan = self.plan()?;
         Some(match &self.kind {
             Kind::Iptables(i) => crate::verify::verify_iptables(i.command(), plan),

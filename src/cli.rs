@@ -916,7 +916,10 @@ pub fn verify(args: &VerifyArgs, out: &mut impl Write) -> u8 {
         tracing::info!("the kernel holds exactly the plan's rules");
         EXIT_OK
     } else {
-        tracing::warn!("{} differences between the kernel and the plan", differences.len());
+        tracing::warn!(
+            "{} differences between the kernel and the plan",
+            differences.len()
+        );
         EXIT_DIFFERENT
     }
 }

@@ -188,7 +188,10 @@ pub fn nft_state(docs: &[Json]) -> Result<NftState, VerifyError> {
                 continue;
             };
             let s = |k: &str| body[k].as_str().unwrap_or_default().to_string();
-            let key = (s("family"), s(if kind == "table" { "name" } else { "table" }));
+            let key = (
+                s("family"),
+                s(if kind == "table" { "name" } else { "table" }),
+            );
             match kind.as_str() {
                 "table" => {
                     state.tables.entry(key).or_default();
@@ -316,7 +319,9 @@ fn nft_rule(body: &Json) -> Result<NftRule, VerifyError> {
     for (i, st) in stmts.iter().enumerate() {
         let implicit_tcp = st
             == &serde_json::json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}})
-            && stmts.get(i + 1).is_some_and(|n| n["reject"]["type"] == "tcp reset");
+            && stmts
+                .get(i + 1)
+                .is_some_and(|n| n["reject"]["type"] == "tcp reset");
         if implicit_tcp {
             continue;
         }
@@ -438,9 +443,13 @@ fn stmt_text(st: &Json) -> String {
         },
         "masquerade" if x.is_null() => "masquerade".into(),
         "masquerade" => format!("masquerade {}", expr_text(&x["flags"])),
-        "reject" => format!("reject with {} {}", expr_text(&x["type"]), expr_text(&x["expr"]))
-            .trim_end()
-            .to_string(),
+        "reject" => format!(
+            "reject with {} {}",
+            expr_text(&x["type"]),
+            expr_text(&x["expr"])
+        )
+        .trim_end()
+        .to_string(),
         "mangle" => format!("{} set {}", expr_text(&x["key"]), expr_text(&x["value"])),
         "set" => format!(
             "{} {} {{ {} }}",
@@ -520,7 +529,9 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
             }
         }
         let target = e.data.as_deref()?;
-        let target = target.strip_prefix("goto ").or(target.strip_prefix("jump "))?;
+        let target = target
+            .strip_prefix("goto ")
+            .or(target.strip_prefix("jump "))?;
         owner.get(target).cloned()
     };
     for (name, w) in &want.sets {
@@ -862,12 +873,19 @@ pub fn canonical_iptables(args: &[String]) -> (String, Option<String>, Option<St
             opt if opt.starts_with("--") => {
                 let mut vals = Vec::new();
                 let mut j = i + 1;
-                while j < args.len() && !args[j].starts_with("--") && args[j] != "!" && !is_short(&args[j]) {
+                while j < args.len()
+                    && !args[j].starts_with("--")
+                    && args[j] != "!"
+                    && !is_short(&args[j])
+                {
                     vals.push(args[j].clone());
                     j += 1;
                 }
                 if groups.is_empty() {
-                    groups.push((format!("-m {}", proto.clone().unwrap_or_default()), Vec::new()));
+                    groups.push((
+                        format!("-m {}", proto.clone().unwrap_or_default()),
+                        Vec::new(),
+                    ));
                 }
                 let group = groups.last_mut().unwrap();
                 if opt == "--comment" {
@@ -949,9 +967,10 @@ pub fn desired_iptables(ruleset: &iptables::Ruleset) -> IptState {
                 .entry((f.family, t.table.as_str().to_string()))
                 .or_default();
             for c in &t.chains {
-                table
-                    .chains
-                    .insert(c.name.clone(), c.rules.iter().map(|r| ipt_rule(r)).collect());
+                table.chains.insert(
+                    c.name.clone(),
+                    c.rules.iter().map(|r| ipt_rule(r)).collect(),
+                );
             }
         }
         for j in iptables::render::jump_rules() {
@@ -1037,8 +1056,11 @@ pub fn read_iptables(
 pub fn compare_iptables(desired: &IptState, observed: &IptState) -> Vec<Difference> {
     let mut out = Vec::new();
     let empty = IptTable::default();
-    let keys: BTreeSet<&(IpFamily, String)> =
-        desired.tables.keys().chain(observed.tables.keys()).collect();
+    let keys: BTreeSet<&(IpFamily, String)> = desired
+        .tables
+        .keys()
+        .chain(observed.tables.keys())
+        .collect();
     for key @ (family, table) in keys {
         let place = format!("{} table {table}", family_name(*family));
         let want = desired.tables.get(key).unwrap_or(&empty);
@@ -1085,10 +1107,10 @@ pub fn compare_iptables(desired: &IptState, observed: &IptState) -> Vec<Differen
             if !want.chains.contains_key(name) {
                 out.push(Difference {
                     what: format!("{place}: chain {name} is not in the plan"),
-                    service: owner
-                        .get(name)
-                        .cloned()
-                        .or_else(|| h.iter().find_map(|r| r.comment.as_deref().and_then(service_of))),
+                    service: owner.get(name).cloned().or_else(|| {
+                        h.iter()
+                            .find_map(|r| r.comment.as_deref().and_then(service_of))
+                    }),
                 });
             }
         }
@@ -1145,8 +1167,18 @@ mod tests {
         vec![
             json!({"table": {"family": "ip", "name": "svcproxy", "comment": "ours"}}),
             services_map(vec![
-                elem("10.96.0.1", 443, "default/kubernetes:https/tcp", "endpoints-0"),
-                elem("10.96.0.10", 53, "kube-system/kube-dns:dns-tcp/tcp", "svc-dns"),
+                elem(
+                    "10.96.0.1",
+                    443,
+                    "default/kubernetes:https/tcp",
+                    "endpoints-0",
+                ),
+                elem(
+                    "10.96.0.10",
+                    53,
+                    "kube-system/kube-dns:dns-tcp/tcp",
+                    "svc-dns",
+                ),
             ]),
             json!({"chain": {"family": "ip", "table": "svcproxy", "name": "svc-dns", "comment": "kube-system/kube-dns:dns-tcp/tcp"}}),
             json!({"rule": {"family": "ip", "table": "svcproxy", "chain": "svc-dns", "expr": [
@@ -1170,8 +1202,18 @@ mod tests {
             json!({"metainfo": {"version": "1.0.6", "json_schema_version": 1}}),
             json!({"table": {"family": "ip", "name": "svcproxy", "handle": 3}}),
             services_map(vec![
-                elem("10.96.0.10", 53, "kube-system/kube-dns:dns-tcp/tcp", "svc-dns"),
-                elem("10.96.0.1", 443, "default/kubernetes:https/tcp", "endpoints-0"),
+                elem(
+                    "10.96.0.10",
+                    53,
+                    "kube-system/kube-dns:dns-tcp/tcp",
+                    "svc-dns",
+                ),
+                elem(
+                    "10.96.0.1",
+                    443,
+                    "default/kubernetes:https/tcp",
+                    "endpoints-0",
+                ),
             ]),
             json!({"chain": {"family": "ip", "table": "svcproxy", "name": "svc-dns", "handle": 9}}),
             json!({"rule": {"family": "ip", "table": "svcproxy", "chain": "svc-dns", "handle": 10,
@@ -1199,20 +1241,41 @@ mod tests {
         )]);
         let d = compare_nft(&state(base()), &state(listed));
         assert_eq!(d.len(), 1, "{d:?}");
-        assert!(d[0].what.contains("map services: element 10.96.0.1 . tcp . 443 : goto endpoints-0 is missing"), "{}", d[0]);
-        assert_eq!(d[0].service.as_deref(), Some("default/kubernetes:https/tcp"));
+        assert!(
+            d[0].what.contains(
+                "map services: element 10.96.0.1 . tcp . 443 : goto endpoints-0 is missing"
+            ),
+            "{}",
+            d[0]
+        );
+        assert_eq!(
+            d[0].service.as_deref(),
+            Some("default/kubernetes:https/tcp")
+        );
     }
 
     #[test]
     fn an_extra_or_changed_element_and_rule_are_found() {
         let mut listed = as_listed();
         listed[2] = services_map(vec![
-            elem("10.96.0.10", 53, "kube-system/kube-dns:dns-tcp/tcp", "endpoints-0"),
-            elem("10.96.0.1", 443, "default/kubernetes:https/tcp", "endpoints-0"),
+            elem(
+                "10.96.0.10",
+                53,
+                "kube-system/kube-dns:dns-tcp/tcp",
+                "endpoints-0",
+            ),
+            elem(
+                "10.96.0.1",
+                443,
+                "default/kubernetes:https/tcp",
+                "endpoints-0",
+            ),
             elem("10.96.9.9", 80, "default/hand-made:80/tcp", "endpoints-0"),
         ]);
-        listed.push(json!({"rule": {"family": "ip", "table": "svcproxy", "chain": "svc-dns",
-            "expr": [{"drop": null}]}}));
+        listed.push(
+            json!({"rule": {"family": "ip", "table": "svcproxy", "chain": "svc-dns",
+            "expr": [{"drop": null}]}}),
+        );
         let d = compare_nft(&state(base()), &state(listed));
         let text: Vec<String> = d.iter().map(ToString::to_string).collect();
         assert_eq!(d.len(), 3, "{text:#?}");
@@ -1232,7 +1295,10 @@ mod tests {
             .collect();
         let d = compare_nft(&state(base()), &state(listed));
         assert_eq!(d.len(), 1, "{d:?}");
-        assert_eq!(d[0].to_string(), "table ip svcproxy: chain svc-dns is missing (Service kube-system/kube-dns:dns-tcp/tcp)");
+        assert_eq!(
+            d[0].to_string(),
+            "table ip svcproxy: chain svc-dns is missing (Service kube-system/kube-dns:dns-tcp/tcp)"
+        );
     }
 
     #[test]
@@ -1242,7 +1308,9 @@ mod tests {
                 "flags": ["timeout"], "timeout": 10800, "elem": elems}})
         };
         let want = state(vec![aff(json!([]))]);
-        let have = state(vec![aff(json!([{"elem": {"val": "10.0.0.9", "timeout": 10800, "expires": 5}}]))]);
+        let have = state(vec![aff(
+            json!([{"elem": {"val": "10.0.0.9", "timeout": 10800, "expires": 5}}]),
+        )]);
         assert_eq!(compare_nft(&want, &have), vec![]);
     }
 
@@ -1266,8 +1334,14 @@ mod tests {
                 r#"-m recent --name SVCP-SEP-X --rcheck --seconds 10800 --reap -j SVCP-SEP-X"#,
                 r#"-m recent --rcheck --seconds 10800 --reap --name SVCP-SEP-X --mask 255.255.255.255 --rsource -j SVCP-SEP-X"#,
             ),
-            ("-j MARK --or-mark 0x4000", "-j MARK --set-xmark 0x4000/0x4000"),
-            ("-j MARK --xor-mark 0x4000", "-j MARK --set-xmark 0x4000/0x0"),
+            (
+                "-j MARK --or-mark 0x4000",
+                "-j MARK --set-xmark 0x4000/0x4000",
+            ),
+            (
+                "-j MARK --xor-mark 0x4000",
+                "-j MARK --set-xmark 0x4000/0x0",
+            ),
             (
                 r#"-s 10.1.0.5 -m comment --comment "hairpin" -j SVCP-MARK-MASQ"#,
                 r#"-s 10.1.0.5/32 -m comment --comment hairpin -j SVCP-MARK-MASQ"#,
@@ -1278,7 +1352,11 @@ mod tests {
             ),
         ];
         for (ours, saved) in pairs {
-            assert_eq!(ipt_rule(ours).canonical, ipt_rule(saved).canonical, "{ours}");
+            assert_eq!(
+                ipt_rule(ours).canonical,
+                ipt_rule(saved).canonical,
+                "{ours}"
+            );
         }
         assert_ne!(
             ipt_rule("-d 10.0.0.1/32 -j SVCP-SVC-1").canonical,
@@ -1312,7 +1390,13 @@ mod tests {
             "IPv4 table nat: chain SVCP-SVC-A: rule 1 `-j DNAT --to-destination 10.1.0.5:80` is missing (Service default/web:http/tcp)"
         );
         let mut have = IptState::default();
-        iptables_state(&mut have, IpFamily::V4, &save.replace(":SVCP-SVC-A - [0:0]\n", "").replace("-A SVCP-SVC-A -j DNAT --to-destination 10.1.0.5:80\n", ""));
+        iptables_state(
+            &mut have,
+            IpFamily::V4,
+            &save
+                .replace(":SVCP-SVC-A - [0:0]\n", "")
+                .replace("-A SVCP-SVC-A -j DNAT --to-destination 10.1.0.5:80\n", ""),
+        );
         let d = compare_iptables(&want, &have);
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(
