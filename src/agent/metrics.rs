@@ -55,6 +55,10 @@ pub struct Metrics {
     pub invalid_objects: Family<Labels, Gauge>,
     /// Elements (an address, a port, an endpoint) left out of objects that are otherwise used.
     pub skipped_fields: Family<Labels, Gauge>,
+    /// Differences between the kernel's tables and the last plan, found just before each
+    /// periodic full resync rewrites them (`svcproxy verify`'s comparison); -1: the tables
+    /// could not be read.
+    pub ruleset_drift: Gauge,
 }
 
 /// kube-proxy's sync-duration buckets: `ExponentialBuckets(0.001, 2, 15)`, 1 ms to ~16 s.
@@ -129,6 +133,7 @@ impl Metrics {
             conntrack_failures: Counter::default(),
             invalid_objects: Family::default(),
             skipped_fields: Family::default(),
+            ruleset_drift: Gauge::default(),
             registry: Registry::default(),
         };
         // Both families from the start, so that a dashboard sees 0 rather than nothing.
@@ -232,6 +237,11 @@ impl Metrics {
             "svcproxy_skipped_fields",
             "Fields (an address, a port, an endpoint) left out of objects that are otherwise used, in the last sync, by kind",
             m.skipped_fields.clone(),
+        );
+        registry.register(
+            "svcproxy_ruleset_drift",
+            "Differences between the kernel's rules and the plan found before the last periodic full resync (0: none, -1: could not be read)",
+            m.ruleset_drift.clone(),
         );
         Metrics { registry, ..m }
     }
