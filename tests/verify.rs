@@ -312,3 +312,20 @@ fn verify_finds_every_hand_edit_of_the_iptables_chains() {
         );
     }
 }
+
+/// Bad input is exit 1, before anything is read from the kernel.
+#[test]
+fn bad_input_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["verify", "--from"])
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_svcproxy"))
+        .args(["verify", "--proxy-mode", "ipvs", "--from", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
