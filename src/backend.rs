@@ -178,6 +178,23 @@ impl Backend {
         Conntrack::for_command_prefix(&self.prefix)
     }
 
+    /// What the kernel holds of svcproxy's tables, compared with the plan last synced
+    /// (`svcproxy_ruleset_drift`): `None` before the first sync.
+    pub fn verify(
+        &self,
+    ) -> Option<Result<Vec<crate::verify::Difference>, crate::verify::VerifyError>> {
+        let plan = self.plan()?;
+        Some(match &self.kind {
+            Kind::Iptables(i) => crate::verify::verify_iptables(i.command(), plan),
+            Kind::IptablesIncremental(i) => crate::verify::verify_iptables(i.command(), plan),
+            Kind::Nftables(_) | Kind::Incremental(_) => {
+                let mut program = self.prefix.clone();
+                program.push("nft".into());
+                crate::verify::verify_nft(&NftCommand { program }, plan)
+            }
+        })
+    }
+
     /// `nftables`, `iptables-legacy` or `iptables-nft`, for logs.
     pub fn name(&self) -> String {
         match &self.kind {

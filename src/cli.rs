@@ -57,6 +57,9 @@ pub enum Command {
     /// Every frontend (address, protocol, port) this node proxies, with its endpoints and
     /// their state, its policies, and what an outside client and a pod get.
     Services(ServicesArgs),
+    /// Compare svcproxy's tables in this network namespace's kernel with what the manifests
+    /// compile to, and name every difference (exit 0: equal, 4: different, 1: bad input).
+    Verify(VerifyArgs),
 }
 
 /// Where the cluster state comes from, for `trace` and `services`.
@@ -355,6 +358,21 @@ pub struct ApplyArgs {
     pub iptables_variant: VariantArg,
 }
 
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// YAML or JSON manifests, or directories of them (as `apply`).
+    #[arg(long = "from", value_name = "PATH", required = true, num_args = 1..)]
+    pub from: Vec<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Which backend's rules to read back: svcproxy's nftables tables, or its iptables chains.
+    #[arg(long, value_enum, default_value_t = ProxyModeArg::Nftables)]
+    pub proxy_mode: ProxyModeArg,
+    /// The iptables variant to read (iptables mode; default: detected, as `apply` does).
+    #[arg(long, value_enum, default_value_t = VariantArg::Auto)]
+    pub iptables_variant: VariantArg,
+}
+
 /// `svcproxy run`: kube-proxy's flags (by kube-proxy's names), over kube-proxy's configuration
 /// file; a flag given wins over the file.
 #[derive(Debug, Args)]
@@ -645,6 +663,8 @@ pub async fn fetch_cluster(
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_NOTHING: u8 = 1;
 pub const EXIT_SKIPPED: u8 = 2;
+/// `verify`: the kernel's tables differ from the plan.
+pub const EXIT_DIFFERENT: u8 = 4;
 
 /// Runs a command; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
@@ -671,6 +691,7 @@ pub fn run_as(cli: Cli, plugin: bool) -> u8 {
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Apply(args) => apply(&args),
         Command::Cleanup => cleanup(),
+        Command::Verify(args) => verify(&args, &mut std::io::stdout().lock()),
     }
 }
 
@@ -985,5 +1006,57 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
         EXIT_OK
     } else {
         EXIT_SKIPPED
+    }
+}
+
+/// `svcproxy verify`: the plan of the manifests against the kernel's tables, one line per
+/// difference on `out`.
+pub fn verify(args: &VerifyArgs, out: &mut impl Write) -> u8 {
+    let Ok((snapshot, _clean)) = load_snapshot(&args.from, &args.node) else {
+        return EXIT_NOTHING;
+    };
+    let plan = crate::plan::plan(&snapshot, &args.node.proxy_config());
+    for c in &plan.conflicts {
+        tracing::warn!("skipped: {c}");
+    }
+    let result = match args.proxy_mode {
+        ProxyModeArg::Nftables => {
+            crate::verify::verify_nft(&crate::nft::apply::NftCommand::default(), &plan)
+        }
+        ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
+            Ok(cmd) => crate::verify::verify_iptables(&cmd, &plan),
+            Err(e) => {
+                tracing::error!("{e}");
+                return EXIT_NOTHING;
+            }
+        },
+    };
+    let differences = match result {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("reading the kernel's tables: {e}");
+            return EXIT_NOTHING;
+        }
+    };
+    let mut text = String::new();
+    for d in &differences {
+        text.push_str(&d.to_string());
+        text.push('\n');
+    }
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        tracing::error!("writing the differences: {e}");
+        return EXIT_NOTHING;
+    }
+    if differences.is_empty() {
+        tracing::info!("the kernel holds exactly the plan's rules");
+        EXIT_OK
+    } else {
+        tracing::warn!(
+            "{} differences between the kernel and the plan",
+            differences.len()
+        );
+        EXIT_DIFFERENT
     }
 }

@@ -24,6 +24,7 @@ pub mod report;
 pub mod services;
 pub mod synthetic;
 pub mod trace;
+pub mod verify;
 
 /// Compiles a snapshot into the nftables ruleset svcproxy would apply, with the plan it came
 /// from (for diagnostics such as destination conflicts).

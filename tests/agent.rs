@@ -1070,6 +1070,20 @@ async fn the_agent_skips_bad_elements_and_counts_them() {
     agent.stop().await;
 }
 
+/// `svcproxy_ruleset_drift` from the agent's metrics.
+async fn drift(metrics: SocketAddr) -> i64 {
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("svcproxy_ruleset_drift "))
+        .unwrap_or_else(|| panic!("no svcproxy_ruleset_drift in\n{body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// A full resync every sync period repairs drift: someone deleting svcproxy's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
@@ -1083,7 +1097,11 @@ async fn the_periodic_full_sync_repairs_drift() {
     let api = FakeApiServer::start().await;
     api.apply(service("web", "10.96.0.70", json!({})));
     api.apply(slice("web-1", "web", &["10.244.1.71"]));
-    let mut agent = Agent::start(&api, &ns, |c| c.sync_period = Duration::from_secs(2));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut agent = Agent::start(&api, &ns, |c| {
+        c.sync_period = Duration::from_secs(2);
+        c.metrics_address = Some(metrics);
+    });
     agent.next_sync(5 * SECOND).await.expect("the first sync");
     let ok = Command::new("ip")
         .args([
@@ -1109,6 +1127,8 @@ async fn the_periodic_full_sync_repairs_drift() {
         "{}",
         ns.nft_ruleset()
     );
+    // The drift was measured before the resync repaired it: one difference, the missing table.
+    assert_eq!(drift(metrics).await, 1);
     agent.stop().await;
 }
 
@@ -1415,9 +1435,11 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
     let api = FakeApiServer::start().await;
     api.apply(service("web", "10.96.0.90", json!({})));
     api.apply(slice("web-1", "web", &["10.244.1.91"]));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut agent = Agent::start(&api, &ns, |c| {
         c.iptables = Some(IptablesCommand::in_netns(&ns.0, Variant::Legacy));
         c.sync_period = Duration::from_secs(3);
+        c.metrics_address = Some(metrics);
     });
     let first = agent.next_sync(5 * SECOND).await.expect("the first sync");
     assert_eq!(first.kind, SyncKind::Full);
@@ -1469,6 +1491,9 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
             ),
         "{repaired}"
     );
+    // Measured before the repair: the flushed chain's rules and the deleted jump rule (IPv4).
+    let d = drift(metrics).await;
+    assert!(d >= 2, "svcproxy_ruleset_drift {d}");
     agent.stop().await;
 }
 

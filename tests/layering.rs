@@ -52,6 +52,8 @@ const ROOMS: &[(&str, &[&str])] = &[
         ],
     ),
     ("lib", &["model", "plan", "nft"]),
+    // Reading both backends' tables back and comparing them with the plan.
+    ("verify", &["model", "plan", "nft", "iptables"]),
     // The seam over both backends.
     (
         "backend",
@@ -63,6 +65,7 @@ const ROOMS: &[(&str, &[&str])] = &[
             "incremental",
             "nft",
             "iptables",
+            "verify",
         ],
     ),
     // The configuration file and flags' meaning (no I/O but /proc/sys writes).

@@ -65,6 +65,10 @@ pub struct Metrics {
     /// Syncs that compiled every Service because the change could not be compiled Service by
     /// Service, by reason (`incremental::Fallback::reason`).
     pub incremental_fallbacks: Family<Vec<(String, String)>, Counter>,
+    /// Differences between the kernel's tables and the last plan, found just before each
+    /// periodic full resync rewrites them (`svcproxy verify`'s comparison); -1: the tables
+    /// could not be read.
+    pub ruleset_drift: Gauge,
 }
 
 /// kube-proxy's sync-duration buckets: `ExponentialBuckets(0.001, 2, 15)`, 1 ms to ~16 s.
@@ -144,6 +148,7 @@ impl Metrics {
             service_changes_pending: Gauge::default(),
             endpoint_changes_pending: Gauge::default(),
             incremental_fallbacks: Family::default(),
+            ruleset_drift: Gauge::default(),
             registry: Registry::default(),
         };
         // Both families from the start, so that a dashboard sees 0 rather than nothing.
@@ -273,6 +278,11 @@ impl Metrics {
             "svcproxy_incremental_fallbacks",
             "Syncs that compiled every Service instead of only the changed ones, by reason",
             m.incremental_fallbacks.clone(),
+        );
+        registry.register(
+            "svcproxy_ruleset_drift",
+            "Differences between the kernel's rules and the plan found before the last periodic full resync (0: none, -1: could not be read)",
+            m.ruleset_drift.clone(),
         );
         Metrics { registry, ..m }
     }

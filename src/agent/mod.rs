@@ -227,6 +227,9 @@ impl Syncer {
         let mut retry_at: Option<Instant> = None;
         // The first sync is due now (as kube-proxy's, not a queued change for health).
         let mut pending: Option<Instant> = Some(Instant::now());
+        // Whether the next sync is the periodic full resync: the kernel is compared with the
+        // last plan just before it rewrites the tables (`svcproxy_ruleset_drift`).
+        let mut resync = false;
         loop {
             if pending.is_none() {
                 let change = tokio::select! {
@@ -239,6 +242,7 @@ impl Syncer {
                     }
                     _ = tokio::time::sleep_until(next_full.into()) => {
                         backend.as_mut().expect("backend").invalidate();
+                        resync = true;
                         false
                     }
                     Some(reply) = self.state_requests.recv() => {
@@ -284,13 +288,39 @@ impl Syncer {
             self.count_pending();
             let convert = start.elapsed();
             let mut nft = backend.take().expect("backend");
-            let (nft, result) = tokio::task::spawn_blocking(move || {
+            let check_drift = std::mem::take(&mut resync);
+            let (nft, result, drift) = tokio::task::spawn_blocking(move || {
+                let drift = if check_drift { nft.verify() } else { None };
                 let r = nft.sync(snapshot);
-                (nft, r)
+                (nft, r, drift)
             })
             .await
             .expect("apply task");
             pacer.ended(Instant::now());
+            match drift {
+                Some(Ok(differences)) => {
+                    self.metrics.ruleset_drift.set(differences.len() as i64);
+                    if differences.is_empty() {
+                        tracing::debug!("before the full resync: the kernel held the plan's rules");
+                    } else {
+                        tracing::warn!(
+                            differences = differences.len(),
+                            "before the full resync: the kernel's rules had drifted from the plan (the resync repairs them): {}",
+                            differences
+                                .iter()
+                                .take(10)
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        );
+                    }
+                }
+                Some(Err(e)) => {
+                    self.metrics.ruleset_drift.set(-1);
+                    tracing::warn!("before the full resync: reading the kernel's rules: {e}");
+                }
+                None => {}
+            }
             let nft = &*backend.insert(nft);
             match result {
                 Ok(outcome) => {

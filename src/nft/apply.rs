@@ -68,6 +68,33 @@ impl NftCommand {
     }
 }
 
+impl NftCommand {
+    /// `nft -j list table FAMILY NAME`: the table as libnftables JSON, `None` when there is no
+    /// such table (for `svcproxy verify` and the agent's drift metric).
+    pub fn list_table_json(&self, family: &str, name: &str) -> Result<Option<String>, ApplyError> {
+        let (program, args) = self.program.split_first().expect("a program");
+        let out = Command::new(program)
+            .args(args)
+            .args(["-j", "list", "table", family, name])
+            .output()
+            .map_err(|source| ApplyError::Spawn {
+                program: self.program.join(" "),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.contains("No such file or directory") {
+            return Ok(None);
+        }
+        Err(ApplyError::Refused {
+            status: out.status.code(),
+            stderr,
+        })
+    }
+}
+
 /// Why an apply failed. The kernel keeps what it had before.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
