@@ -370,10 +370,65 @@ fn check(kp: &Kp, f: &Flow) -> Result<(), String> {
     }
 }
 
-/// Sends every flow of a table; fails with every flow that differs from kube-proxy.
+/// What `svcproxy trace` predicts for a flow, on the inputs last applied, compared with
+/// kube-proxy's output for it: the same verdict, the same endpoints, masqueraded or not. Pure
+/// (no packet), so it covers the flows this world cannot send (SCTP) too.
+fn trace_agrees(p: &Proxy, kp: &Kp, f: &Flow) -> Result<(), String> {
+    use svcproxy::trace::{Backend, Query, Verdict};
+    let (snapshot, config) = p.applied.as_ref().expect("something applied");
+    let src = kp.src(&f.from);
+    let to = SocketAddr::new(kp.ip(&f.to), f.port);
+    let proto = match f.proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Sctp => "sctp",
+    };
+    let q = Query {
+        source: src.ip,
+        target: format!("{to}/{proto}")
+            .parse()
+            .map_err(|e| format!("{e:?}"))?,
+        iifname: None,
+        backend: match p.mode {
+            Mode::Nftables => Backend::Nftables,
+            Mode::Iptables(_) => Backend::Iptables,
+        },
+    };
+    let t = svcproxy::trace::trace_snapshot(snapshot, config, &q).map_err(|e| e.to_string())?;
+    let what = format!("trace {} -> {to}/{proto}", src.ip);
+    let ok = match (f.output.as_str(), &t.verdict) {
+        ("DROP", Verdict::Drop { .. })
+        | ("REJECT", Verdict::Reject { .. })
+        | ("", Verdict::LeftAlone { .. }) => true,
+        ("DROP" | "REJECT" | "", _) => false,
+        (output, Verdict::Dnat { .. }) => {
+            let want = kp.endpoints(output);
+            let got: BTreeSet<SocketAddr> = t.endpoints.iter().map(|c| c.state.address).collect();
+            // The node's own connections are masqueraded or not by the source address the
+            // kernel picks; the packet tests compare what the endpoint saw.
+            let node = src.ip.to_string() == NODE_IP || src.ip.to_string() == NODE_IP6;
+            got == want && (node || t.endpoints.iter().all(|c| c.masquerade == f.masq))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: kube-proxy's table says {:?} (masq {}), trace says:\n{t}",
+            f.output, f.masq
+        ))
+    }
+}
+
+/// Sends every flow of a table; fails with every flow that differs from kube-proxy, in real
+/// packets or in `svcproxy trace`'s prediction.
 fn run_flows(p: &Proxy, kp: &Kp, table: &str, flows: &[Flow]) {
     let (mut failures, mut not_sent) = (Vec::new(), Vec::new());
     for f in flows {
+        if let Err(e) = trace_agrees(p, kp, f) {
+            failures.push(format!("  {}: {e}", f.name));
+        }
         if f.proto == Proto::Sctp {
             not_sent.push(f.name.as_str());
             continue;
@@ -636,6 +691,10 @@ fn node_ports(mut p: Proxy) {
         ),
     ];
     for (addresses, alt) in cases {
+        // Every node address (the alternate ones and IPv6 too), so that `svcproxy trace`, which
+        // knows the node's addresses from the Node or --node-ip where the kernel has its own
+        // list, sees them; the primary address stays first.
+        let node_ips = format!("{NODE_IP6},{NODE_IP_TO_REMOTE},{NODE_IP6_TO_REMOTE}");
         let flags = [
             SERVICE_CIDR[0],
             SERVICE_CIDR[1],
@@ -643,6 +702,8 @@ fn node_ports(mut p: Proxy) {
             "fd01:244::/32",
             "--nodeport-addresses",
             addresses,
+            "--node-ip",
+            &node_ips,
         ];
         p.apply_with(&yaml, &flags);
         for v6 in [false, true] {
