@@ -293,21 +293,32 @@ pub const DETECT_LOCAL_MODES: [&str; 4] = [
     "BridgeInterface",
 ];
 
+/// Why a text cannot be an interface name or prefix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterfaceNameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("longer than an interface name (15 bytes)")]
+    TooLong,
+    #[error("{0:?} cannot be part of an interface name")]
+    Character(char),
+}
+
 /// An interface name or prefix as `detectLocal` takes it. Beyond kube-proxy's check (not
 /// empty), it must fit in a Linux interface name (15 bytes) and hold no character that the
 /// nftables and iptables spellings give a meaning (quotes, blanks, the `*`/`+` wildcards).
-pub fn interface_name(text: &str) -> Result<String, String> {
+pub fn interface_name(text: &str) -> Result<String, InterfaceNameError> {
     if text.is_empty() {
-        return Err("must not be empty".into());
+        return Err(InterfaceNameError::Empty);
     }
     if text.len() > 15 {
-        return Err("longer than an interface name (15 bytes)".into());
+        return Err(InterfaceNameError::TooLong);
     }
     if let Some(c) = text
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | '*' | '+' | '/'))
     {
-        return Err(format!("{c:?} cannot be part of an interface name"));
+        return Err(InterfaceNameError::Character(c));
     }
     Ok(text.to_string())
 }
@@ -324,7 +335,7 @@ pub fn detect_local(
     let prefix = prefix.filter(|p| !p.is_empty());
     let bridge = bridge.filter(|b| !b.is_empty());
     let named = |field: &str, mode: &str, value: Option<&str>| match value {
-        Some(v) => interface_name(v).map_err(|reason| invalid(field, v, reason)),
+        Some(v) => interface_name(v).map_err(|reason| invalid(field, v, reason.to_string())),
         None => Err(invalid(
             field,
             "",

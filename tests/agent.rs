@@ -808,12 +808,26 @@ async fn traffic_follows_endpoint_slice_changes() {
         "the client gets answers"
     );
 
+    // What the kernel holds decides where a new TCP connection goes: wait for it (a sync
+    // record may be another sync's, a Node update say).
+    let node_ns = w.node.clone();
+    let ruleset = move || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &node_ns, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let from = count();
     api.apply(slice("web-1", "web", &[&ips[0], &ips[1], &ips[2]]));
-    agent
-        .next_sync(30 * SECOND)
-        .await
-        .expect("a sync for the scale-out");
+    assert!(
+        eventually(30 * SECOND, || {
+            let r = ruleset();
+            ips.iter().all(|ip| r.contains(ip.as_str()))
+        })
+        .await,
+        "the scale-out reaches the kernel"
+    );
     assert!(
         eventually(60 * SECOND, || {
             let a = answers_since(from);
@@ -825,10 +839,14 @@ async fn traffic_follows_endpoint_slice_changes() {
     );
 
     api.apply(slice("web-1", "web", &[&ips[2]]));
-    agent
-        .next_sync(30 * SECOND)
-        .await
-        .expect("a sync for the move");
+    assert!(
+        eventually(30 * SECOND, || {
+            let r = ruleset();
+            !r.contains(ips[0].as_str()) && !r.contains(ips[1].as_str())
+        })
+        .await,
+        "the move reaches the kernel"
+    );
     // Connections opened after the sync reached the kernel go to p3 alone. The client connects
     // one at a time, so at most one answer still comes from a connection opened before.
     let from = count() + 1;
@@ -900,19 +918,15 @@ async fn a_kept_udp_socket_follows_the_endpoint() {
     );
     // p1 keeps serving: only the rules and the conntrack entry decide who answers.
     api.apply(dns_slice(&pods[1]));
-    // Syncs until one has put p2 in the kernel; the agent reports a sync only after its
-    // conntrack cleanup, so from here on no stale entry is left.
-    let p2 = pods[1].ip.to_string();
+    // Waits for the sync of the change: the one that made UDP flows stale (other syncs, a
+    // Node update say, may be reported before it, even while it runs). The agent reports a
+    // sync only after its conntrack cleanup, so from here on no stale entry is left.
     loop {
-        agent
-            .next_sync(5 * SECOND)
+        let record = agent
+            .next_sync(30 * SECOND)
             .await
             .expect("the sync of the change");
-        let ruleset = std::process::Command::new("ip")
-            .args(["netns", "exec", &w.node, "nft", "list", "ruleset"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&ruleset.stdout).contains(&p2) {
+        if record.stale_udp_flows > 0 {
             break;
         }
     }

@@ -85,6 +85,9 @@ pub struct SyncRecord {
     pub report: ApplyReport,
     /// Where the sync's time went.
     pub phases: Phases,
+    /// How many stale UDP flow filters this sync made (and deleted the conntrack entries of,
+    /// before this record was sent).
+    pub stale_udp_flows: usize,
 }
 
 /// When a sync started, since when its change had waited, and where its time went.
@@ -428,6 +431,7 @@ impl Syncer {
             tracing::warn!("skipped: {c}");
         }
         self.conflicts = conflicts;
+        let stale_udp_flows = stale.len();
         if !stale.is_empty() {
             let result = match conntrack {
                 Ok(ct) => tokio::task::spawn_blocking(move || ct.flush(&stale))
@@ -508,6 +512,7 @@ impl Syncer {
                 slices: snapshot.slices.len(),
                 report: report.clone(),
                 phases,
+                stale_udp_flows,
             });
         }
     }

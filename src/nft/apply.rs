@@ -138,7 +138,7 @@ impl Nftables {
             None => return self.full(desired, "nothing applied yet (or the last apply failed)"),
             Some(old) => match diff(old, &desired) {
                 Ok(d) => d,
-                Err(reason) => return self.full(desired, &reason),
+                Err(reason) => return self.full(desired, &reason.to_string()),
             },
         };
         let mut report = diff.report;
@@ -207,16 +207,37 @@ pub struct Diff {
     pub report: ApplyReport,
 }
 
-/// The commands that turn `old` into `new`, or why only a full sync can (a changed table, set
-/// declaration or base chain: a change of configuration, never of Services).
-pub fn diff(old: &Ruleset, new: &Ruleset) -> Result<Diff, String> {
+/// Why the kernel's tables cannot be patched into a new ruleset, so that they are rewritten
+/// whole: a change of configuration (a table, a set's declaration, a base chain), never of
+/// Services.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotPatchable {
+    #[error("the set of tables changed")]
+    Tables,
+    #[error("table {family} {name} changed")]
+    Table { family: &'static str, name: String },
+    #[error("the declaration of {keyword} {name} changed")]
+    SetDeclaration { keyword: &'static str, name: String },
+    #[error("the hook or comment of chain {0} changed")]
+    BaseChainChanged(String),
+    #[error("new base chain {0}")]
+    NewBaseChain(String),
+    #[error("base chain {0} is gone")]
+    BaseChainGone(String),
+}
+
+/// The commands that turn `old` into `new`, or why only a full sync can.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Result<Diff, NotPatchable> {
     if old.tables.len() != new.tables.len() {
-        return Err("the set of tables changed".into());
+        return Err(NotPatchable::Tables);
     }
     let mut parts = DiffParts::default();
     for (o, n) in old.tables.iter().zip(&new.tables) {
         if o.family != n.family || o.name != n.name || o.comment != n.comment {
-            return Err(format!("table {} {} changed", n.family.as_str(), n.name));
+            return Err(NotPatchable::Table {
+                family: n.family.as_str(),
+                name: n.name.clone(),
+            });
         }
         diff_table(o, n, &mut parts)?;
     }
@@ -348,7 +369,7 @@ impl DiffParts {
     }
 }
 
-fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), String> {
+fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), NotPatchable> {
     let prefix = format!("{} {}", new.family.as_str(), new.name);
     let old_sets: BTreeMap<&str, &Set> = old.sets.iter().map(|s| (s.name.as_str(), s)).collect();
     let new_sets: BTreeMap<&str, &Set> = new.sets.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -360,10 +381,10 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
                 parts.elements(&prefix, name, &[], &elements);
             }
             Some(o) if o.declaration() != set.declaration() || o.keyword() != set.keyword() => {
-                return Err(format!(
-                    "the declaration of {} {name} changed",
-                    set.keyword()
-                ));
+                return Err(NotPatchable::SetDeclaration {
+                    keyword: set.keyword(),
+                    name: name.to_string(),
+                });
             }
             Some(o) => diff_elements(&prefix, o, set, parts),
         }
@@ -383,13 +404,13 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
             Some(o) if *o == *chain => {}
             Some(o) => {
                 if o.hook != chain.hook || o.comment != chain.comment {
-                    return Err(format!("the hook or comment of chain {name} changed"));
+                    return Err(NotPatchable::BaseChainChanged(name.to_string()));
                 }
                 parts.rewrite_chain(&prefix, chain);
             }
             None => {
                 if chain.hook.is_some() {
-                    return Err(format!("new base chain {name}"));
+                    return Err(NotPatchable::NewBaseChain(name.to_string()));
                 }
                 parts.add_chain(&prefix, chain);
             }
@@ -398,7 +419,7 @@ fn diff_table(old: &Table, new: &Table, parts: &mut DiffParts) -> Result<(), Str
     for (name, chain) in &old_chains {
         if !new_chains.contains_key(name) {
             if chain.hook.is_some() {
-                return Err(format!("base chain {name} is gone"));
+                return Err(NotPatchable::BaseChainGone(name.to_string()));
             }
             parts.delete_chain(&prefix, name);
         }

@@ -172,7 +172,7 @@ impl Incremental {
         let new = State::new(Compiled::new(snapshot, &self.config));
         let ruleset = &new.ruleset;
         let partial = match self.state.as_ref().filter(|_| self.in_sync) {
-            Some(old) => diff(&old.ruleset, ruleset),
+            Some(old) => diff(&old.ruleset, ruleset).map_err(|e| e.to_string()),
             None => Err(self.full_because.to_string()),
         };
         let result = match partial {
