@@ -26,13 +26,9 @@ use svcproxy::model::{
 };
 use svcproxy::nft::apply::NftCommand;
 
-fn arg(name: &str, default: &str) -> String {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
+#[allow(dead_code)]
+mod support;
+use support::arg;
 
 /// A blocking server (no polling delay in the measured path), stopped by a flag and one last
 /// connection.

@@ -36,6 +36,10 @@ use svcproxy::iptables::{IptablesCommand, Variant};
 use svcproxy::nft::apply::NftCommand;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+#[allow(dead_code)]
+mod support;
+use support::arg;
+
 fn service(name: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "bench"},
            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
@@ -67,14 +71,6 @@ fn background(i: usize, endpoints: usize) -> (Value, Value) {
 /// A measured Service's slice: one endpoint, a real pod on this node.
 fn pod_slice(service: &str, pod: IpAddr) -> Value {
     slice(service, &[pod.to_string()], |_| "node-a".to_string())
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
 }
 
 /// A blocking server in the pod's namespace answering the pod's name (no polling delay in the

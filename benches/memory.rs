@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 use apiserver::FakeApiServer;
 use serde_json::{Value, json};
 
+#[allow(dead_code)]
+mod support;
+use support::{arg, args};
+
 fn service(i: usize) -> Value {
     let ip = svcproxy::synthetic::cluster_ip(i).to_string();
     json!({"apiVersion": "v1", "kind": "Service",
@@ -64,19 +68,6 @@ fn slice(i: usize, endpoints: usize, generation: usize) -> Value {
                                            "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
                                            "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:metadata": {"f:annotations": {".": {}, "f:endpoints.kubernetes.io/last-change-trigger-time": {}}, "f:generateName": {}, "f:labels": {".": {}, "f:endpointslice.kubernetes.io/managed-by": {}, "f:kubernetes.io/service-name": {}}, "f:ownerReferences": {".": {}, "k:{\"uid\":\"00000000-0000-0000-0000-000000000000\"}": {}}}, "f:ports": {}}}]},
            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
-}
-
-fn args(name: &str) -> Vec<String> {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .enumerate()
-        .filter(|(_, a)| *a == name)
-        .filter_map(|(i, _)| argv.get(i + 1).cloned())
-        .collect()
-}
-
-fn arg(name: &str, default: &str) -> String {
-    args(name).pop().unwrap_or_else(|| default.to_string())
 }
 
 /// `VmHWM` and `VmRSS` of a process, in MiB.

@@ -23,6 +23,10 @@ use svcproxy::nft::apply::{NftCommand, SyncKind};
 use svcproxy::nft::incremental::Incremental;
 use svcproxy::synthetic;
 
+#[allow(dead_code)]
+mod support;
+use support::{Netns, median};
+
 struct Args {
     services: Vec<usize>,
     endpoints: usize,
@@ -63,33 +67,8 @@ fn args() -> Args {
     a
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
-
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("svcproxy-bench-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot create a network namespace (run as root)");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
 }
 
 /// One change to a snapshot, for the partial-sync rows.
@@ -211,7 +190,7 @@ fn nft_file(ns: &str, file: &std::path::Path) -> (Duration, bool) {
 }
 
 fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
-    let ns = Netns::new();
+    let ns = Netns::new("scale");
     let config = ProxyConfig::default();
     let nft = NftCommand::in_netns(&ns.0);
 
@@ -358,7 +337,7 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
 /// snapshot, then a full sync and a one-endpoint partial sync through `Incremental` (as the agent
 /// does), and the peak RSS of the process at the end. Run it in a process of its own.
 fn memory(services: usize, endpoints: usize) {
-    let ns = Netns::new();
+    let ns = Netns::new("scale");
     let before = peak_rss_mib();
     let snapshot = synthetic::cluster(services, endpoints);
     let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), ProxyConfig::default());

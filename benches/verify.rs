@@ -6,7 +6,6 @@
 //! `cargo bench --bench verify -- [--services 10000] [--endpoints 10] [--runs 3]
 //! [--modes nftables,legacy,nft]` (as root). Prints a Markdown table; times are medians.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use svcproxy::iptables::{Iptables, IptablesCommand, Variant};
@@ -14,39 +13,9 @@ use svcproxy::model::{IpFamily, ProxyConfig};
 use svcproxy::nft::apply::{NftCommand, Nftables};
 use svcproxy::verify;
 
-fn arg(name: &str, default: &str) -> String {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
-/// A network namespace that is deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("svcp-bench-verify-{}-{tag}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot create network namespace {name} (root needed)");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+#[allow(dead_code)]
+mod support;
+use support::{Netns, arg, median};
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
