@@ -57,6 +57,18 @@ pub enum BackendError {
     Iptables(#[from] IptablesError),
 }
 
+impl BackendError {
+    /// Why, as a label value: `spawn` (the program could not be run), `refused` (it refused
+    /// the transaction; the kernel kept its rules), `command_failed` (one iptables command
+    /// failed), `not_installed` (no iptables variant).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BackendError::Nftables(e) => e.metric_label(),
+            BackendError::Iptables(e) => e.metric_label(),
+        }
+    }
+}
+
 /// What one backend applies: rendered on the caller's thread, applied on a blocking one.
 #[derive(Debug)]
 pub enum Desired {

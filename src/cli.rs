@@ -149,14 +149,17 @@ pub enum VariantArg {
 pub fn iptables_command(
     variant: VariantArg,
     prefix: &[String],
-) -> Result<crate::iptables::IptablesCommand, String> {
+) -> anyhow::Result<crate::iptables::IptablesCommand> {
     use crate::iptables::{Variant, detect};
     let variant = match variant {
         VariantArg::Legacy => Variant::Legacy,
         VariantArg::Nft => Variant::Nft,
         VariantArg::Auto => {
-            let (v, why) = detect::decide(&detect::evidence(prefix))
-                .ok_or("iptables mode: neither iptables-legacy nor iptables-nft is installed")?;
+            let (v, why) = detect::decide(&detect::evidence(prefix)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "iptables mode: neither iptables-legacy nor iptables-nft is installed"
+                )
+            })?;
             tracing::info!("using iptables-{v}: {why}");
             v
         }
@@ -500,18 +503,30 @@ pub fn config_check(file: &Path) -> u8 {
 }
 
 /// The kube client configuration: `--kubeconfig`, else `$KUBECONFIG`/in-cluster/~/.kube.
-async fn kube_config(path: Option<&PathBuf>) -> Result<kube::Config, String> {
+async fn kube_config(path: Option<&PathBuf>) -> anyhow::Result<kube::Config> {
+    use anyhow::Context;
     match path {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
-                .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                .with_context(|| format!("reading {}", p.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .map_err(|e| format!("using {}: {e}", p.display()))
+                .with_context(|| format!("using {}", p.display()))
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| format!("finding a cluster: {e}")),
+        None => kube::Config::infer().await.context("finding a cluster"),
+    }
+}
+
+/// A failure already logged where it happened (each problem of the manifests, with its file):
+/// the command exits without logging it again.
+#[derive(Debug, thiserror::Error)]
+#[error("already reported")]
+struct Reported;
+
+/// Logs a command's failure (with its causes) unless it was reported already.
+fn log_failure(e: &anyhow::Error) {
+    if e.downcast_ref::<Reported>().is_none() {
+        tracing::error!("{e:#}");
     }
 }
 
@@ -567,7 +582,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
         crate::config::ProxyMode::Iptables => match iptables_command(args.iptables_variant, &[]) {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!("{e:#}");
                 return EXIT_NOTHING;
             }
         },
@@ -577,7 +592,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
         let kube = match kube_config(settings.kubeconfig.as_ref()).await {
             Ok(k) => k,
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!("{e:#}");
                 return EXIT_NOTHING;
             }
         };
@@ -697,13 +712,11 @@ pub fn run_as(cli: Cli, plugin: bool) -> u8 {
 
 /// The cluster read once through a kubeconfig (`None`: `kube::Config::infer`, the current
 /// context), as a snapshot seen from the node; whether nothing was skipped.
-fn read_cluster(path: Option<&PathBuf>, node_args: &NodeArgs) -> Result<(Snapshot, bool), String> {
+fn read_cluster(path: Option<&PathBuf>, node_args: &NodeArgs) -> anyhow::Result<(Snapshot, bool)> {
     runtime().block_on(async {
         let config = kube_config(path).await?;
-        let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
-        let (converted, problems) = fetch_cluster(client, &node_args.node_name())
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = kube::Client::try_from(config)?;
+        let (converted, problems) = fetch_cluster(client, &node_args.node_name()).await?;
         for e in &problems {
             tracing::warn!("skipped: {e}");
         }
@@ -712,7 +725,7 @@ fn read_cluster(path: Option<&PathBuf>, node_args: &NodeArgs) -> Result<(Snapsho
         for n in &notices {
             tracing::info!("{n}");
         }
-        Ok::<_, String>((
+        Ok::<_, anyhow::Error>((
             Snapshot {
                 services: converted.services,
                 slices: converted.slices,
@@ -731,21 +744,21 @@ fn load_input(
     input: &InputArgs,
     node_args: &NodeArgs,
     plugin: bool,
-) -> Result<(Snapshot, ProxyConfig, Option<String>), String> {
+) -> anyhow::Result<(Snapshot, ProxyConfig, Option<String>)> {
     if let Some(addr) = &input.agent {
-        return crate::agent::state::fetch(addr)
-            .map(|a| (a.snapshot, a.config, Some(a.mode)))
-            .map_err(|e| e.to_string());
+        return Ok(crate::agent::state::fetch(addr).map(|a| (a.snapshot, a.config, Some(a.mode)))?);
     }
     let config = node_args.proxy_config();
     let loaded = if let Some(path) = &input.kubeconfig {
         read_cluster(Some(path), node_args)
     } else if !input.from.is_empty() {
-        load_snapshot(&input.from, node_args).map_err(|()| String::new())
+        load_snapshot(&input.from, node_args).map_err(|()| Reported.into())
     } else if plugin {
         read_cluster(None, node_args)
     } else {
-        return Err("say where the cluster state comes from: --from PATH, --kubeconfig PATH or --agent ADDR".into());
+        anyhow::bail!(
+            "say where the cluster state comes from: --from PATH, --kubeconfig PATH or --agent ADDR"
+        );
     };
     loaded.map(|(s, _)| (s, config, None))
 }
@@ -766,9 +779,7 @@ pub fn trace(args: &TraceArgs, plugin: bool, out: &mut impl Write) -> u8 {
     let (snapshot, config, agent_mode) = match load_input(&args.input, &args.node, plugin) {
         Ok(l) => l,
         Err(e) => {
-            if !e.is_empty() {
-                tracing::error!("{e}");
-            }
+            log_failure(&e);
             return EXIT_NOTHING;
         }
     };
@@ -830,9 +841,7 @@ pub fn services(args: &ServicesArgs, plugin: bool, out: &mut impl Write) -> u8 {
     let (snapshot, config, _) = match load_input(&args.input, &args.node, plugin) {
         Ok(l) => l,
         Err(e) => {
-            if !e.is_empty() {
-                tracing::error!("{e}");
-            }
+            log_failure(&e);
             return EXIT_NOTHING;
         }
     };
@@ -888,7 +897,7 @@ pub fn apply(args: &ApplyArgs) -> u8 {
         ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!("{e:#}");
                 return EXIT_NOTHING;
             }
         },
@@ -965,16 +974,14 @@ pub fn dump(args: &DumpArgs, out: &mut impl Write) -> u8 {
                 config = a.config;
                 (a.snapshot, true)
             })
-            .map_err(|e| e.to_string()),
+            .map_err(anyhow::Error::from),
         (None, Some(path)) => read_cluster(Some(path), &args.node),
-        (None, None) => load_snapshot(&args.from, &args.node).map_err(|()| String::new()),
+        (None, None) => load_snapshot(&args.from, &args.node).map_err(|()| Reported.into()),
     };
     let (snapshot, clean) = match loaded {
         Ok(l) => l,
         Err(e) => {
-            if !e.is_empty() {
-                tracing::error!("{e}");
-            }
+            log_failure(&e);
             return EXIT_NOTHING;
         }
     };
@@ -1026,7 +1033,7 @@ pub fn verify(args: &VerifyArgs, out: &mut impl Write) -> u8 {
         ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
             Ok(cmd) => crate::verify::verify_iptables(&cmd, &plan),
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!("{e:#}");
                 return EXIT_NOTHING;
             }
         },

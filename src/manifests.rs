@@ -25,12 +25,13 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: document {doc} (line {line}): {message}")]
+    #[error("{path}: document {doc} (line {line}): {source}")]
     Parse {
         path: PathBuf,
         doc: usize,
         line: usize,
-        message: String,
+        #[source]
+        source: DocumentError,
     },
     #[error("{path}: {rejected}")]
     Rejected { path: PathBuf, rejected: Rejected },
@@ -44,6 +45,35 @@ pub enum ManifestError {
         second: PathBuf,
         kept: PathBuf,
     },
+}
+
+/// Why one document of a file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Yaml(#[from] serde_saphyr::Error),
+    #[error("not a Kubernetes object (expected a mapping)")]
+    NotAnObject,
+    #[error("no `kind`")]
+    NoKind,
+    #[error("{kind}: `items` is not a list")]
+    ItemsNotAList { kind: String },
+    #[error("{kind} item {index}: {source}")]
+    Item {
+        kind: String,
+        index: usize,
+        #[source]
+        source: Box<DocumentError>,
+    },
+}
+
+/// A typed API object that did not deserialize: the field (a serde path, empty for the
+/// object itself) and why.
+struct FieldError {
+    field: String,
+    reason: String,
 }
 
 /// What a set of manifest files held.
@@ -193,8 +223,8 @@ fn yaml_options() -> serde_saphyr::Options {
 fn read_text(path: &Path, text: &str, raw: &mut Raw, loaded: &mut Loaded) {
     let is_json = path.extension().and_then(|e| e.to_str()) == Some("json")
         || text.trim_start().starts_with('{');
-    let docs: Vec<(usize, Result<Value, String>)> = if is_json {
-        vec![(1, serde_json::from_str(text).map_err(|e| e.to_string()))]
+    let docs: Vec<(usize, Result<Value, DocumentError>)> = if is_json {
+        vec![(1, serde_json::from_str(text).map_err(DocumentError::from))]
     } else {
         split_documents(text)
             .into_iter()
@@ -202,42 +232,46 @@ fn read_text(path: &Path, text: &str, raw: &mut Raw, loaded: &mut Loaded) {
                 (
                     line,
                     serde_saphyr::from_str_with_options::<Value>(&doc, yaml_options())
-                        .map_err(|e| e.to_string()),
+                        .map_err(DocumentError::from),
                 )
             })
             .collect()
     };
     for (n, (line, doc)) in docs.into_iter().enumerate() {
         let doc_no = n + 1;
-        let parse_error = |message: String| ManifestError::Parse {
+        let parse_error = |source: DocumentError| ManifestError::Parse {
             path: path.to_path_buf(),
             doc: doc_no,
             line,
-            message,
+            source,
         };
         match doc {
             Ok(Value::Null) => {}
             Ok(value) => {
-                if let Err(message) = read_object(path, value, None, raw, loaded) {
-                    loaded.errors.push(parse_error(message));
+                let mut items = Vec::new();
+                if let Err(e) = read_object(path, value, None, raw, loaded, &mut items) {
+                    loaded.errors.push(parse_error(e));
                 }
+                loaded.errors.extend(items.into_iter().map(parse_error));
             }
-            Err(message) => loaded.errors.push(parse_error(message)),
+            Err(e) => loaded.errors.push(parse_error(e)),
         }
     }
 }
 
 /// Files one object (or the items of a List) under its kind. `implied_kind` is the item kind of
-/// a typed list, whose items the API server sends without `kind`.
+/// a typed list, whose items the API server sends without `kind`. A List's bad items go to
+/// `item_errors`, each on its own: the other items are read.
 fn read_object(
     path: &Path,
     mut value: Value,
     implied_kind: Option<(&str, &str)>,
     raw: &mut Raw,
     loaded: &mut Loaded,
-) -> Result<(), String> {
+    item_errors: &mut Vec<DocumentError>,
+) -> Result<(), DocumentError> {
     let Value::Object(map) = &mut value else {
-        return Err("not a Kubernetes object (expected a mapping)".into());
+        return Err(DocumentError::NotAnObject);
     };
     if let Some((api_version, kind)) = implied_kind {
         map.entry("apiVersion")
@@ -268,7 +302,7 @@ fn read_object(
         .unwrap_or("default")
         .to_string();
     if kind.is_empty() {
-        return Err("no `kind`".into());
+        return Err(DocumentError::NoKind);
     }
     if kind.ends_with("List") {
         let item_kind = match kind.as_str() {
@@ -281,11 +315,18 @@ fn read_object(
         let items = match map.remove("items") {
             Some(Value::Array(items)) => items,
             Some(Value::Null) | None => Vec::new(),
-            Some(_) => return Err(format!("{kind}: `items` is not a list")),
+            Some(_) => return Err(DocumentError::ItemsNotAList { kind }),
         };
-        for (i, item) in items.into_iter().enumerate() {
-            read_object(path, item, item_kind, raw, loaded)
-                .map_err(|e| format!("{kind} item {i}: {e}"))?;
+        for (index, item) in items.into_iter().enumerate() {
+            let mut inner = Vec::new();
+            if let Err(e) = read_object(path, item, item_kind, raw, loaded, &mut inner) {
+                inner.push(e);
+            }
+            item_errors.extend(inner.into_iter().map(|e| DocumentError::Item {
+                kind: kind.clone(),
+                index,
+                source: Box::new(e),
+            }));
         }
         return Ok(());
     }
@@ -354,32 +395,25 @@ fn read_object(
 }
 
 /// Deserializes into a typed API object, naming the field that did not fit.
-fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." || path.is_empty() {
-            e.into_inner().to_string()
-        } else {
-            format!("{path}: {}", e.into_inner())
+        FieldError {
+            field: if path == "." { String::new() } else { path },
+            reason: e.into_inner().to_string(),
         }
     })
 }
 
 fn convert_all(raw: Raw, loaded: &mut Loaded) {
     let typed_error =
-        |path: PathBuf, kind, object: String, message: String| ManifestError::Rejected {
+        |path: PathBuf, kind, object: String, e: FieldError| ManifestError::Rejected {
             path,
             rejected: Rejected {
                 kind,
                 object,
-                field: message
-                    .split_once(": ")
-                    .map(|(f, _)| f.to_string())
-                    .unwrap_or_default(),
-                reason: message
-                    .split_once(": ")
-                    .map(|(_, r)| r.to_string())
-                    .unwrap_or(message.clone()),
+                field: e.field,
+                reason: e.reason,
             },
         };
     use crate::convert::ObjectKind;
@@ -511,6 +545,40 @@ items:
             msgs.iter()
                 .any(|m| m.contains("Service default/b: spec.ports[0].port")),
             "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn document_errors_say_which_item_and_why() {
+        // The bad item 1 costs only itself: item 2 is read.
+        let text = "kind: ServiceList\napiVersion: v1\nitems:\n- metadata: {name: a}\n  spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n- 7\n- metadata: {name: b}\n  spec: {clusterIP: 10.0.0.2, ports: [{port: 80}]}\n---\nmetadata: {name: x}\n---\nkind: NodeList\nitems: 3\n";
+        let l = load_text(Path::new("t.yaml"), text);
+        let found: Vec<String> = l
+            .errors
+            .iter()
+            .map(|e| match e {
+                ManifestError::Parse { source, .. } => match source {
+                    DocumentError::Item { index, source, .. } => {
+                        assert!(matches!(**source, DocumentError::NotAnObject));
+                        format!("item {index}")
+                    }
+                    DocumentError::NoKind => "no kind".into(),
+                    DocumentError::ItemsNotAList { kind } => format!("{kind} items"),
+                    other => panic!("{other}"),
+                },
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            found,
+            ["item 1", "no kind", "NodeList items"],
+            "{:?}",
+            l.errors
+        );
+        assert_eq!(l.converted.services.len(), 2);
+        assert_eq!(
+            l.errors[0].to_string(),
+            "t.yaml: document 1 (line 1): ServiceList item 1: not a Kubernetes object (expected a mapping)"
         );
     }
 

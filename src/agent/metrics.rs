@@ -48,6 +48,9 @@ pub struct Metrics {
     pub last_sync_timestamp: Family<Labels, Gauge<f64, AtomicU64>>,
     pub last_queued_timestamp: Family<Labels, Gauge<f64, AtomicU64>>,
     pub sync_failures: Family<Labels, Counter>,
+    /// Failed syncs by reason (`BackendError::metric_label`): kube-proxy's failure counters
+    /// keep their own labels (`ip_family` only), so the reason gets a counter of its own.
+    pub sync_failure_reasons: Family<Vec<(String, String)>, Counter>,
     pub no_local_endpoints: Family<Labels, Gauge>,
     pub healthz: Family<Labels, Counter>,
     pub livez: Family<Labels, Counter>,
@@ -137,6 +140,7 @@ impl Metrics {
             last_sync_timestamp: Family::default(),
             last_queued_timestamp: Family::default(),
             sync_failures: Family::default(),
+            sync_failure_reasons: Family::default(),
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
@@ -244,6 +248,11 @@ impl Metrics {
             );
         }
         registry.register(
+            "svcproxy_sync_failures",
+            "Failed syncs, by reason: spawn (the program could not be run), refused (it refused the transaction), command_failed, not_installed",
+            m.sync_failure_reasons.clone(),
+        );
+        registry.register(
             "svcproxy_conntrack_cleanup_failures",
             "Failed deletions of stale UDP conntrack entries",
             m.conntrack_failures.clone(),
@@ -317,13 +326,17 @@ impl Metrics {
         }
     }
 
-    /// A sync failed (one transaction for both families: both failed).
-    pub fn sync_failed(&self) {
+    /// A sync failed (one transaction for both families: both failed), for `reason`
+    /// (`BackendError::metric_label`).
+    pub fn sync_failed(&self, reason: &str) {
         for family in IpFamily::ALL {
             self.sync_failures
                 .get_or_create(&family_labels(family))
                 .inc();
         }
+        self.sync_failure_reasons
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// A change's rules reached the kernel `latency` after the change, in `family`.
@@ -455,7 +468,7 @@ mod tests {
             SystemTime::UNIX_EPOCH + Duration::from_secs(101),
             &plan,
         );
-        m.sync_failed();
+        m.sync_failed("refused");
         m.network_programmed(IpFamily::V6, Duration::from_millis(300));
         let _ = m
             .healthz
@@ -469,6 +482,7 @@ mod tests {
             r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 101.0"#,
             r#"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv6"} 100.0"#,
             r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1"#,
+            r#"svcproxy_sync_failures_total{reason="refused"} 1"#,
             r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="internal"} 2"#,
             r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv6",traffic_policy="external"} 0"#,
             r#"kubeproxy_network_programming_duration_seconds_bucket{le="0.5",ip_family="IPv6"} 1"#,

@@ -372,7 +372,7 @@ impl Syncer {
                     let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
                         .min(Duration::from_secs(30));
                     retry_at = Some(Instant::now() + backoff);
-                    self.metrics.sync_failed();
+                    self.metrics.sync_failed(e.metric_label());
                     self.state.failed(e.to_string(), start.elapsed());
                     tracing::error!(
                         "sync failed (the kernel keeps its previous rules), retrying as a full sync in {backoff:?}: {e}"

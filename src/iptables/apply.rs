@@ -62,6 +62,18 @@ pub enum IptablesError {
     NotInstalled,
 }
 
+impl IptablesError {
+    /// The `reason` label of `svcproxy_sync_failures_total` (see `nft::apply::ApplyError`'s).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            IptablesError::Spawn { .. } => "spawn",
+            IptablesError::Refused { .. } => "refused",
+            IptablesError::Failed { .. } => "command_failed",
+            IptablesError::NotInstalled => "not_installed",
+        }
+    }
+}
+
 /// How to run the iptables programs of one variant (and where: tests prefix `ip netns exec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesCommand {

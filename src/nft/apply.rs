@@ -108,6 +108,17 @@ pub enum ApplyError {
     Refused { status: Option<i32>, stderr: String },
 }
 
+impl ApplyError {
+    /// The `reason` label of `svcproxy_sync_failures_total`: what an operator acts on (a
+    /// missing program is a deployment fault; a refusal is a ruleset or kernel one).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ApplyError::Spawn { .. } => "spawn",
+            ApplyError::Refused { .. } => "refused",
+        }
+    }
+}
+
 /// svcproxy's tables in the kernel, as far as this process has applied them.
 #[derive(Debug, Default)]
 pub struct Nftables {
