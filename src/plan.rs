@@ -154,6 +154,15 @@ pub enum Address {
     NodePort,
 }
 
+/// FNV-1a, 64 bits: a stable hash (the same in every build and run) for the names both
+/// backends derive from the plan's identities (chains, sets, affinity maps), where a name
+/// must be short and must not change between syncs.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Why the proxy handles a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum DestinationKind {
@@ -164,7 +173,9 @@ pub enum DestinationKind {
 }
 
 impl DestinationKind {
-    fn as_str(self) -> &'static str {
+    /// What the destination is, in words: both backends' rule comments and the plan's
+    /// messages say it the same way.
+    pub fn label(self) -> &'static str {
         match self {
             DestinationKind::ClusterIp => "cluster IP",
             DestinationKind::ExternalIp => "external IP",
@@ -963,7 +974,7 @@ fn describe(d: &Destination) -> String {
         Address::Ip(ip) => SocketAddr::new(ip, d.port).to_string(),
         Address::NodePort => format!("node port {}", d.port),
     };
-    format!("{} {addr}/{}", d.kind.as_str(), d.protocol)
+    format!("{} {addr}/{}", d.kind.label(), d.protocol)
 }
 
 /// The two routes of one Service port: for its ClusterIP, and for its external destinations.

@@ -49,7 +49,7 @@ use ipnet::IpNet;
 use crate::model::{IpFamily, ObjectRef, Protocol};
 use crate::plan::{
     Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan, LocalTraffic,
-    NodePortMatch, Plan, Route, Scope,
+    NodePortMatch, Plan, Route, Scope, stable_hash,
 };
 
 /// Every chain svcproxy owns starts with this (kube-proxy's are `KUBE-`).
@@ -236,13 +236,6 @@ impl JumpRule {
     }
 }
 
-/// FNV-1a, 64 bits: a stable hash (the same in every build and run) for chain names.
-pub fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// `SVCP-<kind>-<16 hex digits>`: 25 characters, within iptables' 28.
 fn hashed(kind: &str, id: &str) -> String {
     format!("{PREFIX}{kind}-{:016X}", stable_hash(id))
@@ -312,12 +305,7 @@ fn comment(text: &str) -> String {
 }
 
 fn describe(d: &Destination) -> String {
-    match d.kind {
-        DestinationKind::ClusterIp => format!("{} cluster IP", d.service_port()),
-        DestinationKind::ExternalIp => format!("{} external IP", d.service_port()),
-        DestinationKind::LoadBalancer => format!("{} load balancer IP", d.service_port()),
-        DestinationKind::NodePort => format!("{} node port", d.service_port()),
-    }
+    format!("{} {}", d.service_port(), d.kind.label())
 }
 
 /// The identity of a Service port within a family (chains are per family, in its own tables).

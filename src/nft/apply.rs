@@ -177,24 +177,34 @@ impl Nftables {
             self.applied = None;
             return Err(e);
         }
-        let elements = desired
+        let report = full_report(&desired, script.len(), start.elapsed(), because.to_string());
+        self.applied = Some(desired);
+        Ok(report)
+    }
+}
+
+/// The report of a full sync that wrote `ruleset` whole (one `nft -f` of `script_bytes`): the
+/// one-shot backend's and the incremental one's.
+pub(crate) fn full_report(
+    ruleset: &Ruleset,
+    script_bytes: usize,
+    duration: std::time::Duration,
+    because: String,
+) -> ApplyReport {
+    ApplyReport {
+        kind: SyncKind::Full,
+        commands: 1,
+        elements_added: ruleset
             .tables
             .iter()
             .flat_map(|t| &t.sets)
             .map(|s| s.elements.len())
-            .sum();
-        let chains = desired.tables.iter().map(|t| t.chains.len()).sum();
-        self.applied = Some(desired);
-        Ok(ApplyReport {
-            kind: SyncKind::Full,
-            commands: 1,
-            elements_added: elements,
-            elements_deleted: 0,
-            chains_changed: chains,
-            script_bytes: script.len(),
-            duration: start.elapsed(),
-            full_because: Some(because.to_string()),
-        })
+            .sum(),
+        elements_deleted: 0,
+        chains_changed: ruleset.tables.iter().map(|t| t.chains.len()).sum(),
+        script_bytes,
+        duration,
+        full_because: Some(because),
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::Instant;
 use crate::conntrack::stale_udp;
 use crate::incremental::{Compiled, Fallback, PlanDelta, adjust, plan_delta};
 use crate::model::{ObjectRef, ProxyConfig, Snapshot};
-use crate::nft::apply::{ApplyError, ApplyReport, DiffParts, NftCommand, SyncKind, diff};
+use crate::nft::apply::{ApplyError, DiffParts, NftCommand, diff, full_report};
 use crate::nft::render::{self, Fragment, Lane};
 use crate::nft::syntax::{Element, Family, Ruleset, Value};
 use crate::plan::{FamilyPlan, Plan};
@@ -217,21 +217,7 @@ impl Incremental {
                         (script, because, run)
                     }
                 };
-                run.map(|()| ApplyReport {
-                    kind: SyncKind::Full,
-                    commands: 1,
-                    elements_added: ruleset
-                        .tables
-                        .iter()
-                        .flat_map(|t| &t.sets)
-                        .map(|s| s.elements.len())
-                        .sum(),
-                    elements_deleted: 0,
-                    chains_changed: ruleset.tables.iter().map(|t| t.chains.len()).sum(),
-                    script_bytes: script.len(),
-                    duration: t.elapsed(),
-                    full_because: Some(because),
-                })
+                run.map(|()| full_report(ruleset, script.len(), t.elapsed(), because))
             }
         };
         let report = match result {

@@ -51,7 +51,7 @@ use crate::nft::syntax::{
 };
 use crate::plan::{
     Address, Backends, ClusterIpMasquerade, Destination, DestinationKind, FamilyPlan, LocalTraffic,
-    NodePortMatch, Plan, Route, Scope,
+    NodePortMatch, Plan, Route, Scope, stable_hash,
 };
 
 /// The name of svcproxy's tables (one per family).
@@ -121,13 +121,6 @@ impl Lane {
     }
 }
 
-/// FNV-1a: a stable hash (the same in every build and run) for object names.
-fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// What one lane holds.
 #[derive(Default)]
 struct LaneUse {
@@ -167,10 +160,9 @@ impl Builder {
 
     fn comment(d: &Destination) -> String {
         match d.kind {
+            // The set's own name says it is the ClusterIP's.
             DestinationKind::ClusterIp => d.service_port(),
-            DestinationKind::ExternalIp => format!("{} external IP", d.service_port()),
-            DestinationKind::LoadBalancer => format!("{} load balancer IP", d.service_port()),
-            DestinationKind::NodePort => format!("{} node port", d.service_port()),
+            kind => format!("{} {}", d.service_port(), kind.label()),
         }
     }
 
