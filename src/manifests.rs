@@ -248,11 +248,8 @@ fn read_text(path: &Path, text: &str, raw: &mut Raw, loaded: &mut Loaded) {
         match doc {
             Ok(Value::Null) => {}
             Ok(value) => {
-                let mut items = Vec::new();
-                if let Err(e) = read_object(path, value, None, raw, loaded, &mut items) {
-                    loaded.errors.push(parse_error(e));
-                }
-                loaded.errors.extend(items.into_iter().map(parse_error));
+                let errors = read_object(path, value, None, raw, loaded);
+                loaded.errors.extend(errors.into_iter().map(parse_error));
             }
             Err(e) => loaded.errors.push(parse_error(e)),
         }
@@ -260,18 +257,17 @@ fn read_text(path: &Path, text: &str, raw: &mut Raw, loaded: &mut Loaded) {
 }
 
 /// Files one object (or the items of a List) under its kind. `implied_kind` is the item kind of
-/// a typed list, whose items the API server sends without `kind`. A List's bad items go to
-/// `item_errors`, each on its own: the other items are read.
+/// a typed list, whose items the API server sends without `kind`. Returns what was wrong (empty:
+/// nothing); a List's bad items are each an error of their own, and the other items are read.
 fn read_object(
     path: &Path,
     mut value: Value,
     implied_kind: Option<(&str, &str)>,
     raw: &mut Raw,
     loaded: &mut Loaded,
-    item_errors: &mut Vec<DocumentError>,
-) -> Result<(), DocumentError> {
+) -> Vec<DocumentError> {
     let Value::Object(map) = &mut value else {
-        return Err(DocumentError::NotAnObject);
+        return vec![DocumentError::NotAnObject];
     };
     if let Some((api_version, kind)) = implied_kind {
         map.entry("apiVersion")
@@ -302,7 +298,7 @@ fn read_object(
         .unwrap_or("default")
         .to_string();
     if kind.is_empty() {
-        return Err(DocumentError::NoKind);
+        return vec![DocumentError::NoKind];
     }
     if kind.ends_with("List") {
         let item_kind = match kind.as_str() {
@@ -315,20 +311,18 @@ fn read_object(
         let items = match map.remove("items") {
             Some(Value::Array(items)) => items,
             Some(Value::Null) | None => Vec::new(),
-            Some(_) => return Err(DocumentError::ItemsNotAList { kind }),
+            Some(_) => return vec![DocumentError::ItemsNotAList { kind }],
         };
+        let mut errors = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
-            let mut inner = Vec::new();
-            if let Err(e) = read_object(path, item, item_kind, raw, loaded, &mut inner) {
-                inner.push(e);
-            }
-            item_errors.extend(inner.into_iter().map(|e| DocumentError::Item {
+            let item_errors = read_object(path, item, item_kind, raw, loaded);
+            errors.extend(item_errors.into_iter().map(|e| DocumentError::Item {
                 kind: kind.clone(),
                 index,
                 source: Box::new(e),
             }));
         }
-        return Ok(());
+        return errors;
     }
     let table = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => &mut raw.services,
@@ -345,7 +339,7 @@ fn read_object(
                 "{}: skipping {api_version} {kind} {what}: svcproxy reads only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node and networking.k8s.io/v1 ServiceCIDR",
                 path.display()
             ));
-            return Ok(());
+            return Vec::new();
         }
     };
     let namespace = if kind == "Node" || kind == "ServiceCIDR" {
@@ -391,7 +385,7 @@ fn read_object(
             table.insert(key, (value, path.to_path_buf()));
         }
     }
-    Ok(())
+    Vec::new()
 }
 
 /// Deserializes into a typed API object, naming the field that did not fit.
