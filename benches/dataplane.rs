@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::netns::{World, in_ns};
-use svcproxy::backend::Backend;
-use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::backend::{Mode, OneShot};
+use svcproxy::iptables::Variant;
 use svcproxy::model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, ObjectRef, Protocol, ProxyConfig,
 };
-use svcproxy::nft::apply::NftCommand;
+use svcproxy::process::Runner;
 
 #[allow(dead_code)]
 mod support;
@@ -121,17 +121,17 @@ fn measure(n: usize, backend_name: &str, seconds: u64, runs: usize) {
             }],
         };
         snapshot.slices.insert(slice.id.clone(), slice.into());
-        let (plan, ruleset) = svcproxy::compile(&snapshot, &ProxyConfig::default());
-        let iptables = match backend_name {
-            "nftables" => None,
-            "iptables-legacy" => Some(IptablesCommand::in_netns(&w.node, Variant::Legacy)),
-            "iptables-nft" => Some(IptablesCommand::in_netns(&w.node, Variant::Nft)),
+        let (plan, _) = svcproxy::compile(&snapshot, &ProxyConfig::default());
+        let runner = Runner::in_netns(&w.node);
+        let mode = match backend_name {
+            "nftables" => Mode::nftables(runner),
+            "iptables-legacy" => Mode::iptables(runner, Variant::Legacy),
+            "iptables-nft" => Mode::iptables(runner, Variant::Nft),
             other => panic!("--backends: unknown backend {other:?}"),
         };
-        let mut backend = Backend::new(NftCommand::in_netns(&w.node), iptables);
-        let desired = backend.desired(&plan, ruleset);
+        let mut backend = OneShot::new(mode);
         let loaded = Instant::now();
-        backend.apply(desired).expect("apply");
+        backend.apply(&plan).expect("apply");
         let load = loaded.elapsed();
 
         let to: SocketAddr = "10.99.0.1:80".parse().unwrap();

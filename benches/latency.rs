@@ -32,8 +32,9 @@ use common::apiserver::FakeApiServer;
 use common::netns::{World, in_ns, sh};
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, Phases, SyncRecord};
-use svcproxy::iptables::{IptablesCommand, Variant};
-use svcproxy::nft::apply::NftCommand;
+use svcproxy::backend::Mode;
+use svcproxy::iptables::Variant;
+use svcproxy::process::Runner;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 #[allow(dead_code)]
@@ -254,9 +255,11 @@ async fn measure(n: usize, opts: &Options) {
         healthz_address: None,
         metrics_address: None,
         health_check_address: "127.0.0.1".parse().unwrap(),
-        nft: NftCommand::in_netns(&w.node),
-        iptables: (opts.mode == "iptables")
-            .then(|| IptablesCommand::in_netns(&w.node, opts.variant)),
+        backend: if opts.mode == "iptables" {
+            Mode::iptables(Runner::in_netns(&w.node), opts.variant)
+        } else {
+            Mode::nftables(Runner::in_netns(&w.node))
+        },
         config_warnings: 0,
     };
     let start = Instant::now();

@@ -1,50 +1,109 @@
-//! The two backends behind one interface, for the agent and the `apply` command.
+//! The seam between svcproxy and the kernel: the agent, `apply` and `cleanup` know only this
+//! module and the backend-neutral report types, never which backend is behind it.
 //!
-//! [`Backend::sync`] takes a snapshot and does everything: compile, apply, work out the stale UDP
-//! flows, keep the snapshot and plan for the caller. The agent's backends
-//! ([`Backend::for_agent`]) compile only the Services that changed (`nft::incremental`,
-//! `iptables::incremental`, both on the backend-neutral `incremental`) and write only what
-//! changed. For tests and the one-shot `apply` command, [`Backend::desired`] and [`Backend::apply`] also take
-//! an already compiled plan (a test can hand in a broken ruleset).
+//! A [`Mode`] says which backend and where its programs run (this namespace, another one, an
+//! in-memory kernel: a [`Runner`]). Two kinds of backend are made from it:
+//! - [`Live`], the agent's: takes snapshots, compiles only the Services that changed
+//!   (`nft::incremental`, `iptables::incremental`, both on the backend-neutral `incremental`)
+//!   and writes only what changed. Each backend is an [`Engine`]; `Live` holds one.
+//! - [`OneShot`], the `apply` command's and the dataplane tests': applies a compiled plan. A
+//!   test may edit the backend's own rendering first ([`OneShot::apply_edited`]), to hand the
+//!   kernel a broken ruleset; the rendering comes from the backend, so a test cannot hand one
+//!   backend the other's.
 //!
 //! The first apply of a process also removes the other backend's leftovers (a node switched
 //! from one mode to the other), so that only one set of svcproxy rules decides.
 
-use std::time::Instant;
-
-use crate::conntrack::{Conntrack, ConntrackError, stale_udp};
-use crate::iptables::{self, Iptables, IptablesError, Variant};
+use crate::conntrack::Conntrack;
+use crate::iptables::{self, Iptables, IptablesCommand, IptablesError, Variant};
 use crate::model::{ProxyConfig, Snapshot};
 use crate::nft::apply::{ApplyError, NftCommand, Nftables};
-use crate::nft::incremental::Incremental;
 use crate::plan::Plan;
+use crate::process::Runner;
 use crate::report::{ApplyReport, Outcome};
+use crate::verify::{Difference, VerifyError};
 
-/// Which backend programs the kernel, and how to run it.
-pub struct Backend {
-    kind: Kind,
-    /// Words that run a program where the rules go (`ip netns exec NS`), empty for here.
-    prefix: Vec<String>,
-    /// Whether the other backend's leftovers were looked for (once per process).
-    leftovers_done: bool,
-    /// What [`Backend::sync`] compiles with.
-    config: ProxyConfig,
-    /// The last snapshot synced and its plan (the incremental backend keeps its own).
-    last: Option<(Snapshot, Plan)>,
+/// Which backend programs the kernel, and where its programs run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Nftables(NftCommand),
+    Iptables(IptablesCommand),
 }
 
-enum Kind {
-    Nftables(Nftables),
-    Incremental(Box<Incremental>),
-    Iptables(Iptables),
-    IptablesIncremental(Box<iptables::incremental::Incremental>),
-}
+impl Mode {
+    /// nftables, with its programs where `runner` runs them.
+    pub fn nftables(runner: Runner) -> Mode {
+        Mode::Nftables(NftCommand::new(runner))
+    }
 
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend")
-            .field("name", &self.name())
-            .finish()
+    /// iptables of `variant`, with its programs where `runner` runs them.
+    pub fn iptables(runner: Runner, variant: Variant) -> Mode {
+        Mode::Iptables(IptablesCommand::with(runner, variant))
+    }
+
+    /// Where the programs run.
+    pub fn runner(&self) -> &Runner {
+        match self {
+            Mode::Nftables(n) => &n.runner,
+            Mode::Iptables(i) => &i.runner,
+        }
+    }
+
+    /// `nftables`, `iptables-legacy` or `iptables-nft`, for logs.
+    pub fn name(&self) -> String {
+        match self {
+            Mode::Nftables(_) => "nftables".into(),
+            Mode::Iptables(i) => format!("iptables-{}", i.variant),
+        }
+    }
+
+    /// `nftables` or `iptables` (the agent's state page).
+    pub fn family_name(&self) -> &'static str {
+        match self {
+            Mode::Nftables(_) => "nftables",
+            Mode::Iptables(_) => "iptables",
+        }
+    }
+
+    pub fn is_iptables(&self) -> bool {
+        matches!(self, Mode::Iptables(_))
+    }
+
+    /// Where this backend's conntrack entries are: the namespace its programs run in (`None`:
+    /// an in-memory kernel, which has none).
+    pub fn conntrack(&self) -> Option<Conntrack> {
+        Conntrack::at(self.runner().place())
+    }
+
+    /// What the kernel holds of svcproxy's tables, compared with `plan`.
+    pub fn verify(&self, plan: &Plan) -> Result<Vec<Difference>, VerifyError> {
+        match self {
+            Mode::Nftables(n) => crate::verify::verify_nft(n, plan),
+            Mode::Iptables(i) => crate::verify::verify_iptables(i, plan),
+        }
+    }
+
+    /// Removes what the other modes left (a node switched from one mode to another).
+    fn remove_other_modes_rules(&self) {
+        match self {
+            Mode::Nftables(n) => remove_iptables_leftovers(&n.runner, &Variant::ALL),
+            Mode::Iptables(i) => {
+                // A node switched from one iptables variant to the other: packets go through
+                // both, so the old variant's rules would still catch traffic.
+                let other: Vec<Variant> = Variant::ALL
+                    .into_iter()
+                    .filter(|v| *v != i.variant)
+                    .collect();
+                remove_iptables_leftovers(&i.runner, &other);
+                let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
+                let nft = NftCommand::new(i.runner.clone());
+                match crate::nft::apply::cleanup(&nft, &tables) {
+                    Ok(()) => tracing::debug!("svcproxy's nftables tables are gone"),
+                    // No nft on an iptables node is normal.
+                    Err(e) => tracing::debug!("removing svcproxy's nftables tables: {e}"),
+                }
+            }
+        }
     }
 }
 
@@ -69,228 +128,200 @@ impl BackendError {
     }
 }
 
-/// What one backend applies: rendered on the caller's thread, applied on a blocking one.
-#[derive(Debug)]
-pub enum Desired {
-    Nftables(crate::nft::Ruleset),
-    Iptables(iptables::Ruleset),
+/// What [`Live`] asks of a backend that follows snapshots.
+pub trait Engine: Send {
+    /// Makes the kernel hold the rules of `snapshot`, writing only what changed when it can.
+    fn sync(&mut self, snapshot: Snapshot) -> Result<Outcome, BackendError>;
+    /// The last snapshot synced.
+    fn snapshot(&self) -> Option<&Snapshot>;
+    /// Its plan.
+    fn plan(&self) -> Option<&Plan>;
+    /// The next sync rewrites everything (to repair drift).
+    fn invalidate(&mut self);
 }
 
-impl Backend {
-    /// The nftables backend, or (with an iptables command) the iptables one.
-    pub fn new(nft: NftCommand, iptables: Option<iptables::IptablesCommand>) -> Backend {
-        Self::with(nft, iptables, ProxyConfig::default(), false)
+impl Engine for crate::nft::incremental::Incremental {
+    fn sync(&mut self, snapshot: Snapshot) -> Result<Outcome, BackendError> {
+        Ok(crate::nft::incremental::Incremental::sync(self, snapshot)?)
     }
-
-    /// The agent's backend: for nftables, the incremental one. `config` is what
-    /// [`Backend::sync`] compiles with.
-    pub fn for_agent(
-        nft: NftCommand,
-        iptables: Option<iptables::IptablesCommand>,
-        config: ProxyConfig,
-    ) -> Backend {
-        Self::with(nft, iptables, config, true)
+    fn snapshot(&self) -> Option<&Snapshot> {
+        crate::nft::incremental::Incremental::snapshot(self)
     }
+    fn plan(&self) -> Option<&Plan> {
+        crate::nft::incremental::Incremental::plan(self)
+    }
+    fn invalidate(&mut self) {
+        crate::nft::incremental::Incremental::invalidate(self)
+    }
+}
 
-    fn with(
-        nft: NftCommand,
-        iptables: Option<iptables::IptablesCommand>,
-        config: ProxyConfig,
-        incremental: bool,
-    ) -> Backend {
-        let (prefix, kind) = match iptables {
-            None => (
-                // `nft`'s own words minus the program: the namespace wrapper, if any.
-                nft.program[..nft.program.len().saturating_sub(1)].to_vec(),
-                if incremental {
-                    Kind::Incremental(Box::new(Incremental::new(nft, config.clone())))
-                } else {
-                    Kind::Nftables(Nftables::new(nft))
-                },
-            ),
-            Some(cmd) => (
-                cmd.prefix.clone(),
-                if incremental {
-                    Kind::IptablesIncremental(Box::new(iptables::incremental::Incremental::new(
-                        cmd,
-                        config.clone(),
-                    )))
-                } else {
-                    Kind::Iptables(Iptables::new(cmd))
-                },
-            ),
+impl Engine for iptables::incremental::Incremental {
+    fn sync(&mut self, snapshot: Snapshot) -> Result<Outcome, BackendError> {
+        Ok(iptables::incremental::Incremental::sync(self, snapshot)?)
+    }
+    fn snapshot(&self) -> Option<&Snapshot> {
+        iptables::incremental::Incremental::snapshot(self)
+    }
+    fn plan(&self) -> Option<&Plan> {
+        iptables::incremental::Incremental::plan(self)
+    }
+    fn invalidate(&mut self) {
+        iptables::incremental::Incremental::invalidate(self)
+    }
+}
+
+/// The agent's backend: follows snapshots, writing only what changed.
+pub struct Live {
+    mode: Mode,
+    engine: Box<dyn Engine>,
+    /// Whether the other modes' leftovers were looked for (once per process).
+    leftovers_done: bool,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("mode", &self.mode).finish()
+    }
+}
+
+impl Live {
+    /// The backend of `mode`, compiling with `config`.
+    pub fn new(mode: Mode, config: ProxyConfig) -> Live {
+        let engine: Box<dyn Engine> = match &mode {
+            Mode::Nftables(n) => {
+                Box::new(crate::nft::incremental::Incremental::new(n.clone(), config))
+            }
+            Mode::Iptables(i) => {
+                Box::new(iptables::incremental::Incremental::new(i.clone(), config))
+            }
         };
-        Backend {
-            kind,
-            prefix,
+        Live {
+            mode,
+            engine,
             leftovers_done: false,
-            config,
-            last: None,
         }
     }
 
     /// Makes the kernel hold the rules of `snapshot`.
     pub fn sync(&mut self, snapshot: Snapshot) -> Result<Outcome, BackendError> {
-        if matches!(
-            self.kind,
-            Kind::Incremental(_) | Kind::IptablesIncremental(_)
-        ) && !self.leftovers_done
-        {
-            self.remove_other_backends_rules();
+        if !self.leftovers_done {
+            self.mode.remove_other_modes_rules();
             self.leftovers_done = true;
         }
-        match &mut self.kind {
-            Kind::Incremental(inc) => return Ok(inc.sync(snapshot)?),
-            Kind::IptablesIncremental(inc) => return Ok(inc.sync(snapshot)?),
-            Kind::Nftables(_) | Kind::Iptables(_) => {}
-        }
-        let start = Instant::now();
-        let plan = crate::plan::plan(&snapshot, &self.config);
-        let desired = match &self.kind {
-            Kind::Iptables(_) => Desired::Iptables(iptables::render(&plan)),
-            _ => Desired::Nftables(crate::nft::render(&plan)),
-        };
-        let compile = start.elapsed();
-        let report = self.apply(desired)?;
-        let stale_udp = match &self.last {
-            Some((_, old)) => stale_udp(old, &plan),
-            None => Vec::new(),
-        };
-        let services = snapshot.services.len();
-        self.last = Some((snapshot, plan));
-        Ok(Outcome {
-            report,
-            compile,
-            services_compiled: services,
-            stale_udp,
-            fallback: None,
-        })
+        self.engine.sync(snapshot)
     }
 
     /// The last snapshot synced.
     pub fn snapshot(&self) -> Option<&Snapshot> {
-        match &self.kind {
-            Kind::Incremental(i) => i.snapshot(),
-            Kind::IptablesIncremental(i) => i.snapshot(),
-            _ => self.last.as_ref().map(|(s, _)| s),
-        }
+        self.engine.snapshot()
     }
 
     /// The plan of the last snapshot synced.
     pub fn plan(&self) -> Option<&Plan> {
-        match &self.kind {
-            Kind::Incremental(i) => i.plan(),
-            Kind::IptablesIncremental(i) => i.plan(),
-            _ => self.last.as_ref().map(|(_, p)| p),
-        }
+        self.engine.plan()
     }
 
-    /// Where this backend's conntrack entries are: the namespace its programs run in.
-    pub fn conntrack(&self) -> Result<Conntrack, ConntrackError> {
-        Conntrack::for_command_prefix(&self.prefix)
+    /// The next sync rewrites everything.
+    pub fn invalidate(&mut self) {
+        self.engine.invalidate()
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
     }
 
     /// What the kernel holds of svcproxy's tables, compared with the plan last synced
     /// (`svcproxy_ruleset_drift`): `None` before the first sync.
-    pub fn verify(
-        &self,
-    ) -> Option<Result<Vec<crate::verify::Difference>, crate::verify::VerifyError>> {
-        let plan = self.plan()?;
-        Some(match &self.kind {
-            Kind::Iptables(i) => crate::verify::verify_iptables(i.command(), plan),
-            Kind::IptablesIncremental(i) => crate::verify::verify_iptables(i.command(), plan),
-            Kind::Nftables(_) | Kind::Incremental(_) => {
-                let mut program = self.prefix.clone();
-                program.push("nft".into());
-                crate::verify::verify_nft(&NftCommand { program }, plan)
-            }
-        })
+    pub fn verify(&self) -> Option<Result<Vec<Difference>, VerifyError>> {
+        Some(self.mode.verify(self.plan()?))
     }
+}
 
-    /// `nftables`, `iptables-legacy` or `iptables-nft`, for logs.
-    pub fn name(&self) -> String {
-        match &self.kind {
-            Kind::Nftables(_) | Kind::Incremental(_) => "nftables".into(),
-            Kind::Iptables(i) => format!("iptables-{}", i.command().variant),
-            Kind::IptablesIncremental(i) => format!("iptables-{}", i.command().variant),
+/// A backend's own rendering of a plan, for a test to edit before it is applied.
+#[derive(Debug)]
+pub enum Rules<'a> {
+    Nftables(&'a mut crate::nft::Ruleset),
+    Iptables(&'a mut iptables::Ruleset),
+}
+
+/// The one-shot backend: applies compiled plans (partially when it can).
+#[derive(Debug)]
+pub struct OneShot {
+    mode: Mode,
+    applier: Applier,
+    leftovers_done: bool,
+}
+
+#[derive(Debug)]
+enum Applier {
+    Nftables(Nftables),
+    Iptables(Iptables),
+}
+
+impl OneShot {
+    pub fn new(mode: Mode) -> OneShot {
+        let applier = match &mode {
+            Mode::Nftables(n) => Applier::Nftables(Nftables::new(n.clone())),
+            Mode::Iptables(i) => Applier::Iptables(Iptables::new(i.clone())),
+        };
+        OneShot {
+            mode,
+            applier,
+            leftovers_done: false,
         }
     }
 
-    /// This backend's form of the plan; `ruleset` is the compiler's nftables rendering.
-    pub fn desired(&self, plan: &Plan, ruleset: crate::nft::Ruleset) -> Desired {
-        match &self.kind {
-            Kind::Nftables(_) | Kind::Incremental(_) => Desired::Nftables(ruleset),
-            Kind::Iptables(_) | Kind::IptablesIncremental(_) => {
-                Desired::Iptables(iptables::render(plan))
-            }
-        }
+    pub fn mode(&self) -> &Mode {
+        &self.mode
     }
 
-    /// Applies (partially when possible). The first apply of a process also removes the other
-    /// backend's rules. Not for the agent's incremental backend, which takes snapshots
-    /// ([`Backend::sync`]).
-    pub fn apply(&mut self, desired: Desired) -> Result<ApplyReport, BackendError> {
+    /// Makes the kernel hold the rules of `plan`: the difference from the last apply when it
+    /// can express the change, else everything.
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, BackendError> {
+        self.apply_edited(plan, |_| {})
+    }
+
+    /// [`OneShot::apply`], after `edit` has changed the backend's rendering of `plan`.
+    pub fn apply_edited(
+        &mut self,
+        plan: &Plan,
+        edit: impl FnOnce(Rules<'_>),
+    ) -> Result<ApplyReport, BackendError> {
         if !self.leftovers_done {
-            self.remove_other_backends_rules();
+            self.mode.remove_other_modes_rules();
             self.leftovers_done = true;
         }
-        match (&mut self.kind, desired) {
-            (Kind::Nftables(n), Desired::Nftables(r)) => Ok(n.apply(r)?),
-            (Kind::Iptables(i), Desired::Iptables(r)) => Ok(i.apply(r)?),
-            (Kind::Incremental(_) | Kind::IptablesIncremental(_), _) => {
-                panic!("the incremental backends sync snapshots")
+        match &mut self.applier {
+            Applier::Nftables(n) => {
+                let mut rules = crate::nft::render(plan);
+                edit(Rules::Nftables(&mut rules));
+                Ok(n.apply(rules)?)
             }
-            _ => panic!("apply() given what desired() of another backend made"),
+            Applier::Iptables(i) => {
+                let mut rules = iptables::render(plan);
+                edit(Rules::Iptables(&mut rules));
+                Ok(i.apply(rules)?)
+            }
         }
     }
 
     /// Replaces everything (the `apply` command).
-    pub fn apply_full(&mut self, desired: Desired) -> Result<ApplyReport, BackendError> {
+    pub fn apply_full(&mut self, plan: &Plan) -> Result<ApplyReport, BackendError> {
         self.invalidate();
-        self.apply(desired)
+        self.apply(plan)
     }
 
     /// Forgets what was applied: the next apply is full.
     pub fn invalidate(&mut self) {
-        match &mut self.kind {
-            Kind::Nftables(n) => n.invalidate(),
-            Kind::Incremental(n) => n.invalidate(),
-            Kind::Iptables(i) => i.invalidate(),
-            Kind::IptablesIncremental(i) => i.invalidate(),
-        }
-    }
-
-    fn remove_other_backends_rules(&self) {
-        match &self.kind {
-            Kind::Nftables(_) | Kind::Incremental(_) => {
-                remove_iptables_leftovers(&self.prefix, &Variant::ALL)
-            }
-            Kind::Iptables(_) | Kind::IptablesIncremental(_) => {
-                let variant = match &self.kind {
-                    Kind::Iptables(i) => i.command().variant,
-                    Kind::IptablesIncremental(i) => i.command().variant,
-                    _ => return,
-                };
-                // A node switched from one iptables variant to the other: packets go through
-                // both, so the old variant's rules would still catch traffic.
-                let other: Vec<Variant> =
-                    Variant::ALL.into_iter().filter(|v| *v != variant).collect();
-                remove_iptables_leftovers(&self.prefix, &other);
-                let mut program = self.prefix.clone();
-                program.push("nft".into());
-                let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
-                match crate::nft::apply::cleanup(&NftCommand { program }, &tables) {
-                    Ok(()) => tracing::debug!("svcproxy's nftables tables are gone"),
-                    // No nft on an iptables node is normal.
-                    Err(e) => tracing::debug!("removing svcproxy's nftables tables: {e}"),
-                }
-            }
+        match &mut self.applier {
+            Applier::Nftables(n) => n.invalidate(),
+            Applier::Iptables(i) => i.invalidate(),
         }
     }
 }
 
-fn remove_iptables_leftovers(prefix: &[String], variants: &[Variant]) {
-    match iptables::apply::cleanup(prefix, variants) {
+fn remove_iptables_leftovers(runner: &Runner, variants: &[Variant]) {
+    match iptables::apply::cleanup(runner, variants) {
         Ok(c) if c.chains + c.jumps > 0 => tracing::info!(
             chains = c.chains,
             jumps = c.jumps,

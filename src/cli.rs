@@ -145,17 +145,19 @@ pub enum VariantArg {
     Nft,
 }
 
-/// The iptables programs to use: the variant given, or the one detected (logged with why).
-pub fn iptables_command(
-    variant: VariantArg,
-    prefix: &[String],
-) -> anyhow::Result<crate::iptables::IptablesCommand> {
+/// The backend of a mode, on this node: for iptables, the variant given, or the one detected
+/// (logged with why).
+pub fn backend_mode(iptables: bool, variant: VariantArg) -> anyhow::Result<crate::backend::Mode> {
     use crate::iptables::{Variant, detect};
+    let runner = crate::process::Runner::here();
+    if !iptables {
+        return Ok(crate::backend::Mode::nftables(runner));
+    }
     let variant = match variant {
         VariantArg::Legacy => Variant::Legacy,
         VariantArg::Nft => Variant::Nft,
         VariantArg::Auto => {
-            let (v, why) = detect::decide(&detect::evidence(prefix)).ok_or_else(|| {
+            let (v, why) = detect::decide(&detect::evidence(&runner)).ok_or_else(|| {
                 anyhow::anyhow!(
                     "iptables mode: neither iptables-legacy nor iptables-nft is installed"
                 )
@@ -164,10 +166,7 @@ pub fn iptables_command(
             v
         }
     };
-    Ok(crate::iptables::IptablesCommand {
-        prefix: prefix.to_vec(),
-        variant,
-    })
+    Ok(crate::backend::Mode::iptables(runner, variant))
 }
 
 /// `--nodeport-addresses`: `primary`, or a comma-separated list of CIDRs.
@@ -577,15 +576,13 @@ pub fn run_agent(args: &RunArgs) -> u8 {
     {
         node_ips.push(ip);
     }
-    let iptables = match settings.mode {
-        crate::config::ProxyMode::Nftables => None,
-        crate::config::ProxyMode::Iptables => match iptables_command(args.iptables_variant, &[]) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                return EXIT_NOTHING;
-            }
-        },
+    let iptables = settings.mode == crate::config::ProxyMode::Iptables;
+    let backend = match backend_mode(iptables, args.iptables_variant) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return EXIT_NOTHING;
+        }
     };
     let rt = runtime();
     rt.block_on(async {
@@ -606,8 +603,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
             healthz_address: settings.healthz_bind_address,
             metrics_address: settings.metrics_bind_address,
             health_check_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
-            nft: Default::default(),
-            iptables,
+            backend,
             config_warnings: settings.warnings.len(),
         };
         tracing::info!(node = %config.node_name, mode = settings.mode.as_str(), "starting");
@@ -888,27 +884,24 @@ pub fn apply(args: &ApplyArgs) -> u8 {
     let Ok((snapshot, clean)) = load_snapshot(&args.from, &args.node) else {
         return EXIT_NOTHING;
     };
-    let (plan, ruleset) = crate::compile(&snapshot, &args.node.proxy_config());
+    let plan = crate::plan::plan(&snapshot, &args.node.proxy_config());
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }
-    let iptables = match args.proxy_mode {
-        ProxyModeArg::Nftables => None,
-        ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                return EXIT_NOTHING;
-            }
-        },
+    let iptables = args.proxy_mode == ProxyModeArg::Iptables;
+    let mode = match backend_mode(iptables, args.iptables_variant) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return EXIT_NOTHING;
+        }
     };
-    let mut backend = crate::backend::Backend::new(Default::default(), iptables);
-    let desired = backend.desired(&plan, ruleset);
-    match backend.apply_full(desired) {
+    let mut backend = crate::backend::OneShot::new(mode);
+    match backend.apply_full(&plan) {
         Ok(report) => {
             tracing::info!(
                 kind = report.kind.as_str(),
-                backend = backend.name(),
+                backend = backend.mode().name(),
                 services = snapshot.services.len(),
                 elements = report.elements_added,
                 chains = report.chains_changed,
@@ -935,11 +928,7 @@ pub fn cleanup() -> u8 {
     let mut code = EXIT_OK;
     let tables = [("ip", crate::nft::TABLE), ("ip6", crate::nft::TABLE)];
     let nft = crate::nft::apply::NftCommand::default();
-    let nft_installed = std::process::Command::new(&nft.program[0])
-        .arg("--version")
-        .output()
-        .is_ok();
-    if nft_installed {
+    if nft.installed() {
         match crate::nft::apply::cleanup(&nft, &tables) {
             Ok(()) => tracing::info!("deleted tables ip {0} and ip6 {0}", crate::nft::TABLE),
             Err(e) => {
@@ -948,7 +937,7 @@ pub fn cleanup() -> u8 {
             }
         }
     }
-    match crate::iptables::apply::cleanup(&[], &crate::iptables::Variant::ALL) {
+    match crate::iptables::apply::cleanup(&nft.runner, &crate::iptables::Variant::ALL) {
         Ok(c) if c.chains + c.jumps > 0 => tracing::info!(
             chains = c.chains,
             jump_rules = c.jumps,
@@ -1026,17 +1015,13 @@ pub fn verify(args: &VerifyArgs, out: &mut impl Write) -> u8 {
     for c in &plan.conflicts {
         tracing::warn!("skipped: {c}");
     }
-    let result = match args.proxy_mode {
-        ProxyModeArg::Nftables => {
-            crate::verify::verify_nft(&crate::nft::apply::NftCommand::default(), &plan)
+    let iptables = args.proxy_mode == ProxyModeArg::Iptables;
+    let result = match backend_mode(iptables, args.iptables_variant) {
+        Ok(mode) => mode.verify(&plan),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return EXIT_NOTHING;
         }
-        ProxyModeArg::Iptables => match iptables_command(args.iptables_variant, &[]) {
-            Ok(cmd) => crate::verify::verify_iptables(&cmd, &plan),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                return EXIT_NOTHING;
-            }
-        },
     };
     let differences = match result {
         Ok(d) => d,

@@ -21,8 +21,7 @@
 //! of a NodePort is moved on as surely as an IPv6 one.
 //!
 //! Where: conntrack tables are per network namespace. The rules' commands say where the rules
-//! go (`ip netns exec NS nft`, in tests); [`Conntrack::for_command_prefix`] reads the same
-//! words, and the socket is then opened in that namespace, on a short-lived thread that enters
+//! go (another namespace, in tests); [`Conntrack::at`] reads the same place, and the socket is then opened in that namespace, on a short-lived thread that enters
 //! it, so that the process's own threads never change namespace.
 
 mod netlink;
@@ -33,6 +32,7 @@ use std::path::PathBuf;
 
 use crate::model::{IpFamily, Protocol};
 use crate::plan::{Address, Plan, Route};
+use crate::process::Place;
 
 /// UDP entries to delete: those of `family` whose original destination is `dst`:`port` (any
 /// address for a NodePort) and, when `dnat_to` is set, that were DNATed to it.
@@ -135,10 +135,6 @@ pub fn stale_udp(old: &Plan, new: &Plan) -> Vec<StaleFlows> {
 /// Why listing or deleting conntrack entries failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    #[error(
-        "cannot tell the network namespace from `{0}` (expected nothing or `ip netns exec NAME`)"
-    )]
-    Prefix(String),
     #[error("cannot enter network namespace {path}: {source}")]
     Netns {
         path: PathBuf,
@@ -185,15 +181,13 @@ impl Conntrack {
         }
     }
 
-    /// Where a backend's programs run, from the words run before them: none for here,
-    /// `ip netns exec NAME` for that namespace.
-    pub fn for_command_prefix(prefix: &[String]) -> Result<Self, ConntrackError> {
-        match prefix {
-            [] => Ok(Conntrack::default()),
-            [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
-                Ok(Conntrack::in_netns(name))
-            }
-            _ => Err(ConntrackError::Prefix(prefix.join(" "))),
+    /// The conntrack table where a backend's programs act: this namespace's, the named one's,
+    /// or none (an in-memory kernel has no connections to move).
+    pub fn at(place: &Place) -> Option<Self> {
+        match place {
+            Place::Here => Some(Conntrack::default()),
+            Place::Netns(name) => Some(Conntrack::in_netns(name)),
+            Place::Fake => None,
         }
     }
 
@@ -407,24 +401,17 @@ mod tests {
     }
 
     #[test]
-    fn the_namespace_comes_from_the_command_prefix() {
-        let words = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+    fn the_namespace_is_where_the_rules_go() {
+        assert_eq!(Conntrack::at(&Place::Here), Some(Conntrack::default()));
         assert_eq!(
-            Conntrack::for_command_prefix(&[]).unwrap(),
-            Conntrack::default()
-        );
-        assert_eq!(
-            Conntrack::for_command_prefix(&words("ip netns exec svcp-1")).unwrap(),
-            Conntrack::in_netns("svcp-1")
+            Conntrack::at(&Place::Netns("svcp-1".into())),
+            Some(Conntrack::in_netns("svcp-1"))
         );
         assert_eq!(
             Conntrack::in_netns("svcp-1").netns.unwrap(),
             PathBuf::from("/run/netns/svcp-1")
         );
-        assert!(matches!(
-            Conntrack::for_command_prefix(&words("sudo")),
-            Err(ConntrackError::Prefix(p)) if p == "sudo"
-        ));
+        assert_eq!(Conntrack::at(&Place::Fake), None);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use common::apiserver::FakeApiServer;
 use common::netns::Netns;
 use serde_json::{Value, json};
 use svcproxy::agent::{AgentConfig, SyncRecord};
-use svcproxy::nft::apply::{NftCommand, SyncKind};
+use svcproxy::backend::Mode;
+use svcproxy::process::Runner;
+use svcproxy::report::SyncKind;
 use tokio::sync::{mpsc, watch};
 
 /// A network namespace for one agent test's rules, deleted on drop.
@@ -69,8 +71,7 @@ fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
         healthz_address: None,
         metrics_address: None,
         health_check_address: "127.0.0.1".parse().unwrap(),
-        nft: NftCommand::in_netns(netns),
-        iptables: None,
+        backend: Mode::nftables(Runner::in_netns(netns)),
         config_warnings: 0,
     }
 }
@@ -1425,7 +1426,7 @@ async fn node_ports_follow_the_node_addresses() {
     ignore = "needs root, network namespaces, nft, iproute2 and both iptables variants (build.rs)"
 )]
 async fn iptables_mode_follows_changes_and_repairs_drift() {
-    use svcproxy::iptables::{IptablesCommand, Variant};
+    use svcproxy::iptables::Variant;
     let Some(ns) = agent_netns("iptables") else {
         return;
     };
@@ -1451,7 +1452,7 @@ async fn iptables_mode_follows_changes_and_repairs_drift() {
     api.apply(slice("web-1", "web", &["10.244.1.91"]));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut agent = Agent::start(&api, &ns, |c| {
-        c.iptables = Some(IptablesCommand::in_netns(&ns.0, Variant::Legacy));
+        c.backend = Mode::iptables(Runner::in_netns(&ns.0), Variant::Legacy);
         c.sync_period = Duration::from_secs(3);
         c.metrics_address = Some(metrics);
     });

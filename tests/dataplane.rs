@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::*;
 use common::proxy::*;
-use svcproxy::backend::Desired;
+use svcproxy::backend::Rules;
 use svcproxy::conntrack::UdpFlow;
 use svcproxy::iptables::Variant;
 use svcproxy::model::{IpFamily, Protocol};
@@ -839,8 +839,9 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
     // A ruleset the kernel refuses (a jump to a chain that does not exist), next to a change
     // (another Service, refused for lack of endpoints) that would be fine on its own.
     let with_new = yaml.clone() + &svc("new", "{clusterIP: 10.96.0.101, ports: [{port: 80}]}");
-    let bad = |p: &Proxy| match p.desired(&with_new).1 {
-        Desired::Nftables(mut bad) => {
+    let plan = p.plan_of(&with_new);
+    let sabotage = |rules: Rules<'_>| match rules {
+        Rules::Nftables(bad) => {
             let map = bad.tables[0]
                 .sets
                 .iter_mut()
@@ -854,9 +855,8 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
                 ],
                 Data::Verdict(Verdict::Goto("no-such-chain".into())),
             ));
-            Desired::Nftables(bad)
         }
-        Desired::Iptables(mut bad) => {
+        Rules::Iptables(bad) => {
             let nat = &mut bad.families[0].tables[0];
             let services = nat
                 .chains
@@ -866,11 +866,14 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
             services
                 .rules
                 .push("-d 10.96.0.102/32 -p tcp -m tcp --dport 80 -j SVCP-NO-SUCH-CHAIN".into());
-            Desired::Iptables(bad)
         }
     };
     for attempt in ["partial", "full"] {
-        let err = p.backend.apply(bad(&p)).unwrap_err().to_string();
+        let err = p
+            .backend
+            .apply_edited(&plan, sabotage)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("no-such-chain")
                 || err.contains("No such file or directory")
@@ -890,7 +893,7 @@ fn a_refused_transaction_leaves_the_previous_rules_in_place(mut p: Proxy) {
         );
     }
     // After a failure the next apply is a full one, and it works.
-    let r = p.backend.apply(p.desired(&yaml).1).unwrap();
+    let r = p.backend.apply(&p.plan_of(&yaml)).unwrap();
     assert_eq!(r.kind, SyncKind::Full);
     assert_eq!(tcp(&c.ns, sa("10.96.0.100:80"), T).unwrap().pod, "a1");
 }
@@ -991,7 +994,7 @@ fn stale_udp_flows_move_to_the_new_endpoint(mut p: Proxy) {
     let r = p.apply(&dns(Some(&a2)));
     assert_eq!(r.kind, SyncKind::Partial);
     // The flows to a1 are gone from conntrack; the unrelated one to `keep` is not.
-    let conntrack = p.backend.conntrack().unwrap();
+    let conntrack = p.backend.mode().conntrack().unwrap();
     let flows: Vec<UdpFlow> = [IpFamily::V4, IpFamily::V6]
         .into_iter()
         .flat_map(|f| conntrack.udp_flows(f).unwrap())
@@ -1192,10 +1195,8 @@ fn variant_detection_follows_what_the_node_uses() {
     let Some(p) = Proxy::new(Mode::Nftables) else {
         return;
     };
-    let prefix: Vec<String> = ["ip", "netns", "exec", &p.w.node]
-        .map(String::from)
-        .to_vec();
-    let chosen = || detect::decide(&detect::evidence(&prefix)).unwrap();
+    let runner = svcproxy::process::Runner::in_netns(&p.w.node);
+    let chosen = || detect::decide(&detect::evidence(&runner)).unwrap();
     // Two rules in legacy's filter table: legacy holds more.
     for port in ["1", "2"] {
         p.node_sh(&[

@@ -144,12 +144,27 @@ where
     let stream: BoxStream<'static, watcher::Result<watcher::Event<K>>> = if backoff {
         watcher(api, config).default_backoff().boxed()
     } else {
-        watcher(api, config).boxed()
+        // Without a backoff, a watcher whose requests keep failing retries at once, in a loop
+        // that never yields: it once held a worker (and the runtime's timer) for minutes, so
+        // that no deadline of the test fired. A short pause after each error keeps the retries
+        // prompt (the tests count requests) and lets the deadlines work.
+        watcher(api, config)
+            .then(|event| async move {
+                if event.is_err() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                event
+            })
+            .boxed()
     };
     let errs = errors.clone();
     let task = tokio::spawn(reflector::reflector(writer, stream).for_each(move |event| {
         if let Err(e) = event {
-            errs.lock().unwrap().push(e.to_string());
+            // Bounded: a test that fails on a loop of errors says which, without eating memory.
+            let mut errs = errs.lock().unwrap();
+            if errs.len() < 100 {
+                errs.push(e.to_string());
+            }
         }
         futures::future::ready(())
     }));

@@ -22,8 +22,9 @@ const ROOMS: &[(&str, &[&str])] = &[
     ("services", &["model", "plan", "trace"]),
     ("synthetic", &["model"]),
     ("manifests", &["model", "convert"]),
-    // Stale conntrack flows: the pure computation and its netlink writer.
-    ("conntrack", &["model", "plan"]),
+    // Stale conntrack flows: the pure computation and its netlink writer (in the namespace a
+    // process::Place names).
+    ("conntrack", &["model", "plan", "process"]),
     // What a sync did, whichever backend did it.
     ("report", &["conntrack", "incremental"]),
     // The one way to run a program.
@@ -66,13 +67,13 @@ const ROOMS: &[(&str, &[&str])] = &[
             "nft",
             "iptables",
             "verify",
+            "process",
         ],
     ),
     // The configuration file and flags' meaning (no I/O but /proc/sys writes).
     ("config", &["model", "convert", "duration"]),
-    // The node agent: the watch, the sync loop, its servers. It reaches the kernel through the
-    // backend seam; it names the two command runners only to carry them in its configuration
-    // (`AgentConfig::nft`, `::iptables`), which is still to move behind the seam (issue 12).
+    // The node agent: the watch, the sync loop, its servers. It reaches the kernel only through
+    // the backend seam: neither backend is named here.
     (
         "agent",
         &[
@@ -83,8 +84,6 @@ const ROOMS: &[(&str, &[&str])] = &[
             "report",
             "conntrack",
             "backend",
-            "nft",
-            "iptables",
         ],
     ),
 ];

@@ -254,7 +254,8 @@ async fn as_a_kubectl_plugin_it_reads_the_current_context() {
 )]
 async fn the_agent_serves_its_state_read_only() {
     use svcproxy::agent::AgentConfig;
-    use svcproxy::nft::apply::NftCommand;
+    use svcproxy::backend::Mode;
+    use svcproxy::process::Runner;
     if !common::have_nft() || !common::can_unshare_net() {
         common::cannot_run("the agent tests need root and nft");
     }
@@ -281,8 +282,7 @@ async fn the_agent_serves_its_state_read_only() {
         healthz_address: None,
         metrics_address: Some(metrics),
         health_check_address: "127.0.0.1".parse().unwrap(),
-        nft: NftCommand::in_netns(&ns.0),
-        iptables: None,
+        backend: Mode::nftables(Runner::in_netns(&ns.0)),
         config_warnings: 0,
     };
     let (tx, mut syncs) = tokio::sync::mpsc::unbounded_channel();

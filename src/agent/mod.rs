@@ -25,11 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch as signal};
 
-use crate::backend::Backend;
-use crate::conntrack::{Conntrack, ConntrackError, StaleFlows};
+use crate::backend::{Live, Mode};
+use crate::conntrack::{Conntrack, StaleFlows};
 use crate::convert::{self, ObjectKind, Rejected};
 use crate::model::{NodeInfo, ProxyConfig, Snapshot};
-use crate::nft::apply::NftCommand;
 use crate::plan::Plan;
 use crate::report::{ApplyReport, SyncKind};
 use metrics::Metrics;
@@ -53,9 +52,8 @@ pub struct AgentConfig {
     /// kube-proxy's addresses, derived from `nodePortAddresses`; a specific address for that
     /// address alone (tests).
     pub health_check_address: IpAddr,
-    pub nft: NftCommand,
-    /// The iptables mode's programs (`None`: the nftables mode).
-    pub iptables: Option<crate::iptables::IptablesCommand>,
+    /// Which backend, and where its programs run.
+    pub backend: Mode,
     /// How many warnings the configuration gave (fields set that svcproxy does not use, values
     /// it reads differently): logged at start-up by the caller, exported here as the gauge
     /// `svcproxy_config_warnings`, so that a fleet's dashboards see them too.
@@ -117,7 +115,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let client = kube::Client::try_from(config.kube.clone())?;
     let changes = Arc::new(Changes::default());
-    let metrics = Arc::new(Metrics::new(&changes, config.iptables.is_some()));
+    let metrics = Arc::new(Metrics::new(&changes, config.backend.is_iptables()));
     metrics
         .config_warnings
         .set(i64::try_from(config.config_warnings).unwrap_or(i64::MAX));
@@ -219,9 +217,8 @@ impl Syncer {
             _ = stopped(&mut stop) => return,
         }
         tracing::info!("initial lists of Services and EndpointSlices complete");
-        let mut backend = Some(Backend::for_agent(
-            self.config.nft.clone(),
-            self.config.iptables.clone(),
+        let mut backend = Some(Live::new(
+            self.config.backend.clone(),
             self.config.proxy.clone(),
         ));
         let mut pacer = Pacer::new(self.config.min_sync_period, BURST_SYNCS);
@@ -356,7 +353,7 @@ impl Syncer {
                     };
                     let (snapshot, plan) =
                         (nft.snapshot().expect("synced"), nft.plan().expect("synced"));
-                    let conntrack = nft.conntrack();
+                    let conntrack = nft.mode().conntrack();
                     self.after_sync(
                         snapshot,
                         plan,
@@ -394,16 +391,11 @@ impl Syncer {
     }
 
     /// `/state/snapshot`'s question: a copy of the snapshot last applied (sharing its objects).
-    fn answer_state(&self, backend: Option<&Backend>, reply: state::StateRequest) {
+    fn answer_state(&self, backend: Option<&Live>, reply: state::StateRequest) {
         let applied = backend.and_then(|b| b.snapshot()).map(|s| {
             Arc::new(state::Applied {
                 config: self.config.proxy.clone(),
-                mode: if self.config.iptables.is_some() {
-                    "iptables"
-                } else {
-                    "nftables"
-                }
-                .into(),
+                mode: self.config.backend.family_name().into(),
                 snapshot: s.clone(),
             })
         });
@@ -417,7 +409,7 @@ impl Syncer {
         snapshot: &Snapshot,
         plan: &Plan,
         stale: Vec<StaleFlows>,
-        conntrack: Result<Conntrack, ConntrackError>,
+        conntrack: Option<Conntrack>,
         report: &ApplyReport,
         timing: Timing,
     ) {
@@ -433,19 +425,23 @@ impl Syncer {
         self.conflicts = conflicts;
         let stale_udp_flows = stale.len();
         if !stale.is_empty() {
+            // No conntrack table: an in-memory kernel (tests), whose flows are the outcome's.
             let result = match conntrack {
-                Ok(ct) => tokio::task::spawn_blocking(move || ct.flush(&stale))
-                    .await
-                    .expect("conntrack task"),
-                Err(e) => Err(e),
+                Some(ct) => Some(
+                    tokio::task::spawn_blocking(move || ct.flush(&stale))
+                        .await
+                        .expect("conntrack task"),
+                ),
+                None => None,
             };
             match result {
-                Ok(f) => tracing::debug!(
+                None => {}
+                Some(Ok(f)) => tracing::debug!(
                     examined = f.examined,
                     deleted = f.deleted,
                     "deleted stale UDP conntrack entries"
                 ),
-                Err(e) => {
+                Some(Err(e)) => {
                     self.metrics.conntrack_failures.inc();
                     tracing::warn!("deleting stale UDP conntrack entries: {e}");
                 }

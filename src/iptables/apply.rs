@@ -22,7 +22,6 @@
 //! is checked with `-C` and inserted with `-I` only when missing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::iptables::detect::Variant;
@@ -30,7 +29,7 @@ use crate::iptables::render::{
     Chain, FamilyRules, PREFIX, Ruleset, Table, jump_rules, program, write_table,
 };
 use crate::model::IpFamily;
-use crate::process::{Fed, feed};
+use crate::process::{Place, RunError, Runner};
 use crate::report::{ApplyReport, SyncKind};
 
 /// How long iptables waits for the xtables lock (`-w`), in seconds.
@@ -40,12 +39,8 @@ const LOCK_WAIT: &str = "5";
 /// the one case where `nat` is ahead of `filter`).
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
-    #[error("cannot run `{program}`: {source}")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Spawn(#[from] RunError),
     #[error("{program} refused the input (exit {status:?}): {stderr}")]
     Refused {
         program: String,
@@ -66,7 +61,7 @@ impl IptablesError {
     /// The `reason` label of `svcproxy_sync_failures_total` (see `nft::apply::ApplyError`'s).
     pub fn metric_label(&self) -> &'static str {
         match self {
-            IptablesError::Spawn { .. } => "spawn",
+            IptablesError::Spawn(_) => "spawn",
             IptablesError::Refused { .. } => "refused",
             IptablesError::Failed { .. } => "command_failed",
             IptablesError::NotInstalled => "not_installed",
@@ -74,28 +69,26 @@ impl IptablesError {
     }
 }
 
-/// How to run the iptables programs of one variant (and where: tests prefix `ip netns exec`).
+/// How to run the iptables programs of one variant, and where: this namespace, another one
+/// (tests), or an in-memory kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesCommand {
-    /// Words run before the program (`ip netns exec NAME`), empty for this namespace.
-    pub prefix: Vec<String>,
+    pub runner: Runner,
     pub variant: Variant,
 }
 
 impl IptablesCommand {
     pub fn new(variant: Variant) -> Self {
-        IptablesCommand {
-            prefix: Vec::new(),
-            variant,
-        }
+        IptablesCommand::with(Runner::here(), variant)
+    }
+
+    pub fn with(runner: Runner, variant: Variant) -> Self {
+        IptablesCommand { runner, variant }
     }
 
     /// The programs run inside the named network namespace.
     pub fn in_netns(name: &str, variant: Variant) -> Self {
-        IptablesCommand {
-            prefix: ["ip", "netns", "exec", name].map(String::from).to_vec(),
-            variant,
-        }
+        IptablesCommand::with(Runner::in_netns(name), variant)
     }
 
     /// `iptables-legacy-restore`, `ip6tables-nft-save`, `iptables-nft`, …
@@ -108,33 +101,20 @@ impl IptablesCommand {
         }
     }
 
-    fn command(&self, program: &str) -> Command {
-        let mut argv = self.prefix.clone();
-        argv.push(program.to_string());
-        let mut c = Command::new(&argv[0]);
-        c.args(&argv[1..]);
-        c
-    }
-
     /// Feeds `input` to `*-restore -w 5 --noflush`. Returns its stderr on failure.
     pub fn restore(&self, family: IpFamily, input: &str) -> Result<(), IptablesError> {
         let program = self.program(family, "restore");
-        let fed = feed(
-            self.command(&program).args(["-w", LOCK_WAIT, "--noflush"]),
-            input,
-        )
-        .map_err(|source| IptablesError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        match fed {
-            Fed::Accepted => Ok(()),
-            Fed::Refused { status, stderr } => Err(IptablesError::Refused {
-                program,
-                status,
-                stderr,
-            }),
+        let ran = self
+            .runner
+            .run(&program, &["-w", LOCK_WAIT, "--noflush"], Some(input))?;
+        if ran.success() {
+            return Ok(());
         }
+        Err(IptablesError::Refused {
+            program,
+            status: ran.status,
+            stderr: ran.stderr,
+        })
     }
 
     /// `*-save` of the family (all tables, or one), as text. `Ok(None)`: the program is not
@@ -145,50 +125,45 @@ impl IptablesCommand {
         table: Option<Table>,
     ) -> Result<Option<String>, IptablesError> {
         let program = self.program(family, "save");
-        let mut c = self.command(&program);
-        if let Some(t) = table {
-            c.args(["-t", t.as_str()]);
-        }
-        let out = match c.output() {
-            Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(IptablesError::Spawn { program, source }),
+        let args: &[&str] = match &table {
+            Some(t) => &["-t", t.as_str()],
+            None => &[],
         };
-        // `ip netns exec` reports a missing program as exit 255 with "No such file".
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            if stderr.contains("No such file or directory") && !self.prefix.is_empty() {
+        let ran = match self.runner.run(&program, args, None) {
+            Ok(r) => r,
+            Err(e) if e.not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if !ran.success() {
+            // `ip netns exec` reports a missing program as exit 255 with "No such file".
+            if ran.stderr.contains("No such file or directory")
+                && matches!(self.runner.place(), Place::Netns(_))
+            {
                 return Ok(None);
             }
             return Err(IptablesError::Failed {
                 command: program,
-                status: out.status.code(),
-                stderr: stderr.trim().to_string(),
+                status: ran.status,
+                stderr: ran.stderr,
             });
         }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok(Some(ran.stdout))
     }
 
     /// Runs the family's `iptables` command with `args`; `Ok(false)` when it exits with 1
     /// (`-C`: the rule is not there).
     pub fn run(&self, family: IpFamily, args: &[String]) -> Result<bool, IptablesError> {
         let program = self.program(family, "");
-        let out = self
-            .command(&program)
-            .args(["-w", LOCK_WAIT])
-            .args(args)
-            .output()
-            .map_err(|source| IptablesError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        match out.status.code() {
+        let mut argv = vec!["-w", LOCK_WAIT];
+        argv.extend(args.iter().map(String::as_str));
+        let ran = self.runner.run(&program, &argv, None)?;
+        match ran.status {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
             status => Err(IptablesError::Failed {
                 command: format!("{program} {}", args.join(" ")),
                 status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                stderr: ran.stderr,
             }),
         }
     }
@@ -442,15 +417,12 @@ pub struct Cleaned {
 
 /// Deletes svcproxy's chains and every rule jumping into them, in `variants` (both, for
 /// `svcproxy cleanup`) and both families, touching nothing else (only `nat` and `filter`, where
-/// svcproxy writes). A variant that is not installed is skipped. `prefix` runs the programs
-/// elsewhere (`ip netns exec NS`).
-pub fn cleanup(prefix: &[String], variants: &[Variant]) -> Result<Cleaned, IptablesError> {
+/// svcproxy writes). A variant that is not installed is skipped. `runner` says where the
+/// programs run.
+pub fn cleanup(runner: &Runner, variants: &[Variant]) -> Result<Cleaned, IptablesError> {
     let mut cleaned = Cleaned::default();
     for &variant in variants {
-        let cmd = IptablesCommand {
-            prefix: prefix.to_vec(),
-            variant,
-        };
+        let cmd = IptablesCommand::with(runner.clone(), variant);
         for family in IpFamily::ALL {
             // No `-t`: iptables-legacy-save then only reads tables that exist, and does not
             // load kernel modules on a node that never used legacy iptables.

@@ -11,7 +11,7 @@
 //! 3. else (no rules anywhere) the system's `iptables` (`iptables --version` says `legacy` or
 //!    `nf_tables`); without one, whichever variant is installed, nft first.
 
-use std::process::Command;
+use crate::process::Runner;
 
 /// An iptables implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -114,16 +114,11 @@ pub fn decide(e: &Evidence) -> Option<(Variant, String)> {
     Some((v, why))
 }
 
-/// Looks at the node (through `prefix`, e.g. `ip netns exec NS`, empty for this namespace).
-pub fn evidence(prefix: &[String]) -> Evidence {
+/// Looks at the node (where `runner` runs the programs).
+pub fn evidence(runner: &Runner) -> Evidence {
     let run = |program: &str, args: &[&str]| -> Option<String> {
-        let mut argv: Vec<String> = prefix.to_vec();
-        argv.push(program.into());
-        argv.extend(args.iter().map(|a| a.to_string()));
-        let out = Command::new(&argv[0]).args(&argv[1..]).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let ran = runner.run(program, args, None).ok()?;
+        ran.success().then_some(ran.stdout)
     };
     let seen = |v: Variant| {
         let mut s = Seen::default();

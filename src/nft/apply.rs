@@ -15,95 +15,69 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::nft::syntax::{Chain, Element, Ruleset, Set, Table, quote};
-use crate::process::{Fed, feed};
+use crate::process::{RunError, Runner};
 pub use crate::report::{ApplyReport, SyncKind};
 
-/// How to run `nft` (and where: tests prefix `ip netns exec NAME`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to run `nft`, and where: this namespace, another one (tests), or an in-memory kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NftCommand {
-    pub program: Vec<String>,
-}
-
-impl Default for NftCommand {
-    fn default() -> Self {
-        NftCommand {
-            program: vec!["nft".into()],
-        }
-    }
+    pub runner: Runner,
 }
 
 impl NftCommand {
+    pub fn new(runner: Runner) -> Self {
+        NftCommand { runner }
+    }
+
     /// `nft` run inside the named network namespace (`ip netns exec NAME nft`).
     pub fn in_netns(name: &str) -> Self {
-        NftCommand {
-            program: ["ip", "netns", "exec", name, "nft"]
-                .map(String::from)
-                .to_vec(),
-        }
+        NftCommand::new(Runner::in_netns(name))
     }
 
     /// Runs `nft -f -` on `script`: one transaction. Returns nft's stderr on failure.
     pub fn run_script(&self, script: &str) -> Result<(), ApplyError> {
-        let Some((program, args)) = self.program.split_first() else {
-            return Err(ApplyError::Spawn {
-                program: String::new(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no nft program"),
-            });
-        };
-        let fed =
-            feed(Command::new(program).args(args).args(["-f", "-"]), script).map_err(|source| {
-                ApplyError::Spawn {
-                    program: self.program.join(" "),
-                    source,
-                }
-            })?;
-        match fed {
-            Fed::Accepted => Ok(()),
-            Fed::Refused { status, stderr } => Err(ApplyError::Refused { status, stderr }),
+        let ran = self.runner.run("nft", &["-f", "-"], Some(script))?;
+        if ran.success() {
+            return Ok(());
         }
+        Err(ApplyError::Refused {
+            status: ran.status,
+            stderr: ran.stderr,
+        })
     }
-}
 
-impl NftCommand {
     /// `nft -j list table FAMILY NAME`: the table as libnftables JSON, `None` when there is no
     /// such table (for `svcproxy verify` and the agent's drift metric).
     pub fn list_table_json(&self, family: &str, name: &str) -> Result<Option<String>, ApplyError> {
-        let (program, args) = self.program.split_first().expect("a program");
-        let out = Command::new(program)
-            .args(args)
-            .args(["-j", "list", "table", family, name])
-            .output()
-            .map_err(|source| ApplyError::Spawn {
-                program: self.program.join(" "),
-                source,
-            })?;
-        if out.status.success() {
-            return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+        let ran = self
+            .runner
+            .run("nft", &["-j", "list", "table", family, name], None)?;
+        if ran.success() {
+            return Ok(Some(ran.stdout));
         }
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if stderr.contains("No such file or directory") {
+        if ran.stderr.contains("No such file or directory") {
             return Ok(None);
         }
         Err(ApplyError::Refused {
-            status: out.status.code(),
-            stderr,
+            status: ran.status,
+            stderr: ran.stderr,
         })
+    }
+
+    /// Whether `nft` is installed where this command runs.
+    pub fn installed(&self) -> bool {
+        self.runner.installed("nft")
     }
 }
 
 /// Why an apply failed. The kernel keeps what it had before.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("cannot run `{program}`: {source}")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Spawn(#[from] RunError),
     #[error("nft refused the transaction (exit {status:?}): {stderr}")]
     Refused { status: Option<i32>, stderr: String },
 }
@@ -113,7 +87,7 @@ impl ApplyError {
     /// missing program is a deployment fault; a refusal is a ruleset or kernel one).
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ApplyError::Spawn { .. } => "spawn",
+            ApplyError::Spawn(_) => "spawn",
             ApplyError::Refused { .. } => "refused",
         }
     }

@@ -581,11 +581,16 @@ mod tests {
             .pop();
         let err = delta(&state, &next, &config).err().unwrap();
         assert_eq!(err.reason(), "invariant", "{err}");
-        // Through the backend: nft is `true`, which accepts anything.
+        // Through the backend, with tools that accept anything.
+        #[derive(Debug)]
+        struct Accept;
+        impl crate::process::Tools for Accept {
+            fn run(&self, _: &[String], _: Option<&str>) -> std::io::Result<crate::process::Ran> {
+                Ok(crate::process::Ran::ok(""))
+            }
+        }
         let mut inc = Incremental::new(
-            NftCommand {
-                program: vec!["true".into()],
-            },
+            NftCommand::new(crate::process::Runner::fake(Arc::new(Accept))),
             config.clone(),
         );
         inc.sync(state.compiled.snapshot.clone()).unwrap();

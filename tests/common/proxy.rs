@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use crate::common;
 use crate::common::netns::*;
-use svcproxy::backend::{Backend, Desired};
+use svcproxy::backend::{self, OneShot};
 use svcproxy::conntrack::stale_udp;
-use svcproxy::iptables::{IptablesCommand, Variant};
+use svcproxy::iptables::Variant;
 use svcproxy::model::{ProxyConfig, Snapshot};
-use svcproxy::nft::apply::{ApplyReport, NftCommand};
 use svcproxy::plan::Plan;
+use svcproxy::process::Runner;
+use svcproxy::report::ApplyReport;
 
 pub const FLAGS: &[&str] = &["--node-ip", NODE_IP, "--cluster-cidr", "10.244.0.0/16"];
 pub const T: Duration = Duration::from_secs(2);
@@ -31,11 +32,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The iptables programs in the node namespace, for the iptables modes.
-    pub fn iptables(self, ns: &str) -> Option<IptablesCommand> {
+    /// svcproxy's backend mode of this test mode, with its programs in namespace `ns`.
+    pub fn backend(self, ns: &str) -> backend::Mode {
         match self {
-            Mode::Nftables => None,
-            Mode::Iptables(v) => Some(IptablesCommand::in_netns(ns, v)),
+            Mode::Nftables => backend::Mode::nftables(Runner::in_netns(ns)),
+            Mode::Iptables(v) => backend::Mode::iptables(Runner::in_netns(ns), v),
         }
     }
 
@@ -108,7 +109,7 @@ pub fn run(mode: Mode, scenario: fn(Proxy)) {
 pub struct Proxy {
     pub w: World,
     pub mode: Mode,
-    pub backend: Backend,
+    pub backend: OneShot,
     pub plan: Option<Plan>,
     /// The inputs last applied, for `svcproxy trace`'s predictions (`Proxy::probe` in
     /// tests/dataplane.rs).
@@ -118,7 +119,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(mode: Mode) -> Option<Proxy> {
         let w = World::new()?;
-        let backend = Backend::new(NftCommand::in_netns(&w.node), mode.iptables(&w.node));
+        let backend = OneShot::new(mode.backend(&w.node));
         Some(Proxy {
             w,
             mode,
@@ -128,11 +129,9 @@ impl Proxy {
         })
     }
 
-    /// The backend's form of the manifests.
-    pub fn desired(&self, yaml: &str) -> (Plan, Desired) {
-        let (plan, ruleset) = common::compile_yaml(yaml, FLAGS);
-        let desired = self.backend.desired(&plan, ruleset);
-        (plan, desired)
+    /// The plan of the manifests.
+    pub fn plan_of(&self, yaml: &str) -> Plan {
+        common::compile_yaml(yaml, FLAGS).0
     }
 
     /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
@@ -143,16 +142,16 @@ impl Proxy {
     /// [`Proxy::apply`], with more `dump` flags after the usual ones.
     pub fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
         let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
-        let (plan, ruleset) = common::compile_yaml(yaml, &flags);
+        let (plan, _) = common::compile_yaml(yaml, &flags);
         self.applied = Some(common::snapshot_yaml(yaml, &flags));
-        let desired = self.backend.desired(&plan, ruleset);
         let report = self
             .backend
-            .apply(desired)
+            .apply(&plan)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         if let Some(old) = &self.plan {
             // Where the backend's programs run, as the agent does.
             self.backend
+                .mode()
                 .conntrack()
                 .unwrap()
                 .flush(&stale_udp(old, &plan))
@@ -164,13 +163,12 @@ impl Proxy {
 
     /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
     pub fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
-        let (mut plan, ruleset) = common::compile_yaml(yaml, FLAGS);
+        let (mut plan, _) = common::compile_yaml(yaml, FLAGS);
         self.applied = Some(common::snapshot_yaml(yaml, FLAGS));
         plan.drop_invalid = !tcp_be_liberal;
-        let desired = self.backend.desired(&plan, ruleset);
         let report = self
             .backend
-            .apply(desired)
+            .apply(&plan)
             .unwrap_or_else(|e| panic!("apply failed: {e}"));
         self.plan = Some(plan);
         report
