@@ -13,6 +13,7 @@ pub mod config;
 pub mod conntrack;
 pub mod convert;
 pub mod duration;
+pub mod fake_kernel;
 pub mod incremental;
 pub mod iptables;
 pub mod manifests;

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use crate::conntrack::StaleFlows;
-use crate::incremental::Fallback;
+use crate::conntrack::{StaleFlows, stale_udp};
+use crate::incremental::{Compiled, Fallback, PlanDelta};
+use crate::model::Snapshot;
 
 /// Whether a sync rewrote svcproxy's tables or sent a difference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,4 +55,35 @@ pub struct Outcome {
     /// Set when the kernel held the last ruleset but the change could not be compiled Service
     /// by Service, so every Service was: why (the agent counts these by reason).
     pub fallback: Option<Fallback>,
+}
+
+/// The tail both incremental backends share, once the kernel took a partial sync's
+/// transaction: works out the UDP flows it made stale, patches the kept plan with `delta` and
+/// the backend's kept rendering with `rendering`, and keeps `snapshot` (the old one is dropped
+/// here, after the kernel has the new rules). `Err`: the kept state cannot follow what the
+/// kernel took; the caller compiles every Service from the snapshot handed back.
+pub fn follow_partial(
+    kept: &mut Compiled,
+    delta: PlanDelta,
+    snapshot: Snapshot,
+    rendering: impl FnOnce() -> Result<(), Fallback>,
+    report: ApplyReport,
+    compile: Duration,
+) -> Result<Outcome, Box<(Fallback, Snapshot)>> {
+    let (old, new) = delta.stale_plans(&kept.plan);
+    let stale_udp = stale_udp(&old, &new);
+    let services = delta.services;
+    match delta.apply(kept).and_then(|()| rendering()) {
+        Ok(()) => {
+            kept.snapshot = snapshot;
+            Ok(Outcome {
+                report,
+                compile,
+                services_compiled: services,
+                stale_udp,
+                fallback: None,
+            })
+        }
+        Err(f) => Err(Box::new((f, snapshot))),
+    }
 }

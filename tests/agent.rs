@@ -8,14 +8,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::agent::{Agent, eventually, node, service, slice};
 use common::apiserver::FakeApiServer;
 use common::netns::Netns;
 use serde_json::{Value, json};
-use svcproxy::agent::{AgentConfig, SyncRecord};
+use svcproxy::agent::AgentConfig;
 use svcproxy::backend::Mode;
 use svcproxy::process::Runner;
 use svcproxy::report::SyncKind;
-use tokio::sync::{mpsc, watch};
 
 /// A network namespace for one agent test's rules, deleted on drop.
 fn agent_netns(tag: &str) -> Option<Netns> {
@@ -25,55 +25,10 @@ fn agent_netns(tag: &str) -> Option<Netns> {
     Some(Netns::add(format!("sp{}-agent-{tag}", std::process::id())))
 }
 
-fn service(name: &str, ip: &str, extra: Value) -> Value {
-    let mut spec = json!({"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]});
-    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
-        s.extend(e);
-    }
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
-}
-
-fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
-    let eps: Vec<Value> = ips
-        .iter()
-        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a"}))
-        .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps
-    })
-}
-
-fn node() -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
-           "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]}})
-}
-
-struct Agent {
-    syncs: mpsc::UnboundedReceiver<SyncRecord>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// The agent's configuration for tests: node-a, syncs at once, no HTTP servers, its nft (and
-/// so its conntrack cleanup) in network namespace `netns`.
+/// The agent's configuration for tests, its nft (and so its conntrack cleanup) in network
+/// namespace `netns`.
 fn config(api: &FakeApiServer, netns: &str) -> AgentConfig {
-    AgentConfig {
-        kube: api.kube_config(),
-        node_name: "node-a".into(),
-        node_ips: vec![],
-        proxy: Default::default(),
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(3600),
-        healthz_address: None,
-        metrics_address: None,
-        health_check_address: "127.0.0.1".parse().unwrap(),
-        backend: Mode::nftables(Runner::in_netns(netns)),
-        config_warnings: 0,
-    }
+    common::agent::config(api, Mode::nftables(Runner::in_netns(netns)))
 }
 
 impl Agent {
@@ -82,43 +37,6 @@ impl Agent {
         tweak(&mut c);
         Agent::spawn(c)
     }
-
-    /// Runs the agent with `config` on the current runtime.
-    fn spawn(config: AgentConfig) -> Agent {
-        let (tx, syncs) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            svcproxy::agent::run(config, stop_rx, Some(tx))
-                .await
-                .unwrap();
-        });
-        Agent { syncs, stop, task }
-    }
-
-    /// The next sync, within `limit`.
-    async fn next_sync(&mut self, limit: Duration) -> Option<SyncRecord> {
-        tokio::time::timeout(limit, self.syncs.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
-    }
-}
-
-/// Waits until `f` holds, polling, for at most `limit`.
-async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    f()
 }
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -26,9 +26,11 @@ const ROOMS: &[(&str, &[&str])] = &[
     // process::Place names).
     ("conntrack", &["model", "plan", "process"]),
     // What a sync did, whichever backend did it.
-    ("report", &["conntrack", "incremental"]),
+    ("report", &["model", "conntrack", "incremental"]),
     // The one way to run a program.
     ("process", &[]),
+    // The in-memory kernel: the tools' side of process::Tools, nothing of svcproxy's.
+    ("fake_kernel", &["process"]),
     // The two backends, side by side: neither imports the other.
     (
         "nft",

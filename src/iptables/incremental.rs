@@ -35,7 +35,7 @@ use crate::iptables::render::{
 };
 use crate::model::{IpFamily, ObjectRef, ProxyConfig, Snapshot};
 use crate::plan::{Destination, Plan, Route};
-use crate::report::{ApplyReport, Outcome, SyncKind};
+use crate::report::{ApplyReport, Outcome, SyncKind, follow_partial};
 
 /// svcproxy's iptables chains, kept in step with a changing snapshot.
 #[derive(Debug)]
@@ -128,30 +128,19 @@ impl Incremental {
                 Some(Fallback::Invariant("no state".into())),
             );
         };
-        let (old, new) = plan.stale_plans(&kept.plan);
-        let stale_udp = stale_udp(&old, &new);
-        let services = plan.services;
-        let patched = match self.ipt.applied_mut() {
+        let ipt = &mut self.ipt;
+        let rendering = || match ipt.applied_mut() {
             Some(rules) => patch(rules, families),
             None => Err(Fallback::Invariant("nothing applied".into())),
-        }
-        .and_then(|()| plan.apply(kept));
-        match patched {
-            Ok(()) => kept.snapshot = snapshot,
-            Err(f) => {
-                // The kernel took the input, but the kept state cannot follow it: rewrite
-                // every chain from a whole compile.
-                tracing::warn!("incremental sync: {f}; compiling every Service");
-                self.ipt.invalidate();
-                return self.whole(snapshot, start, Some(f));
-            }
-        }
-        Ok(Outcome {
-            report,
-            compile,
-            services_compiled: services,
-            stale_udp,
-            fallback: None,
+        };
+        let followed = follow_partial(kept, plan, snapshot, rendering, report, compile);
+        followed.or_else(|back| {
+            let (f, snapshot) = *back;
+            // The kernel took the input, but the kept state cannot follow it: rewrite every
+            // chain from a whole compile.
+            tracing::warn!("incremental sync: {f}; compiling every Service");
+            self.ipt.invalidate();
+            self.whole(snapshot, start, Some(f))
         })
     }
 

@@ -29,6 +29,7 @@ use crate::nft::apply::{ApplyError, DiffParts, NftCommand, diff, full_report};
 use crate::nft::render::{self, Fragment, Lane};
 use crate::nft::syntax::{Element, Family, Ruleset, Value};
 use crate::plan::{FamilyPlan, Plan};
+use crate::report::follow_partial;
 
 pub use crate::incremental::MAX_CHANGED;
 pub use crate::report::Outcome;
@@ -135,29 +136,26 @@ impl Incremental {
                 Some(Fallback::Invariant("no state".into())),
             );
         };
-        let (old, new) = plan.stale_plans(&state.compiled.plan);
-        let stale_udp = stale_udp(&old, &new);
-        let services = plan.services;
-        let patched = plan
-            .apply(&mut state.compiled)
-            .and_then(|()| nft.apply(state));
-        match patched {
-            // The old snapshot is dropped here, after the kernel has the new rules.
-            Ok(()) => state.compiled.snapshot = snapshot,
-            Err(f) => {
-                // nft took the transaction, but the kept state cannot follow it: compile whole and
-                // refresh the tables in place from what is kept (nft refusing that, replace them).
-                tracing::warn!("incremental sync: {f}; compiling every Service");
-                self.fail("the kept state is inconsistent");
-                return self.whole(snapshot, start, Some(f));
-            }
-        }
-        Ok(Outcome {
+        let State {
+            compiled,
+            lanes,
+            ruleset,
+        } = state;
+        let followed = follow_partial(
+            compiled,
+            plan,
+            snapshot,
+            || nft.apply(lanes, ruleset),
             report,
             compile,
-            services_compiled: services,
-            stale_udp,
-            fallback: None,
+        );
+        followed.or_else(|back| {
+            let (f, snapshot) = *back;
+            // nft took the transaction, but the kept state cannot follow it: compile whole and
+            // refresh the tables in place from what is kept (nft refusing that, replace them).
+            tracing::warn!("incremental sync: {f}; compiling every Service");
+            self.fail("the kept state is inconsistent");
+            self.whole(snapshot, start, Some(f))
         })
     }
 
@@ -286,11 +284,13 @@ struct FamilyPatch {
 }
 
 impl Patches {
-    fn apply(self, state: &mut State) -> Result<(), Fallback> {
+    fn apply(
+        self,
+        lanes: &mut [BTreeMap<(Lane, usize), u32>],
+        ruleset: &mut Ruleset,
+    ) -> Result<(), Fallback> {
         for (fi, p) in self.families.into_iter().enumerate() {
-            let (Some(lanes), Some(table)) =
-                (state.lanes.get_mut(fi), state.ruleset.tables.get_mut(fi))
-            else {
+            let (Some(lanes), Some(table)) = (lanes.get_mut(fi), ruleset.tables.get_mut(fi)) else {
                 return Err(Fallback::Invariant(format!("no table for family {fi}")));
             };
             adjust(lanes, p.lanes)?;
@@ -517,7 +517,7 @@ mod tests {
     fn step(state: &mut State, new: Snapshot, config: &ProxyConfig) -> Result<(), Fallback> {
         let d = delta(state, &new, config)?;
         d.plan.apply(&mut state.compiled)?;
-        d.nft.apply(state)?;
+        d.nft.apply(&mut state.lanes, &mut state.ruleset)?;
         state.compiled.snapshot = new;
         Ok(())
     }

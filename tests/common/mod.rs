@@ -108,6 +108,8 @@ pub fn can_unshare_net() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+pub mod agent;
 pub mod apiserver;
+pub mod changes;
 pub mod netns;
 pub mod proxy;
