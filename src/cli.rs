@@ -562,7 +562,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
     if args.cleanup {
         return cleanup();
     }
-    for problem in crate::config::apply_sysctls(&settings.conntrack) {
+    for problem in crate::agent::sysctl::apply(&settings.conntrack) {
         tracing::warn!("conntrack setting not applied: {problem}");
     }
     let node_name = settings
@@ -607,19 +607,7 @@ pub fn run_agent(args: &RunArgs) -> u8 {
             config_warnings: settings.warnings.len(),
         };
         tracing::info!(node = %config.node_name, mode = settings.mode.as_str(), "starting");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("stopping; the rules stay in place");
-            let _ = stop_tx.send(true);
-        });
-        match crate::agent::run(config, stop_rx, None).await {
+        match crate::agent::run_until_signalled(config).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
                 tracing::error!("{e}");
@@ -627,47 +615,6 @@ pub fn run_agent(args: &RunArgs) -> u8 {
             }
         }
     })
-}
-
-/// Reads Services, EndpointSlices and this node's Node from the cluster, once; with what could
-/// not be used (whole objects, or elements left out of them), for the caller to report.
-pub async fn fetch_cluster(
-    client: kube::Client,
-    node_name: &str,
-) -> Result<(Converted, Vec<crate::convert::Rejected>), kube::Error> {
-    use k8s_openapi::api::core::v1::{Node, Service};
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use kube::api::{Api, ListParams};
-    let mut converted = Converted::default();
-    let mut problems = Vec::new();
-    // kube-proxy's selector, as the agent watches (no other proxy's Services, no headless slices).
-    let selected = ListParams::default().labels(crate::agent::watch::SELECTOR);
-    for svc in Api::<Service>::all(client.clone()).list(&selected).await? {
-        problems.extend(converted.add_service(&svc));
-    }
-    // A cluster older than 1.33 may not serve ServiceCIDRs: then there are none.
-    match Api::<k8s_openapi::api::networking::v1::ServiceCIDR>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(list) => {
-            for obj in list {
-                problems.extend(converted.add_service_cidr(&obj));
-            }
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e),
-    }
-    for slice in Api::<EndpointSlice>::all(client.clone())
-        .list(&selected)
-        .await?
-    {
-        problems.extend(converted.add_slice(&slice));
-    }
-    if let Some(node) = Api::<Node>::all(client).get_opt(node_name).await? {
-        problems.extend(converted.add_node(&node));
-    }
-    Ok((converted, problems))
 }
 
 /// Exit codes: everything was used / something was skipped / nothing usable was read.
@@ -712,7 +659,8 @@ fn read_cluster(path: Option<&PathBuf>, node_args: &NodeArgs) -> anyhow::Result<
     runtime().block_on(async {
         let config = kube_config(path).await?;
         let client = kube::Client::try_from(config)?;
-        let (converted, problems) = fetch_cluster(client, &node_args.node_name()).await?;
+        let (converted, problems) =
+            crate::agent::fetch::cluster(client, &node_args.node_name()).await?;
         for e in &problems {
             tracing::warn!("skipped: {e}");
         }

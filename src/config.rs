@@ -817,26 +817,6 @@ fn conntrack_sysctls(c: &ConntrackConfig, cores: usize) -> Result<Vec<Sysctl>, C
     Ok(out)
 }
 
-/// Applies the conntrack sysctls (in this network namespace; `nf_conntrack_max` is global and
-/// writable only from the host's). A failure is reported, not fatal: kube-proxy does the same.
-pub fn apply_sysctls(sysctls: &[Sysctl]) -> Vec<String> {
-    let mut problems = Vec::new();
-    for s in sysctls {
-        let path = Path::new("/proc/sys").join(s.name);
-        let current = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if current == Some(s.value) {
-            continue;
-        }
-        match std::fs::write(&path, s.value.to_string()) {
-            Ok(()) => tracing::info!(sysctl = s.name, value = s.value, "set"),
-            Err(e) => problems.push(format!("{}: setting {}: {e}", path.display(), s.value)),
-        }
-    }
-    problems
-}
-
 /// A duration as Go prints one (`1h0m0s`, `1m30s`, `1.5s`, `500ms`), as kube-proxy writes them:
 /// exactly, to the nanosecond.
 fn go_duration(d: Duration) -> String {

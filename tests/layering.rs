@@ -72,7 +72,7 @@ const ROOMS: &[(&str, &[&str])] = &[
             "process",
         ],
     ),
-    // The configuration file and flags' meaning (no I/O but /proc/sys writes).
+    // The configuration file and flags' meaning (no I/O but reading the file).
     ("config", &["model", "convert", "duration"]),
     // The node agent: the watch, the sync loop, its servers. It reaches the kernel only through
     // the backend seam: neither backend is named here.
@@ -86,6 +86,7 @@ const ROOMS: &[(&str, &[&str])] = &[
             "report",
             "conntrack",
             "backend",
+            "config",
         ],
     ),
 ];

@@ -10,11 +10,13 @@
 //! arrived meanwhile; a full resync every `sync_period` repairs drift; a failed sync is retried
 //! with backoff, as a full one. Stopping leaves the rules in place.
 
+pub mod fetch;
 pub mod metrics;
 mod mirror;
 mod pacer;
 pub mod serve;
 pub mod state;
+pub mod sysctl;
 pub mod watch;
 
 use std::collections::BTreeSet;
@@ -105,6 +107,22 @@ pub struct Phases {
     pub compile: Duration,
     /// The kernel transaction: nft, or iptables-restore (the apply report's duration).
     pub apply: Duration,
+}
+
+/// Runs the agent until SIGTERM or SIGINT (`svcproxy run`). Stopping leaves the rules in place.
+pub async fn run_until_signalled(config: AgentConfig) -> Result<(), AgentError> {
+    let (stop_tx, stop_rx) = signal::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping; the rules stay in place");
+        let _ = stop_tx.send(true);
+    });
+    run(config, stop_rx, None).await
 }
 
 /// Runs the agent until `stop` turns true. `observer`, if given, hears of every sync.
@@ -287,12 +305,12 @@ impl Syncer {
             let snapshot = self.snapshot();
             self.count_pending();
             let convert = start.elapsed();
-            let mut nft = backend.take().expect("backend");
+            let mut live = backend.take().expect("backend");
             let check_drift = std::mem::take(&mut resync);
-            let (nft, result, drift) = tokio::task::spawn_blocking(move || {
-                let drift = if check_drift { nft.verify() } else { None };
-                let r = nft.sync(snapshot);
-                (nft, r, drift)
+            let (live, result, drift) = tokio::task::spawn_blocking(move || {
+                let drift = if check_drift { live.verify() } else { None };
+                let r = live.sync(snapshot);
+                (live, r, drift)
             })
             .await
             .expect("apply task");
@@ -321,7 +339,7 @@ impl Syncer {
                 }
                 None => {}
             }
-            let nft = &*backend.insert(nft);
+            let live = &*backend.insert(live);
             match result {
                 Ok(outcome) => {
                     if let Some(f) = &outcome.fallback {
@@ -351,9 +369,11 @@ impl Syncer {
                         pending: pending.take(),
                         phases,
                     };
-                    let (snapshot, plan) =
-                        (nft.snapshot().expect("synced"), nft.plan().expect("synced"));
-                    let conntrack = nft.mode().conntrack();
+                    let (snapshot, plan) = (
+                        live.snapshot().expect("synced"),
+                        live.plan().expect("synced"),
+                    );
+                    let conntrack = live.mode().conntrack();
                     self.after_sync(
                         snapshot,
                         plan,
