@@ -318,8 +318,7 @@ async fn the_agent_retries_a_refused_transaction_as_a_full_sync() {
         api.apply(service("web", "10.96.0.10", json!({})));
         api.apply(slice("web-1", "web", &["10.244.1.11"]));
         let k = FakeKernel::new();
-        // The first sync's transaction is refused (the leftovers' cleanup before it is not a
-        // transaction of svcproxy's rules in the other mode's kernel: refuse after it).
+        // After the first sync, the kernel refuses the next transaction: the endpoint move's.
         let mut agent = Agent::spawn(agent_config(&api, kind.mode(&k)));
         let first = next_sync(&mut agent).await;
         assert_eq!(first.kind, SyncKind::Full, "{kind:?}");
