@@ -168,12 +168,7 @@ pub(crate) fn full_report(
     ApplyReport {
         kind: SyncKind::Full,
         commands: 1,
-        elements_added: ruleset
-            .tables
-            .iter()
-            .flat_map(|t| &t.sets)
-            .map(|s| s.elements.len())
-            .sum(),
+        elements_added: ruleset.element_count(),
         elements_deleted: 0,
         chains_changed: ruleset.tables.iter().map(|t| t.chains.len()).sum(),
         script_bytes,

@@ -785,16 +785,19 @@ impl Table {
 }
 
 impl Ruleset {
-    /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
-    /// table is created if missing, deleted, and written anew, all in one transaction.
-    pub fn script(&self) -> String {
-        let elements: usize = self
-            .tables
+    /// How many set and map elements the tables hold.
+    pub fn element_count(&self) -> usize {
+        self.tables
             .iter()
             .flat_map(|t| &t.sets)
             .map(|s| s.elements.len())
-            .sum();
-        let mut s = String::with_capacity(4096 + elements * 64);
+            .sum()
+    }
+
+    /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
+    /// table is created if missing, deleted, and written anew, all in one transaction.
+    pub fn script(&self) -> String {
+        let mut s = String::with_capacity(4096 + self.element_count() * 64);
         s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
         for t in &self.tables {
             writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
