@@ -8,10 +8,8 @@
 //! id makes the kernel refuse (ENOENT) to delete a newer entry that reused the tuple, the zone
 //! finds entries outside the default zone.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
@@ -65,29 +63,12 @@ impl Socket {
         let socket = match netns {
             None => Self::create()?,
             Some(path) => {
-                let path: PathBuf = path.to_owned();
-                std::thread::Builder::new()
-                    .name("conntrack-netns".into())
-                    .spawn(move || {
-                        let netns_error = |source| ConntrackError::Netns {
-                            path: path.clone(),
-                            source,
-                        };
-                        let file = File::open(&path).map_err(netns_error)?;
-                        // SAFETY: setns(2) on a valid fd; it changes the network namespace
-                        // of this thread only, which ends right after creating the socket.
-                        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                            return Err(netns_error(io::Error::last_os_error()));
-                        }
-                        Self::create()
-                    })
-                    .map_err(socket_error(
-                        "spawning the thread that enters the namespace",
-                    ))?
-                    .join()
-                    .map_err(|_| {
-                        ConntrackError::Protocol("the namespace thread panicked".into())
-                    })??
+                crate::process::in_namespace(path, Self::create).map_err(|source| {
+                    ConntrackError::Netns {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })??
             }
         };
         Ok(Socket { socket, seq: 0 })

@@ -29,7 +29,7 @@ use crate::iptables::render::{
     Chain, FamilyRules, PREFIX, Ruleset, Table, jump_rules, program, write_table,
 };
 use crate::model::IpFamily;
-use crate::process::{Place, RunError, Runner};
+use crate::process::{RunError, Runner};
 use crate::report::{ApplyReport, SyncKind};
 
 /// How long iptables waits for the xtables lock (`-w`), in seconds.
@@ -135,12 +135,6 @@ impl IptablesCommand {
             Err(e) => return Err(e.into()),
         };
         if !ran.success() {
-            // `ip netns exec` reports a missing program as exit 255 with "No such file".
-            if ran.stderr.contains("No such file or directory")
-                && matches!(self.runner.place(), Place::Netns(_))
-            {
-                return Ok(None);
-            }
             return Err(IptablesError::Failed {
                 command: program,
                 status: ran.status,

@@ -32,7 +32,7 @@ impl NftCommand {
         NftCommand { runner }
     }
 
-    /// `nft` run inside the named network namespace (`ip netns exec NAME nft`).
+    /// `nft` run inside the named network namespace.
     pub fn in_netns(name: &str) -> Self {
         NftCommand::new(Runner::in_netns(name))
     }
