@@ -2,8 +2,9 @@
 //! runner both backends share.
 //!
 //! A [`Runner`] says where the tools run: in this network namespace, in another one (entered as
-//! `ip netns exec NAME` would, for tests and benches), or against an in-memory kernel ([`Tools`] implemented by
-//! `fake_kernel::FakeKernel`), so that the backends and the agent loop are tested without root.
+//! `ip netns exec NAME` would, for tests and benches), or against an in-memory kernel
+//! ([`Tools`] implemented by `fake_kernel::FakeKernel`), so that the backends and the agent
+//! loop are tested without root.
 //! The backends build argument vectors and read answers; only [`System`] starts processes.
 
 use std::io::Write;
