@@ -20,9 +20,10 @@
 //! destination in each family's plan, and the two are distinct filters, so that an IPv4 client
 //! of a NodePort is moved on as surely as an IPv6 one.
 //!
-//! Where: conntrack tables are per network namespace. The rules' commands say where the rules
-//! go (another namespace, in tests); [`Conntrack::at`] reads the same place, and the socket is then opened in that namespace, on a short-lived thread that enters
-//! it, so that the process's own threads never change namespace.
+//! Where: conntrack tables are per network namespace. The rules' runner says where the rules go
+//! (another namespace, in tests); [`Conntrack::at`] reads the same place, and the socket is then
+//! opened in that namespace, on a short-lived thread that enters it
+//! (`process::in_namespace`), so that the process's own threads never change namespace.
 
 mod netlink;
 

@@ -444,24 +444,18 @@ impl Syncer {
         }
         self.conflicts = conflicts;
         let stale_udp_flows = stale.len();
-        if !stale.is_empty() {
-            // No conntrack table: an in-memory kernel (tests), whose flows are the outcome's.
-            let result = match conntrack {
-                Some(ct) => Some(
-                    tokio::task::spawn_blocking(move || ct.flush(&stale))
-                        .await
-                        .expect("conntrack task"),
-                ),
-                None => None,
-            };
-            match result {
-                None => {}
-                Some(Ok(f)) => tracing::debug!(
+        // No conntrack table: an in-memory kernel (tests), whose flows are the outcome's.
+        if let Some(ct) = conntrack.filter(|_| !stale.is_empty()) {
+            match tokio::task::spawn_blocking(move || ct.flush(&stale))
+                .await
+                .expect("conntrack task")
+            {
+                Ok(f) => tracing::debug!(
                     examined = f.examined,
                     deleted = f.deleted,
                     "deleted stale UDP conntrack entries"
                 ),
-                Some(Err(e)) => {
+                Err(e) => {
                     self.metrics.conntrack_failures.inc();
                     tracing::warn!("deleting stale UDP conntrack entries: {e}");
                 }

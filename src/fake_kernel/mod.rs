@@ -186,13 +186,13 @@ impl Tools for FakeKernel {
         }
         let st = &mut *st;
         // The programs that change the tables: one transaction each.
-        let change: Option<(String, Result<usize, String>)> = match (program.as_str(), &args[..]) {
+        let (input, result): (String, Result<usize, String>) = match (program.as_str(), &args[..]) {
             ("nft", ["-f", "-"]) => {
                 let script = input.unwrap_or_default();
-                Some((
+                (
                     script.to_string(),
                     refused_or(&mut st.refuse, || nft::apply(&mut st.nft, script)),
-                ))
+                )
             }
             ("nft", ["-j", "list", "table", family, name]) => {
                 return Ok(
@@ -222,10 +222,10 @@ impl Tools for FakeKernel {
                 Some((prefix, "restore")) if args.contains(&"--noflush") => {
                     let text = input.unwrap_or_default();
                     let tables = st.iptables.entry(prefix).or_default();
-                    Some((
+                    (
                         text.to_string(),
                         refused_or(&mut st.refuse, || tables.restore(text)),
-                    ))
+                    )
                 }
                 Some((prefix, "save")) => {
                     let only = match args {
@@ -253,16 +253,13 @@ impl Tools for FakeKernel {
                             Err(e) => Ran::failed(2, e),
                         });
                     }
-                    Some((
+                    (
                         owned.join(" "),
                         refused_or(&mut st.refuse, || tables.command(&owned).map(|_| 1)),
-                    ))
+                    )
                 }
                 _ => return Err(not_found()),
             },
-        };
-        let Some((input, result)) = change else {
-            unreachable!("every arm returns or changes")
         };
         let (operations, refused, ran) = match result {
             Ok(ops) => (ops, None, Ran::ok("")),

@@ -131,7 +131,8 @@ impl Proxy {
 
     /// The plan of the manifests.
     pub fn plan_of(&self, yaml: &str) -> Plan {
-        common::compile_yaml(yaml, FLAGS).0
+        let (snapshot, config) = common::snapshot_yaml(yaml, FLAGS);
+        svcproxy::plan::plan(&snapshot, &config)
     }
 
     /// Compiles the manifests and applies them (partial when possible), flushing stale UDP flows.
@@ -142,8 +143,9 @@ impl Proxy {
     /// [`Proxy::apply`], with more `dump` flags after the usual ones.
     pub fn apply_with(&mut self, yaml: &str, extra: &[&str]) -> ApplyReport {
         let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
-        let (plan, _) = common::compile_yaml(yaml, &flags);
-        self.applied = Some(common::snapshot_yaml(yaml, &flags));
+        let (snapshot, config) = common::snapshot_yaml(yaml, &flags);
+        let plan = svcproxy::plan::plan(&snapshot, &config);
+        self.applied = Some((snapshot, config));
         let report = self
             .backend
             .apply(&plan)
@@ -163,8 +165,9 @@ impl Proxy {
 
     /// Applies the manifests with `conntrack.tcpBeLiberal` set as given.
     pub fn apply_liberal(&mut self, yaml: &str, tcp_be_liberal: bool) -> ApplyReport {
-        let (mut plan, _) = common::compile_yaml(yaml, FLAGS);
-        self.applied = Some(common::snapshot_yaml(yaml, FLAGS));
+        let (snapshot, config) = common::snapshot_yaml(yaml, FLAGS);
+        let mut plan = svcproxy::plan::plan(&snapshot, &config);
+        self.applied = Some((snapshot, config));
         plan.drop_invalid = !tcp_be_liberal;
         let report = self
             .backend
