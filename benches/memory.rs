@@ -8,8 +8,11 @@
 //! the first full sync), then three rounds of changes (each: `--changes` EndpointSlices with
 //! one endpoint moved and one new Service with its slice), the last one made while the
 //! apiserver is away and followed by a compacted history, so that the agent re-lists
-//! everything (a restarted apiserver).
-//! Prints the VmHWM after the cold start and at the end, as a Markdown table. `--binary` (any
+//! everything (a restarted apiserver); then one periodic full resync (the agent runs with
+//! `--sync-period 30s`; the bench waits for the first resync after the rounds), which
+//! refreshes every table in place: the largest moment of a long-running agent.
+//! Prints the VmHWM after the cold start, after the rounds and after the resync, as a Markdown
+//! table. `--binary` (any
 //! number of times; `LABEL=self` is this build's) compares builds in the same run, e.g. the
 //! previous commit's; without it, this build's binary alone.
 
@@ -114,12 +117,13 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     .expect("thread in namespace panicked")
 }
 
-/// One sync the agent logged: (Services, EndpointSlices).
-type Synced = (u64, u64);
+/// One sync the agent logged: (Services, EndpointSlices, a full sync).
+type Synced = (u64, u64, bool);
 
 struct Run {
     cold_start: Duration,
     cold: (f64, f64),
+    rounds: (f64, f64),
     end: (f64, f64),
     /// The largest VmHWM seen of a child process (nft), sampled every 10 ms.
     child_peak: f64,
@@ -176,6 +180,7 @@ fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> R
         .args(["netns", "exec", &ns, binary, "run", "--kubeconfig"])
         .arg(&kubeconfig)
         .args(["--hostname-override", "node-0", "--log-format", "json"])
+        .args(["--sync-period", "30s"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -217,25 +222,26 @@ fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> R
             let f = &v["fields"];
             if f["message"] == "synced" {
                 let n = |k: &str| f[k].as_u64().unwrap_or(0);
-                let _ = tx.send((n("services"), n("endpoint_slices")));
+                let _ = tx.send((n("services"), n("endpoint_slices"), f["kind"] == "full"));
             } else if v["level"] == "ERROR" {
                 eprintln!("svcproxy: {line}");
             }
         }
     });
-    let wait_for = |want: Synced| {
+    // Waits for a sync of `want` Services and slices (a full one, if `full`).
+    let wait_for = |want: u64, full: bool| {
         let deadline = Instant::now() + Duration::from_secs(1800);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match syncs.recv_timeout(left) {
-                Ok(s) if s == want => return,
+                Ok((s, e, f)) if s == want && e == want && (f || !full) => return,
                 Ok(_) => {}
-                Err(e) => panic!("no sync of {want:?}: {e}"),
+                Err(e) => panic!("no sync of {want} Services: {e}"),
             }
         }
     };
     let mut total = services as u64;
-    wait_for((total, total));
+    wait_for(total, false);
     let cold_start = start.elapsed();
     // Let the process settle (the first sync's buffers freed), then read its peak.
     std::thread::sleep(Duration::from_millis(500));
@@ -266,8 +272,11 @@ fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> R
             api.compact();
             api.set_available(true);
         }
-        wait_for((total, total));
+        wait_for(total, false);
     }
+    std::thread::sleep(Duration::from_millis(500));
+    let rounds = memory(pid);
+    wait_for(total, true);
     std::thread::sleep(Duration::from_millis(500));
     let end = memory(pid);
 
@@ -283,6 +292,7 @@ fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> R
     Run {
         cold_start,
         cold,
+        rounds,
         end,
         child_peak,
     }
@@ -308,16 +318,17 @@ fn main() {
         binaries.push(("this build".into(), own.to_string()));
     }
     println!(
-        "| Services | endpoints each | svcproxy | cold start | VmHWM after the cold start | VmHWM after 3 × {changes} changes and a re-list | VmRSS then | nft's peak (sampled) |"
+        "| Services | endpoints each | svcproxy | cold start | VmHWM after the cold start | VmHWM after 3 × {changes} changes and a re-list | VmHWM after a periodic resync | VmRSS then | nft's peak (sampled) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         for (label, binary) in &binaries {
             let r = measure(binary, n, endpoints, changes);
             println!(
-                "| {n} | {endpoints} | {label} | {:.1} s | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+                "| {n} | {endpoints} | {label} | {:.1} s | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
                 r.cold_start.as_secs_f64(),
                 r.cold.0,
+                r.rounds.0,
                 r.end.0,
                 r.end.1,
                 r.child_peak,

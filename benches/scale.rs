@@ -334,21 +334,37 @@ fn measure(name: &str, snapshot: &Snapshot, runs: usize, kube_proxy: bool) {
 }
 
 /// What svcproxy itself holds for a cluster, with nothing of the harness around it: the
-/// snapshot, then a full sync and a one-endpoint partial sync through `Incremental` (as the agent
-/// does), and the peak RSS of the process at the end. Run it in a process of its own.
+/// snapshot, then through `Incremental` (as the agent does) a full sync, a one-endpoint partial
+/// sync, the periodic full resync (tables refreshed in place) and a whole compile sent as a
+/// difference (the Node changed); the peak RSS of the process after each, which only grows, so
+/// the step that raises it is the one to look at. Run it in a process of its own.
 fn memory(services: usize, endpoints: usize) {
     let ns = Netns::new("scale");
     let before = peak_rss_mib();
     let snapshot = synthetic::cluster(services, endpoints);
     let mut backend = Incremental::new(NftCommand::in_netns(&ns.0), ProxyConfig::default());
     let mut next = snapshot.clone();
+    let mut peaks = Vec::new();
     backend.sync(snapshot).unwrap();
+    peaks.push(("full sync", peak_rss_mib()));
     replace_endpoint(&mut next);
-    let outcome = backend.sync(next).unwrap();
+    let outcome = backend.sync(next.clone()).unwrap();
     assert_eq!(outcome.report.kind, SyncKind::Partial);
+    peaks.push(("partial sync", peak_rss_mib()));
+    backend.invalidate();
+    backend.sync(next.clone()).unwrap();
+    peaks.push(("periodic resync", peak_rss_mib()));
+    next.node.addresses.push("192.0.2.77".parse().unwrap());
+    let outcome = backend.sync(next).unwrap();
+    assert!(outcome.fallback.is_some(), "a Node change compiles whole");
+    peaks.push(("whole compile, sent as a difference", peak_rss_mib()));
+    let peaks: Vec<String> = peaks
+        .iter()
+        .map(|(step, mib)| format!("{step} {mib:.0}"))
+        .collect();
     println!(
-        "| {services} Services x {endpoints} endpoints | peak RSS: snapshot, full sync, partial sync (--memory) | {:.0} MiB (the process before: {before:.0} MiB) |",
-        peak_rss_mib()
+        "| {services} Services x {endpoints} endpoints | peak RSS (MiB) after each step (--memory) | {} (the process before: {before:.0}) |",
+        peaks.join(", ")
     );
 }
 

@@ -678,8 +678,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> ConvertResult<Endpoin
             ready,
             serving,
             terminating,
-            node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
-            zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            node_name: ep
+                .node_name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .map(intern),
+            zone: ep.zone.as_deref().filter(|z| !z.is_empty()).map(intern),
             hints: endpoint_hints(ep.hints.as_ref()),
         });
     }
@@ -694,6 +698,22 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> ConvertResult<Endpoin
         },
         skipped,
     }))
+}
+
+/// The one shared copy of a node or zone name. The names seen are kept for the life of the
+/// process: they are bounded by the cluster's nodes and zones (a node that goes leaves a few
+/// bytes), and the result is the same as an unshared copy, so conversion stays a function of
+/// its input.
+fn intern(name: &str) -> Arc<str> {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<Arc<str>>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.get(name) {
+        return n.clone();
+    }
+    let n: Arc<str> = Arc::from(name);
+    names.insert(n.clone());
+    n
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.

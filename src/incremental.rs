@@ -11,7 +11,7 @@
 //!
 //! When the change is not local to some Services, [`plan_delta`] says why ([`Fallback`]) and
 //! the backend compiles everything: the Node or the ServiceCIDRs changed, Services claim the same destination, a
-//! Service shares a ClusterIP, more than [`MAX_CHANGED`] Services changed, or the kept state
+//! Service shares a ClusterIP, more than [`max_changed`] Services changed, or the kept state
 //! breaks one of its own invariants. None of these panics: a broken invariant is a fallback
 //! like the others, logged and counted (`svcproxy_incremental_fallbacks_total{reason}`).
 
@@ -25,8 +25,18 @@ use crate::plan::{
     NodePortMatch, Plan, ServicePart, plan_counted, plan_service,
 };
 
-/// Above this many changed Services a whole compile is cheaper than patching one by one.
+/// Up to this many changed Services are always patched one by one.
 pub const MAX_CHANGED: usize = 100;
+
+/// Above this many changed Services (of `services` in the kept snapshot) a whole compile is
+/// cheaper than patching one by one: a tenth of the cluster, and never fewer than
+/// [`MAX_CHANGED`]. A whole compile costs the whole cluster (at 10k Services a second, and a
+/// second plan and ruleset in memory beside the kept ones); patching costs the changed Services
+/// only. A fixed bound would send ordinary churn in a large cluster (a few hundred
+/// EndpointSlices in one `minSyncPeriod`) down the expensive path.
+pub fn max_changed(services: usize) -> usize {
+    MAX_CHANGED.max(services / 10)
+}
 
 /// Why a sync compiled every Service instead of only the changed ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -282,7 +292,7 @@ pub fn plan_delta(
         return Err(Fallback::Invariant("reference counts per family".into()));
     }
     let changed = changed_services(old, new);
-    if changed.len() > MAX_CHANGED {
+    if changed.len() > max_changed(old.services.len()) {
         return Err(Fallback::TooMany(changed.len()));
     }
     let old_slices = slices_of(old, &changed);
@@ -584,6 +594,28 @@ pub(crate) mod tests {
         kept.snapshot = next;
         assert_eq!(after, kept.plan.families[0].destinations);
         assert_same_plan(&kept, &config);
+    }
+
+    /// Up to a tenth of the cluster (at least 100 Services) is patched; more is compiled whole.
+    #[test]
+    fn churn_in_a_large_cluster_is_still_patched() {
+        assert_eq!(max_changed(50), MAX_CHANGED);
+        assert_eq!(max_changed(10_000), 1000);
+        let config = ProxyConfig::default();
+        let kept = Compiled::new(synthetic::cluster(3000, 2), &config);
+        let moved = |n: usize| {
+            let mut next = kept.snapshot.clone();
+            for s in next.slices.values_mut().take(n) {
+                Arc::make_mut(s).endpoints[0].address = "10.200.0.1".parse().unwrap();
+            }
+            next
+        };
+        let d = plan_delta(&kept, &moved(300), &config).unwrap();
+        assert_eq!(d.services, 300);
+        assert_eq!(
+            plan_delta(&kept, &moved(301), &config).err(),
+            Some(Fallback::TooMany(301))
+        );
     }
 
     #[test]

@@ -156,8 +156,10 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared: a cluster has millions of endpoints and a few thousand nodes and zones, so each
+    /// name is held once ([`crate::convert`] interns them) instead of once per endpoint.
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// `hints`: where the EndpointSlice controller wants this endpoint used (topology-aware
     /// routing, `trafficDistribution`). `None` when the endpoint has no hint at all; boxed
     /// because most endpoints have none and a cluster has millions of endpoints.

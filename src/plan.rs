@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -542,8 +543,8 @@ pub struct EndpointState {
     pub terminating: bool,
     /// On this node.
     pub local: bool,
-    pub node: Option<String>,
-    pub zone: Option<String>,
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// The EndpointSlice it came from (the first, if several list it).
     pub slice: String,
 }
@@ -554,8 +555,8 @@ pub struct Excluded {
     /// The address, with the target port when its slice resolves one.
     pub address: IpAddr,
     pub port: Option<u16>,
-    pub node: Option<String>,
-    pub zone: Option<String>,
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     pub slice: String,
     pub reason: Exclusion,
 }
@@ -1063,7 +1064,7 @@ mod tests {
             ready,
             serving,
             terminating,
-            node_name: Some(node.to_string()),
+            node_name: Some(node.into()),
             zone: None,
             hints: None,
         }

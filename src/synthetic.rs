@@ -49,6 +49,12 @@ pub fn service(i: usize) -> Service {
     }
 }
 
+/// `node-n`, one shared copy per node (as the watch's conversion shares them).
+fn node_name(n: usize) -> Arc<str> {
+    static NAMES: std::sync::OnceLock<Vec<Arc<str>>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| (0..NODES).map(|n| format!("node-{n}").into()).collect())[n].clone()
+}
+
 /// The EndpointSlice of generated Service `i`, with `endpoints` ready endpoints.
 pub fn slice(i: usize, endpoints: usize) -> EndpointSlice {
     let svc = service(i).id;
@@ -67,7 +73,7 @@ pub fn slice(i: usize, endpoints: usize) -> EndpointSlice {
                 ready: true,
                 serving: true,
                 terminating: false,
-                node_name: Some(format!("node-{}", (i + j * 7) % NODES)),
+                node_name: Some(node_name((i + j * 7) % NODES)),
                 zone: None,
                 hints: None,
             })

@@ -310,6 +310,9 @@ impl Syncer {
             let (live, result, drift) = tokio::task::spawn_blocking(move || {
                 let drift = if check_drift { live.verify() } else { None };
                 let r = live.sync(snapshot);
+                if check_drift || r.as_ref().is_ok_and(|o| o.report.kind == SyncKind::Full) {
+                    release_free_memory();
+                }
                 (live, r, drift)
             })
             .await
@@ -623,6 +626,20 @@ fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
         .or_else(|| t.checked_add(crate::duration::MAX_DURATION))
         .unwrap_or(t)
+}
+
+/// Gives the memory a whole compile or a drift check freed back to the kernel. glibc keeps
+/// freed memory for reuse, and after an hourly resync at 10k Services that was 100 MiB of
+/// RSS (the two rulesets the drift check compares, the second plan), held for the rest of the
+/// hour against the container's limit beside the next `nft`. Rare (full syncs only) and a few
+/// milliseconds.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's heaps; it touches no live
+    // allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Sends a state line to systemd's notification socket (`$NOTIFY_SOCKET`), if there is one.

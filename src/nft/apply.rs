@@ -151,16 +151,21 @@ impl Nftables {
             self.applied = None;
             return Err(e);
         }
-        let report = full_report(&desired, script.len(), start.elapsed(), because.to_string());
+        let report = full_report(
+            (desired.element_count(), desired.chain_count()),
+            script.len(),
+            start.elapsed(),
+            because.to_string(),
+        );
         self.applied = Some(desired);
         Ok(report)
     }
 }
 
-/// The report of a full sync that wrote `ruleset` whole (one `nft -f` of `script_bytes`): the
-/// one-shot backend's and the incremental one's.
+/// The report of a full sync that wrote a ruleset of `(elements, chains)` whole (one `nft -f`
+/// of `script_bytes`): the one-shot backend's and the incremental one's.
 pub(crate) fn full_report(
-    ruleset: &Ruleset,
+    (elements, chains): (usize, usize),
     script_bytes: usize,
     duration: std::time::Duration,
     because: String,
@@ -168,9 +173,9 @@ pub(crate) fn full_report(
     ApplyReport {
         kind: SyncKind::Full,
         commands: 1,
-        elements_added: ruleset.element_count(),
+        elements_added: elements,
         elements_deleted: 0,
-        chains_changed: ruleset.tables.iter().map(|t| t.chains.len()).sum(),
+        chains_changed: chains,
         script_bytes,
         duration,
         full_because: Some(because),

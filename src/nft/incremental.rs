@@ -2,12 +2,18 @@
 //!
 //! A full compile of 10k Services (plan, render, compare every set with what was applied) costs
 //! tens of milliseconds before nft even runs, for a change that is usually one EndpointSlice.
-//! [`Incremental`] keeps the last snapshot, plan and ruleset; the backend-neutral
+//! [`Incremental`] keeps the last snapshot and plan; the backend-neutral
 //! [`crate::incremental`] finds the Services whose objects changed and plans just those (old
 //! and new); this module renders them (`render::fragment`, the same code as a full render) and
-//! sends the difference as element and chain commands. The plan and ruleset it keeps are
-//! patched to equal what a full compile of the new snapshot gives (a property test holds it to
-//! that).
+//! sends the difference as element and chain commands. The plan it keeps is patched to equal
+//! what a full compile of the new snapshot gives, and the commands take the kernel from the old
+//! plan's ruleset to the new one's (a property test holds both to that, through the in-memory
+//! kernel).
+//!
+//! The rendered ruleset is not kept: it is a pure function of the plan, and at 10k Services it
+//! was the largest thing the agent held (a third of its heap). A whole compile renders the old
+//! plan again when it needs the old tables (to send a difference, or to refresh in place): tens
+//! of milliseconds at 10k Services, on a path that costs a second.
 //!
 //! It falls back to a whole compile, still sent as a difference when one can express it, when
 //! the change is not local to some Services ([`Fallback`]: the Node changed, Services claim the
@@ -39,18 +45,17 @@ struct State {
     compiled: Compiled,
     /// Per family: how many destinations use each endpoint count in each lane.
     lanes: Vec<BTreeMap<(Lane, usize), u32>>,
-    ruleset: Ruleset,
 }
 
 impl State {
     fn new(compiled: Compiled) -> State {
-        let ruleset = render::render(&compiled.plan);
         let lanes = compiled.plan.families.iter().map(lane_counts).collect();
-        State {
-            compiled,
-            lanes,
-            ruleset,
-        }
+        State { compiled, lanes }
+    }
+
+    /// The ruleset of the kept plan: what the kernel holds when `in_sync`.
+    fn ruleset(&self) -> Ruleset {
+        render::render(&self.compiled.plan)
     }
 }
 
@@ -59,7 +64,7 @@ pub struct Incremental {
     config: ProxyConfig,
     nft: NftCommand,
     state: Option<State>,
-    /// Whether the kernel holds `state.ruleset`.
+    /// Whether the kernel holds the ruleset of `state`'s plan.
     in_sync: bool,
     /// Why the next sync is a full one, when it must be.
     full_because: &'static str,
@@ -136,16 +141,12 @@ impl Incremental {
                 Some(Fallback::Invariant("no state".into())),
             );
         };
-        let State {
-            compiled,
-            lanes,
-            ruleset,
-        } = state;
+        let State { compiled, lanes } = state;
         let followed = follow_partial(
             compiled,
             plan,
             snapshot,
-            || nft.apply(lanes, ruleset),
+            || nft.apply(lanes),
             report,
             compile,
         );
@@ -168,13 +169,25 @@ impl Incremental {
         fallback: Option<Fallback>,
     ) -> Result<Outcome, ApplyError> {
         let new = State::new(Compiled::new(snapshot, &self.config));
-        let ruleset = &new.ruleset;
-        let partial = match self.state.as_ref().filter(|_| self.in_sync) {
-            Some(old) => diff(&old.ruleset, ruleset).map_err(|e| e.to_string()),
+        let ruleset = render::render(&new.compiled.plan);
+        // The tables the kernel holds (or held, before a failure or a resync request), rendered
+        // again from the kept plan, and dropped before nft runs: whole to send the difference,
+        // as a skeleton (no elements) to refresh them in place. Two whole rulesets side by side
+        // are the agent's largest moment, so the hourly resync does without.
+        let old = self.state.as_ref().map(|old| {
+            if self.in_sync {
+                old.ruleset()
+            } else {
+                render::skeleton(&old.compiled.plan)
+            }
+        });
+        let partial = match old.as_ref().filter(|_| self.in_sync) {
+            Some(old) => diff(old, &ruleset).map_err(|e| e.to_string()),
             None => Err(self.full_because.to_string()),
         };
         let result = match partial {
             Ok(d) => {
+                drop((old, ruleset));
                 let mut report = d.report;
                 let t = Instant::now();
                 if report.commands > 0 {
@@ -190,32 +203,32 @@ impl Incremental {
                 // The kernel holds the last ruleset applied (a refused transaction changes
                 // nothing), so it can be refreshed in place, keeping session affinity; if it
                 // drifted, nft refuses that and the tables are replaced.
-                let refresh = self
-                    .state
-                    .as_ref()
-                    .and_then(|old| ruleset.refresh_script(&old.ruleset));
+                let size = (ruleset.element_count(), ruleset.chain_count());
+                let refresh = match old {
+                    Some(old) => ruleset.into_refresh_script(&old),
+                    None => Err(ruleset),
+                };
                 let t = Instant::now();
-                let refreshed = match &refresh {
-                    Some(script) => match self.nft.run_script(script) {
-                        Ok(()) => true,
+                let (script, because, run) = match refresh {
+                    Ok(script) => match self.nft.run_script(&script) {
+                        Ok(()) => (script, format!("{because}; refreshed in place"), Ok(())),
                         Err(e) => {
                             tracing::info!(
                                 "cannot refresh the tables in place, replacing them: {e}"
                             );
-                            false
+                            drop(script);
+                            let script = render::render(&new.compiled.plan).into_script();
+                            let run = self.nft.run_script(&script);
+                            (script, because, run)
                         }
                     },
-                    None => false,
-                };
-                let (script, because, run) = match refresh.filter(|_| refreshed) {
-                    Some(script) => (script, format!("{because}; refreshed in place"), Ok(())),
-                    None => {
-                        let script = ruleset.script();
+                    Err(ruleset) => {
+                        let script = ruleset.into_script();
                         let run = self.nft.run_script(&script);
                         (script, because, run)
                     }
                 };
-                run.map(|()| full_report(ruleset, script.len(), t.elapsed(), because))
+                run.map(|()| full_report(size, script.len(), t.elapsed(), because))
             }
         };
         let report = match result {
@@ -258,15 +271,15 @@ fn lane_counts(f: &FamilyPlan) -> BTreeMap<(Lane, usize), u32> {
     out
 }
 
-/// A sync of the changed Services only: the plan's changes, the commands, and how to patch the
-/// kept ruleset once nft accepted them.
+/// A sync of the changed Services only: the plan's changes, the commands, and how the kept
+/// lane counts change once nft accepted them.
 struct Delta {
     plan: PlanDelta,
     parts: DiffParts,
     nft: Patches,
 }
 
-/// Changes to the kept ruleset and lane counts, per family.
+/// Changes to the kept lane counts, per family.
 #[derive(Default)]
 struct Patches {
     families: Vec<FamilyPatch>,
@@ -277,47 +290,17 @@ struct FamilyPatch {
     lanes: BTreeMap<(Lane, usize), i32>,
     /// Per set: elements deleted and added.
     elements: BTreeMap<String, (Vec<Element>, Vec<Element>)>,
-    new_sets: Vec<crate::nft::syntax::Set>,
-    gone_sets: Vec<String>,
-    new_chains: Vec<crate::nft::syntax::Chain>,
-    gone_chains: Vec<String>,
 }
 
 impl Patches {
-    fn apply(
-        self,
-        lanes: &mut [BTreeMap<(Lane, usize), u32>],
-        ruleset: &mut Ruleset,
-    ) -> Result<(), Fallback> {
+    fn apply(self, lanes: &mut [BTreeMap<(Lane, usize), u32>]) -> Result<(), Fallback> {
         for (fi, p) in self.families.into_iter().enumerate() {
-            let (Some(lanes), Some(table)) = (lanes.get_mut(fi), ruleset.tables.get_mut(fi)) else {
-                return Err(Fallback::Invariant(format!("no table for family {fi}")));
+            let Some(lanes) = lanes.get_mut(fi) else {
+                return Err(Fallback::Invariant(format!(
+                    "no lane counts for family {fi}"
+                )));
             };
             adjust(lanes, p.lanes)?;
-            table.sets.extend(p.new_sets);
-            for (name, (deleted, added)) in p.elements {
-                let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
-                    return Err(Fallback::Invariant(format!("no set {name}")));
-                };
-                // A key deleted and added again (an endpoint slot's new endpoint) is replaced in
-                // place: a remove and an insert would move every element after it, twice.
-                let stays: std::collections::HashSet<&[Value]> =
-                    added.iter().map(|e| &*e.key).collect();
-                for e in deleted.iter().filter(|e| !stays.contains(&*e.key)) {
-                    if let Ok(i) = set.elements.binary_search_by(|x| x.key.cmp(&e.key)) {
-                        set.elements.remove(i);
-                    }
-                }
-                for e in added {
-                    match set.elements.binary_search_by(|x| x.key.cmp(&e.key)) {
-                        Ok(i) => set.elements[i] = e,
-                        Err(i) => set.elements.insert(i, e),
-                    }
-                }
-            }
-            table.sets.retain(|s| !p.gone_sets.contains(&s.name));
-            table.chains.retain(|c| !p.gone_chains.contains(&c.name));
-            table.chains.extend(p.new_chains);
         }
         Ok(())
     }
@@ -478,28 +461,18 @@ fn lane_chains(
         let slots = |c: &BTreeSet<usize>| c.last().copied().unwrap_or(0);
         let (slots_was, slots_is) = (slots(&was), slots(&is));
         for k in slots_was..slots_is {
-            let set = render::slot_set(family, lane, k);
-            parts.add_set(prefix, &set);
-            p.new_sets.push(set);
-            let chain = render::slot_chain(family, lane, k);
-            parts.add_chain(prefix, &chain);
-            p.new_chains.push(chain);
+            parts.add_set(prefix, &render::slot_set(family, lane, k));
+            parts.add_chain(prefix, &render::slot_chain(family, lane, k));
         }
         for k in slots_is..slots_was {
-            let name = lane.slot(k);
-            parts.delete_chain(prefix, &name);
+            parts.delete_chain(prefix, &lane.slot(k));
             parts.delete_set(prefix, &render::slot_set(family, lane, k));
-            p.gone_chains.push(name.clone());
-            p.gone_sets.push(name);
         }
         for n in is.difference(&was).filter(|n| **n > 1) {
-            let chain = render::pick_chain(lane, *n);
-            parts.add_chain(prefix, &chain);
-            p.new_chains.push(chain);
+            parts.add_chain(prefix, &render::pick_chain(lane, *n));
         }
         for n in was.difference(&is).filter(|n| **n > 1) {
             parts.delete_chain(prefix, &lane.pick(*n));
-            p.gone_chains.push(lane.pick(*n));
         }
     }
     Ok(())
@@ -508,47 +481,56 @@ fn lane_chains(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_kernel::FakeKernel;
     use crate::incremental::tests::generated;
-    use crate::nft::syntax::Table;
     use crate::synthetic;
     use std::sync::Arc;
 
-    /// Runs the delta path without nft: patches the state as a successful apply would.
-    fn step(state: &mut State, new: Snapshot, config: &ProxyConfig) -> Result<(), Fallback> {
+    /// A whole compile of `snapshot`, and an in-memory kernel holding its ruleset.
+    fn whole(snapshot: Snapshot, config: &ProxyConfig) -> (State, Arc<FakeKernel>) {
+        let state = State::new(Compiled::new(snapshot, config));
+        let kernel = FakeKernel::new();
+        NftCommand::new(kernel.runner())
+            .run_script(&state.ruleset().script())
+            .expect("the kernel takes a whole ruleset");
+        (state, kernel)
+    }
+
+    /// Runs the delta path: sends its commands to `kernel` and patches the state as a
+    /// successful apply does.
+    fn step(
+        state: &mut State,
+        kernel: &Arc<FakeKernel>,
+        new: Snapshot,
+        config: &ProxyConfig,
+    ) -> Result<(), Fallback> {
         let d = delta(state, &new, config)?;
+        let diff = d.parts.finish();
+        if diff.report.commands > 0 {
+            NftCommand::new(kernel.runner())
+                .run_script(&diff.script)
+                .unwrap_or_else(|e| panic!("the kernel refused the delta: {e}\n{}", diff.script));
+        }
         d.plan.apply(&mut state.compiled)?;
-        d.nft.apply(&mut state.lanes, &mut state.ruleset)?;
+        d.nft.apply(&mut state.lanes)?;
         state.compiled.snapshot = new;
         Ok(())
     }
 
-    fn whole(snapshot: Snapshot, config: &ProxyConfig) -> State {
-        State::new(Compiled::new(snapshot, config))
-    }
-
-    /// A table with its sets and chains in name order: the patched ruleset holds the same things
-    /// as a fresh render, not always in the same order.
-    fn canonical(table: &Table) -> Table {
-        let mut t = table.clone();
-        t.sets.sort_by(|a, b| a.name.cmp(&b.name));
-        t.chains.sort_by(|a, b| a.name.cmp(&b.name));
-        t
-    }
-
-    fn assert_same(patched: &State, config: &ProxyConfig) {
-        let fresh = whole(patched.compiled.snapshot.clone(), config);
+    /// The patched state is a whole compile's, and the commands sent took the kernel to the
+    /// tables a whole compile writes.
+    fn assert_same(patched: &State, kernel: &FakeKernel, config: &ProxyConfig) {
+        let (fresh, fresh_kernel) = whole(patched.compiled.snapshot.clone(), config);
         assert_eq!(patched.compiled.plan, fresh.compiled.plan);
         assert_eq!(patched.compiled.refs, fresh.compiled.refs);
         assert_eq!(patched.lanes, fresh.lanes);
-        for (a, b) in patched.ruleset.tables.iter().zip(&fresh.ruleset.tables) {
-            assert_eq!(canonical(a), canonical(b));
-        }
+        assert_eq!(kernel.nft_tables(), fresh_kernel.nft_tables());
     }
 
     #[test]
     fn an_endpoint_change_compiles_one_service() {
         let config = ProxyConfig::default();
-        let mut state = whole(synthetic::cluster(50, 3), &config);
+        let (mut state, kernel) = whole(synthetic::cluster(50, 3), &config);
         let mut next = state.compiled.snapshot.clone();
         Arc::make_mut(next.slices.values_mut().nth(7).unwrap()).endpoints[1].address =
             "10.200.0.1".parse().unwrap();
@@ -563,16 +545,16 @@ mod tests {
             diff.script
         );
         assert_eq!(diff.report.chains_changed, 0, "{}", diff.script);
-        step(&mut state, next, &config).unwrap();
-        assert_same(&state, &config);
+        step(&mut state, &kernel, next, &config).unwrap();
+        assert_same(&state, &kernel, &config);
     }
 
     /// A kept state that contradicts itself is a fallback to a whole compile, counted, and the
-    /// sync still happens (here without nft: the state is never in the kernel).
+    /// sync still happens.
     #[test]
     fn an_inconsistent_state_falls_back_to_a_whole_compile() {
         let config = ProxyConfig::default();
-        let mut state = whole(synthetic::cluster(50, 3), &config);
+        let (mut state, _) = whole(synthetic::cluster(50, 3), &config);
         // A lane count lost: removing the last Service with 3 endpoints would take it below 0.
         state.lanes[0].clear();
         let mut next = state.compiled.snapshot.clone();
@@ -581,18 +563,9 @@ mod tests {
             .pop();
         let err = delta(&state, &next, &config).err().unwrap();
         assert_eq!(err.reason(), "invariant", "{err}");
-        // Through the backend, with tools that accept anything.
-        #[derive(Debug)]
-        struct Accept;
-        impl crate::process::Tools for Accept {
-            fn run(&self, _: &[String], _: Option<&str>) -> std::io::Result<crate::process::Ran> {
-                Ok(crate::process::Ran::ok(""))
-            }
-        }
-        let mut inc = Incremental::new(
-            NftCommand::new(crate::process::Runner::fake(Arc::new(Accept))),
-            config.clone(),
-        );
+        // Through the backend, against the in-memory kernel.
+        let kernel = FakeKernel::new();
+        let mut inc = Incremental::new(NftCommand::new(kernel.runner()), config.clone());
         inc.sync(state.compiled.snapshot.clone()).unwrap();
         inc.state.as_mut().unwrap().lanes[0].clear();
         let out = inc.sync(next.clone()).unwrap();
@@ -601,7 +574,7 @@ mod tests {
             Some("invariant")
         );
         assert_eq!(out.services_compiled, 50);
-        assert_same(inc.state.as_ref().unwrap(), &config);
+        assert_same(inc.state.as_ref().unwrap(), &kernel, &config);
         // And the next change is incremental again.
         let mut again = next.clone();
         Arc::make_mut(again.slices.values_mut().nth(9).unwrap())
@@ -614,7 +587,8 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
-        /// Patching Service by Service gives exactly what a whole compile gives.
+        /// Patching Service by Service gives exactly what a whole compile gives, in the kept
+        /// state and in the kernel.
         #[test]
         fn patched_state_equals_a_whole_compile(
             snapshots in proptest::collection::vec(generated::snapshot(), 2..8),
@@ -622,11 +596,11 @@ mod tests {
         ) {
             let config = generated::config(cidrs);
             let mut it = snapshots.into_iter();
-            let mut state = whole(it.next().unwrap(), &config);
+            let (mut state, mut kernel) = whole(it.next().unwrap(), &config);
             for next in it {
-                match step(&mut state, next.clone(), &config) {
-                    Ok(()) => assert_same(&state, &config),
-                    Err(_) => state = whole(next, &config),
+                match step(&mut state, &kernel, next.clone(), &config) {
+                    Ok(()) => assert_same(&state, &kernel, &config),
+                    Err(_) => (state, kernel) = whole(next, &config),
                 }
             }
         }

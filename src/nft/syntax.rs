@@ -119,7 +119,10 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Data {
     Verdict(Verdict),
-    Values(Vec<Value>),
+    /// Two values concatenated (`10.1.0.5 . 8080`: an endpoint), held inline: a large
+    /// cluster's endpoint maps have a million of these, and a `Vec` would add an allocation
+    /// to each.
+    Pair(Value, Value),
 }
 
 /// One set or map element.
@@ -170,9 +173,9 @@ impl Element {
         match &self.data {
             None => {}
             Some(Data::Verdict(v)) => write!(out, " : {v}").unwrap(),
-            Some(Data::Values(v)) => {
+            Some(Data::Pair(a, b)) => {
                 out.push_str(" : ");
-                write_concat(out, v);
+                write_concat(out, &[*a, *b]);
             }
         }
     }
@@ -194,7 +197,7 @@ impl Element {
         match &self.data {
             None => self.key_json(),
             Some(Data::Verdict(v)) => json!([self.key_json(), v.json()]),
-            Some(Data::Values(v)) => json!([self.key_json(), concat_json(v)]),
+            Some(Data::Pair(a, b)) => json!([self.key_json(), concat_json(&[*a, *b])]),
         }
     }
 }
@@ -612,6 +615,25 @@ impl Rule {
     }
 }
 
+/// One set or map of a table block, its elements included.
+fn write_set(s: &mut String, set: &Set) {
+    writeln!(s, "\n\t{} {} {{", set.keyword(), set.name).unwrap();
+    for part in set.declaration().split("; ") {
+        writeln!(s, "\t\t{part}").unwrap();
+    }
+    if !set.elements.is_empty() {
+        writeln!(s, "\t\telements = {{").unwrap();
+        let n = set.elements.len();
+        for (i, e) in set.elements.iter().enumerate() {
+            s.push_str("\t\t\t");
+            e.write_text(s);
+            s.push_str(if i + 1 < n { ",\n" } else { "\n" });
+        }
+        writeln!(s, "\t\t}}").unwrap();
+    }
+    writeln!(s, "\t}}").unwrap();
+}
+
 /// A table and everything in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
@@ -661,27 +683,31 @@ impl Table {
 
     /// [`Table::text`], appended to `s`.
     pub fn write_text(&self, s: &mut String) {
+        self.write_head(s);
+        for set in &self.sets {
+            write_set(s, set);
+        }
+        self.write_chains(s);
+    }
+
+    /// [`Table::write_text`], freeing each set's elements once they are written.
+    fn drain_text(&mut self, s: &mut String) {
+        self.write_head(s);
+        for set in &mut self.sets {
+            write_set(s, set);
+            set.elements = Vec::new();
+        }
+        self.write_chains(s);
+    }
+
+    fn write_head(&self, s: &mut String) {
         writeln!(s, "table {} {} {{", self.family.as_str(), self.name).unwrap();
         if let Some(c) = &self.comment {
             writeln!(s, "\tcomment {}", quote(c)).unwrap();
         }
-        for set in &self.sets {
-            writeln!(s, "\n\t{} {} {{", set.keyword(), set.name).unwrap();
-            for part in set.declaration().split("; ") {
-                writeln!(s, "\t\t{part}").unwrap();
-            }
-            if !set.elements.is_empty() {
-                writeln!(s, "\t\telements = {{").unwrap();
-                let n = set.elements.len();
-                for (i, e) in set.elements.iter().enumerate() {
-                    s.push_str("\t\t\t");
-                    e.write_text(s);
-                    s.push_str(if i + 1 < n { ",\n" } else { "\n" });
-                }
-                writeln!(s, "\t\t}}").unwrap();
-            }
-            writeln!(s, "\t}}").unwrap();
-        }
+    }
+
+    fn write_chains(&self, s: &mut String) {
         for chain in &self.chains {
             writeln!(s, "\n\tchain {} {{", chain.name).unwrap();
             if let Some(c) = &chain.comment {
@@ -713,12 +739,18 @@ impl Table {
     /// same gaps keep `svcproxy verify` from parsing the kernel's listing with them
     /// (`src/verify.rs`).
     pub fn json(&self, out: &mut Vec<Json>) {
+        self.json_each(&mut |o| out.push(o));
+    }
+
+    /// [`Table::json`], one object at a time: at 100k Services the whole table as JSON values
+    /// is gigabytes, and `svcproxy verify` (the agent's drift check) needs one at a time.
+    pub fn json_each(&self, f: &mut dyn FnMut(Json)) {
         let family = self.family.as_str();
         let mut table = json!({"family": family, "name": self.name});
         if let Some(c) = &self.comment {
             table["comment"] = json!(clean_comment(c));
         }
-        out.push(json!({"table": table}));
+        f(json!({"table": table}));
         for set in &self.sets {
             let types = |names: &[&str]| -> Json {
                 match names {
@@ -749,7 +781,7 @@ impl Table {
             if !set.elements.is_empty() {
                 o["elem"] = json!(set.elements.iter().map(Element::json).collect::<Vec<_>>());
             }
-            out.push(json!({ set.keyword(): o }));
+            f(json!({ set.keyword(): o }));
         }
         for chain in &self.chains {
             let mut o = json!({"family": family, "table": self.name, "name": chain.name});
@@ -762,7 +794,7 @@ impl Table {
             if let Some(c) = &chain.comment {
                 o["comment"] = json!(clean_comment(c));
             }
-            out.push(json!({"chain": o}));
+            f(json!({"chain": o}));
         }
         for chain in &self.chains {
             for rule in &chain.rules {
@@ -778,7 +810,7 @@ impl Table {
                 if let Some(c) = comment {
                     o["comment"] = json!(clean_comment(&c));
                 }
-                out.push(json!({"rule": o}));
+                f(json!({"rule": o}));
             }
         }
     }
@@ -797,12 +829,7 @@ impl Ruleset {
     /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
     /// table is created if missing, deleted, and written anew, all in one transaction.
     pub fn script(&self) -> String {
-        let mut s = String::with_capacity(4096 + self.element_count() * 64);
-        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
-        for t in &self.tables {
-            writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
-            writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
-        }
+        let mut s = self.script_head();
         for t in &self.tables {
             s.push('\n');
             t.write_text(&mut s);
@@ -810,64 +837,102 @@ impl Ruleset {
         s
     }
 
+    /// [`Ruleset::script`], freeing each set's elements once written, so that the ruleset and
+    /// its script are never both whole in memory (at 100k Services each is hundreds of MiB).
+    pub fn into_script(mut self) -> String {
+        let mut s = self.script_head();
+        for t in &mut self.tables {
+            s.push('\n');
+            t.drain_text(&mut s);
+        }
+        s
+    }
+
+    /// A replacing script's first lines: each table created if missing, then deleted.
+    fn script_head(&self) -> String {
+        let mut s = String::with_capacity(4096 + self.element_count() * 64);
+        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        for t in &self.tables {
+            writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
+            writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
+        }
+        s
+    }
+
+    /// How many chains the tables have.
+    pub fn chain_count(&self) -> usize {
+        self.tables.iter().map(|t| t.chains.len()).sum()
+    }
+
     /// A script that turns `old` (what svcproxy applied last; the kernel holds it unless someone
     /// changed it) into `self` without deleting the tables: every rule and every static element
     /// is written anew, but the dynamic sets (ClientIP session affinity: which client uses
-    /// which endpoint) keep what the kernel learned. `None` when only a replacing
-    /// [`Ruleset::script`] will do: a table, a set's declaration or a chain's hook or comment
-    /// changed. If the kernel drifted from `old` (a chain or set deleted by someone), nft
-    /// refuses this script, atomically, and the caller falls back to a replacing one.
-    pub fn refresh_script(&self, old: &Ruleset) -> Option<String> {
-        if old.tables.len() != self.tables.len() {
-            return None;
+    /// which endpoint) keep what the kernel learned. `old` need not have its elements (a
+    /// [`crate::nft::render::skeleton`]): only its chains and sets are read. Each set's
+    /// elements are freed once written, as [`Ruleset::into_script`] does. `Err` gives `self`
+    /// back when only a replacing script will do: a table, a set's declaration or a chain's hook
+    /// or comment changed. If the kernel drifted from `old` (a chain or set deleted by
+    /// someone), nft refuses this script, atomically, and the caller falls back to a replacing
+    /// one.
+    pub fn into_refresh_script(mut self, old: &Ruleset) -> Result<String, Ruleset> {
+        if !self.refreshes(old) {
+            return Err(self);
         }
-        let mut s =
-            String::from("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
-        for (o, n) in old.tables.iter().zip(&self.tables) {
-            if (o.family, &o.name, &o.comment) != (n.family, &n.name, &n.comment) {
-                return None;
-            }
+        let mut s = String::with_capacity(4096 + self.element_count() * 64);
+        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        for (o, n) in old.tables.iter().zip(&mut self.tables) {
             let prefix = format!("{} {}", n.family.as_str(), n.name);
-            let new_sets: std::collections::HashMap<&str, &Set> =
-                n.sets.iter().map(|x| (x.name.as_str(), x)).collect();
-            let new_chains: std::collections::HashMap<&str, &Chain> =
-                n.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+            let new_sets: std::collections::HashSet<&str> =
+                n.sets.iter().map(|x| x.name.as_str()).collect();
+            let new_chains: std::collections::HashSet<&str> =
+                n.chains.iter().map(|c| c.name.as_str()).collect();
             for c in &o.chains {
-                if let Some(nc) = new_chains.get(c.name.as_str())
-                    && (nc.hook != c.hook || nc.comment != c.comment)
-                {
-                    return None;
-                }
                 writeln!(s, "flush chain {prefix} {}", c.name).unwrap();
             }
-            for set in &o.sets {
-                if let Some(ns) = new_sets.get(set.name.as_str())
-                    && (ns.keyword() != set.keyword() || ns.declaration() != set.declaration())
-                {
-                    return None;
-                }
-                if !set.flags.contains(&"dynamic") {
-                    writeln!(s, "flush {} {prefix} {}", set.keyword(), set.name).unwrap();
-                }
+            for set in o.sets.iter().filter(|x| !x.flags.contains(&"dynamic")) {
+                writeln!(s, "flush {} {prefix} {}", set.keyword(), set.name).unwrap();
             }
             for c in o
                 .chains
                 .iter()
-                .filter(|c| !new_chains.contains_key(c.name.as_str()))
+                .filter(|c| !new_chains.contains(c.name.as_str()))
             {
                 writeln!(s, "delete chain {prefix} {}", c.name).unwrap();
             }
             for set in o
                 .sets
                 .iter()
-                .filter(|x| !new_sets.contains_key(x.name.as_str()))
+                .filter(|x| !new_sets.contains(x.name.as_str()))
             {
                 writeln!(s, "delete {} {prefix} {}", set.keyword(), set.name).unwrap();
             }
             s.push('\n');
-            n.write_text(&mut s);
+            n.drain_text(&mut s);
         }
-        Some(s)
+        Ok(s)
+    }
+
+    /// Whether `old`'s tables can be refreshed in place into these: the same tables, and no
+    /// chain or set that both have declared differently.
+    fn refreshes(&self, old: &Ruleset) -> bool {
+        old.tables.len() == self.tables.len()
+            && old.tables.iter().zip(&self.tables).all(|(o, n)| {
+                let new_sets: std::collections::HashMap<&str, &Set> =
+                    n.sets.iter().map(|x| (x.name.as_str(), x)).collect();
+                let new_chains: std::collections::HashMap<&str, &Chain> =
+                    n.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+                (o.family, &o.name, &o.comment) == (n.family, &n.name, &n.comment)
+                    && o.chains.iter().all(|c| {
+                        new_chains
+                            .get(c.name.as_str())
+                            .is_none_or(|nc| nc.hook == c.hook && nc.comment == c.comment)
+                    })
+                    && o.sets.iter().all(|set| {
+                        new_sets.get(set.name.as_str()).is_none_or(|ns| {
+                            ns.keyword() == set.keyword() && ns.declaration() == set.declaration()
+                        })
+                    })
+            })
     }
 
     /// The whole ruleset as libnftables JSON, in the form `nft -j list ruleset` prints it.
