@@ -630,9 +630,9 @@ fn later(t: Instant, d: Duration) -> Instant {
 
 /// Gives the memory a whole compile or a drift check freed back to the kernel. glibc keeps
 /// freed memory for reuse, and after an hourly resync at 10k Services that was 100 MiB of
-/// RSS (the two rulesets the drift check compares, the second plan), held for the rest of the
-/// hour against the container's limit beside the next `nft`. Rare (full syncs only) and a few
-/// milliseconds.
+/// RSS (the kernel's and the plan's tables as the drift check compares them, a whole
+/// compile's second plan), held for the rest of the hour against the container's limit beside
+/// the next `nft`. Rare (full syncs only) and a few milliseconds.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of the allocator's heaps; it touches no live
