@@ -31,8 +31,8 @@ pub const MAX_CHANGED: usize = 100;
 /// Above this many changed Services (of `services` in the kept snapshot) a whole compile is
 /// cheaper than patching one by one: a tenth of the cluster, and never fewer than
 /// [`MAX_CHANGED`]. A whole compile costs the whole cluster (at 10k Services a second, and a
-/// second plan and ruleset in memory beside the kept ones); patching costs the changed Services
-/// only. A fixed bound would send ordinary churn in a large cluster (a few hundred
+/// second plan beside the kept one, and the old and new rulesets rendered whole); patching
+/// costs the changed Services only. A fixed bound would send ordinary churn in a large cluster (a few hundred
 /// EndpointSlices in one `minSyncPeriod`) down the expensive path.
 pub fn max_changed(services: usize) -> usize {
     MAX_CHANGED.max(services / 10)
