@@ -142,7 +142,7 @@ pub struct NftSet {
     pub elements: BTreeMap<String, NftElement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NftElement {
     /// A map element's data, in words.
     pub data: Option<String>,
@@ -204,12 +204,7 @@ fn nft_object(state: &mut NftState, o: &Json) -> Result<(), VerifyError> {
         }
         "set" | "map" => {
             let set = nft_set(kind, body)?;
-            state
-                .tables
-                .entry(key)
-                .or_default()
-                .sets
-                .insert(s("name"), set);
+            add_set(state, key, s("name"), set);
         }
         "chain" => {
             let declaration = match body["hook"].as_str() {
@@ -256,23 +251,37 @@ fn nft_object(state: &mut NftState, o: &Json) -> Result<(), VerifyError> {
     Ok(())
 }
 
-/// Reads one `nft -j list table` document into `state` object by object: the kernel's listing
-/// of a large table is tens of MiB of JSON, and as one `serde_json::Value` ten times that (at
-/// 10k Services the agent's hourly drift check peaked at 450 MiB above its steady state). Only
-/// one object (a set with its elements, at most) is a `Value` at a time.
-fn read_nft_doc(text: &str, state: &mut NftState) -> Result<(), VerifyError> {
+/// Adds a set to `state`, or its elements to the set already there: our own JSON lists a large
+/// set in parts ([`crate::nft::Table::json_each`]).
+fn add_set(state: &mut NftState, table: (String, String), name: String, set: NftSet) {
+    let sets = &mut state.tables.entry(table).or_default().sets;
+    match sets.get_mut(&name) {
+        Some(have) if (&have.keyword, &have.declaration) == (&set.keyword, &set.declaration) => {
+            have.elements.extend(set.elements);
+        }
+        _ => {
+            sets.insert(name, set);
+        }
+    }
+}
+
+/// Reads one `nft -j list table` document object by object, handing each to `sink`: the
+/// kernel's listing of a large table is tens of MiB of JSON, and as one `serde_json::Value` ten
+/// times that (at 10k Services the agent's hourly drift check peaked at 450 MiB above its
+/// steady state). Only one object, or [`CHUNK`] elements of a set, is a `Value` at a time.
+fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
     use serde::de::{DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess};
 
-    struct Doc<'a>(&'a mut NftState);
-    struct Objects<'a>(&'a mut NftState);
+    struct Doc<'a, 'b>(&'a mut Sink<'b>);
+    struct Objects<'a, 'b>(&'a mut Sink<'b>);
 
-    impl<'de> DeserializeSeed<'de> for Doc<'_> {
+    impl<'de> DeserializeSeed<'de> for Doc<'_, '_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_map(self)
         }
     }
-    impl<'de> serde::de::Visitor<'de> for Doc<'_> {
+    impl<'de> serde::de::Visitor<'de> for Doc<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an nft JSON document")
@@ -294,29 +303,146 @@ fn read_nft_doc(text: &str, state: &mut NftState) -> Result<(), VerifyError> {
             }
         }
     }
-    impl<'de> DeserializeSeed<'de> for Objects<'_> {
+    impl<'de> DeserializeSeed<'de> for Objects<'_, '_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_seq(self)
         }
     }
-    impl<'de> serde::de::Visitor<'de> for Objects<'_> {
+    impl<'de> serde::de::Visitor<'de> for Objects<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an array of nft objects")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            while let Some(o) = seq.next_element::<Json>()? {
-                nft_object(self.0, &o).map_err(A::Error::custom)?;
+            while seq.next_element_seed(Object(&mut *self.0))?.is_some() {}
+            Ok(())
+        }
+    }
+
+    /// One object; a set or map is handed on in parts of [`CHUNK`] elements (nft lists
+    /// `elem` last, after the declaration).
+    struct Object<'a, 'b>(&'a mut Sink<'b>);
+    impl<'de> DeserializeSeed<'de> for Object<'_, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Object<'_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an nft object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(kind) = map.next_key::<String>()? {
+                if kind == "set" || kind == "map" {
+                    map.next_value_seed(Body {
+                        kind: &kind,
+                        sink: &mut *self.0,
+                    })?;
+                } else {
+                    let body: Json = map.next_value()?;
+                    (self.0)(&serde_json::json!({ kind: body })).map_err(A::Error::custom)?;
+                }
             }
             Ok(())
         }
     }
 
+    struct Body<'a, 'b> {
+        kind: &'a str,
+        sink: &'a mut Sink<'b>,
+    }
+    impl<'de> DeserializeSeed<'de> for Body<'_, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Body<'_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a set or map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut header = serde_json::Map::new();
+            let mut sent = false;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "elem" {
+                    map.next_value_seed(Elements {
+                        kind: self.kind,
+                        header: &header,
+                        sink: &mut *self.sink,
+                        sent: &mut sent,
+                    })?;
+                } else {
+                    header.insert(key, map.next_value()?);
+                }
+            }
+            if !sent {
+                emit(self.kind, &header, Vec::new(), self.sink).map_err(A::Error::custom)?;
+            }
+            Ok(())
+        }
+    }
+
+    struct Elements<'a, 'b> {
+        kind: &'a str,
+        header: &'a serde_json::Map<String, Json>,
+        sink: &'a mut Sink<'b>,
+        sent: &'a mut bool,
+    }
+    impl<'de> DeserializeSeed<'de> for Elements<'_, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Elements<'_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("set elements")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut part = Vec::new();
+            while let Some(e) = seq.next_element::<Json>()? {
+                part.push(e);
+                if part.len() == CHUNK {
+                    let full = std::mem::take(&mut part);
+                    emit(self.kind, self.header, full, self.sink).map_err(A::Error::custom)?;
+                    *self.sent = true;
+                }
+            }
+            if !part.is_empty() {
+                emit(self.kind, self.header, part, self.sink).map_err(A::Error::custom)?;
+                *self.sent = true;
+            }
+            Ok(())
+        }
+    }
+
+    /// A set's declaration with some of its elements, as one object.
+    fn emit(
+        kind: &str,
+        header: &serde_json::Map<String, Json>,
+        elements: Vec<Json>,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), VerifyError> {
+        let mut body = header.clone();
+        if !elements.is_empty() {
+            body.insert("elem".into(), Json::Array(elements));
+        }
+        sink(&serde_json::json!({ kind: body }))
+    }
+
     let mut de = serde_json::Deserializer::from_str(text);
-    Doc(state).deserialize(&mut de).map_err(json_err)?;
+    Doc(sink).deserialize(&mut de).map_err(json_err)?;
     de.end().map_err(json_err)
 }
+
+/// Where [`read_nft_doc`] hands each object.
+type Sink<'a> = dyn FnMut(&Json) -> Result<(), VerifyError> + 'a;
 
 fn nft_set(kind: &str, body: &Json) -> Result<NftSet, VerifyError> {
     let types = |v: &Json| match v {
@@ -780,7 +906,7 @@ pub fn read_nft(nft: &crate::nft::apply::NftCommand) -> Result<NftState, VerifyE
     let mut state = NftState::default();
     for family in ["ip", "ip6"] {
         if let Some(text) = nft.list_table_json(family, crate::nft::TABLE)? {
-            read_nft_doc(&text, &mut state)?;
+            read_nft_doc(&text, &mut |o| nft_object(&mut state, o))?;
         }
     }
     Ok(state)
@@ -791,18 +917,148 @@ pub fn read_nft(nft: &crate::nft::apply::NftCommand) -> Result<NftState, VerifyE
 pub fn desired_nft(ruleset: &crate::nft::Ruleset) -> NftState {
     let mut state = NftState::default();
     for table in &ruleset.tables {
-        table.json_each(&mut |o| nft_object(&mut state, &o).expect("our own JSON reads back"));
+        table.json_each(CHUNK, &mut |o| {
+            nft_object(&mut state, &o).expect("our own JSON reads back")
+        });
     }
     state
 }
 
 /// The differences between the kernel and `plan` in the nftables mode.
+///
+/// Neither side is held whole: each set is kept as its element count and an order-free digest
+/// of its normalised elements, with only the elements that name a Service (a comment, a jump
+/// or goto) for the differences' words. Only a set whose digests differ is read again whole,
+/// on both sides (`nft -j list set`), and compared element by element. At 100k Services the
+/// two sides held whole were gigabytes, every `--sync-period`, in the agent.
 pub fn verify_nft(
     nft: &crate::nft::apply::NftCommand,
     plan: &crate::plan::Plan,
 ) -> Result<Vec<Difference>, VerifyError> {
-    let desired = desired_nft(&crate::nft::render(plan));
-    Ok(compare_nft(&desired, &read_nft(nft)?))
+    let ruleset = crate::nft::render(plan);
+    let mut desired = Summary::default();
+    for table in &ruleset.tables {
+        table.json_each(CHUNK, &mut |o| {
+            desired.add(&o).expect("our own JSON reads back")
+        });
+    }
+    let mut observed = Summary::default();
+    for family in ["ip", "ip6"] {
+        if let Some(text) = nft.list_table_json(family, crate::nft::TABLE)? {
+            read_nft_doc(&text, &mut |o| observed.add(o))?;
+        }
+    }
+    let differ: BTreeSet<SetId> = desired
+        .digests
+        .iter()
+        .filter(|(id, d)| observed.digests.get(*id).is_some_and(|o| o != *d))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut wholes = NftState::default();
+    for table in &ruleset.tables {
+        table.json_each(CHUNK, &mut |o| {
+            if set_id(&o).is_some_and(|id| differ.contains(&id)) {
+                nft_object(&mut wholes, &o).expect("our own JSON reads back");
+            }
+        });
+    }
+    for id in &differ {
+        desired.replace(id, &mut wholes);
+    }
+    for id in &differ {
+        let (family, table, name) = id;
+        let keyword = desired
+            .set_mut(id)
+            .map_or("set".to_string(), |s| s.keyword.clone());
+        let mut whole = NftState::default();
+        if let Some(text) = nft.list_set_json(&keyword, family, table, name)? {
+            read_nft_doc(&text, &mut |o| nft_object(&mut whole, o))?;
+        }
+        observed.replace(id, &mut whole);
+    }
+    Ok(compare_nft(&desired.state, &observed.state))
+}
+
+/// A set: (family, table, name).
+type SetId = (String, String, String);
+
+/// How many elements of one set are JSON values at a time, on either side.
+const CHUNK: usize = 1000;
+
+/// The set an nft JSON object declares, if it is one.
+fn set_id(o: &Json) -> Option<SetId> {
+    let (kind, body) = o.as_object()?.iter().next()?;
+    matches!(kind.as_str(), "set" | "map").then(|| {
+        let s = |k: &str| body[k].as_str().unwrap_or_default().to_string();
+        (s("family"), s("table"), s("name"))
+    })
+}
+
+/// One side of [`verify_nft`]: the normalised state with each set's elements reduced to those
+/// that name a Service, and the digest of every set's elements.
+#[derive(Default)]
+struct Summary {
+    state: NftState,
+    digests: BTreeMap<SetId, (usize, u64)>,
+}
+
+impl Summary {
+    fn add(&mut self, o: &Json) -> Result<(), VerifyError> {
+        let Some(((family, table, name), (kind, body))) =
+            set_id(o).zip(o.as_object().and_then(|m| m.iter().next()))
+        else {
+            return nft_object(&mut self.state, o);
+        };
+        let mut set = nft_set(kind, body)?;
+        let (n, sum) = digest(&set.elements);
+        let d = self
+            .digests
+            .entry((family.clone(), table.clone(), name.clone()))
+            .or_default();
+        *d = (d.0 + n, d.1.wrapping_add(sum));
+        set.elements.retain(|_, e| {
+            e.comment.is_some()
+                || e.data
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("goto ") || d.starts_with("jump "))
+        });
+        add_set(&mut self.state, (family, table), name, set);
+        Ok(())
+    }
+
+    fn set_mut(&mut self, (family, table, name): &SetId) -> Option<&mut NftSet> {
+        self.state
+            .tables
+            .get_mut(&(family.clone(), table.clone()))?
+            .sets
+            .get_mut(name)
+    }
+
+    /// Puts the set `id` of `whole` (read again with all its elements) in place of the reduced
+    /// one; a set `whole` lacks (gone meanwhile) is left empty.
+    fn replace(&mut self, id: &SetId, whole: &mut NftState) {
+        let (family, table, name) = id;
+        let elements = whole
+            .tables
+            .get_mut(&(family.clone(), table.clone()))
+            .and_then(|t| t.sets.remove(name))
+            .map(|s| s.elements)
+            .unwrap_or_default();
+        if let Some(set) = self.set_mut(id) {
+            set.elements = elements;
+        }
+    }
+}
+
+/// How many elements, and an order-free digest of them: the sum of each element's hash (the
+/// same hasher on both sides, in one process).
+fn digest(elements: &BTreeMap<String, NftElement>) -> (usize, u64) {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    let sum = elements
+        .iter()
+        .fold(0u64, |sum, e| sum.wrapping_add(hasher.hash_one(e)));
+    (elements.len(), sum)
 }
 
 /// The differences between the kernel and `plan` in the iptables mode.

@@ -52,9 +52,24 @@ impl NftCommand {
     /// `nft -j list table FAMILY NAME`: the table as libnftables JSON, `None` when there is no
     /// such table (for `svcproxy verify` and the agent's drift metric).
     pub fn list_table_json(&self, family: &str, name: &str) -> Result<Option<String>, ApplyError> {
-        let ran = self
-            .runner
-            .run("nft", &["-j", "list", "table", family, name], None)?;
+        self.list_json(&["table", family, name])
+    }
+
+    /// One set or map (`keyword` is `set` or `map`) of table `family table`, as
+    /// `nft -j list set` prints it; `None` if it is not there.
+    pub fn list_set_json(
+        &self,
+        keyword: &str,
+        family: &str,
+        table: &str,
+        name: &str,
+    ) -> Result<Option<String>, ApplyError> {
+        self.list_json(&[keyword, family, table, name])
+    }
+
+    fn list_json(&self, what: &[&str]) -> Result<Option<String>, ApplyError> {
+        let args: Vec<&str> = ["-j", "list"].iter().chain(what).copied().collect();
+        let ran = self.runner.run("nft", &args, None)?;
         if ran.success() {
             return Ok(Some(ran.stdout));
         }

@@ -739,12 +739,14 @@ impl Table {
     /// same gaps keep `svcproxy verify` from parsing the kernel's listing with them
     /// (`src/verify.rs`).
     pub fn json(&self, out: &mut Vec<Json>) {
-        self.json_each(&mut |o| out.push(o));
+        self.json_each(usize::MAX, &mut |o| out.push(o));
     }
 
-    /// [`Table::json`], one object at a time: at 100k Services the whole table as JSON values
-    /// is gigabytes, and `svcproxy verify` (the agent's drift check) needs one at a time.
-    pub fn json_each(&self, f: &mut dyn FnMut(Json)) {
+    /// [`Table::json`], one object at a time, and a set with more than `chunk` elements as
+    /// several objects of `chunk` elements each (the same declaration repeated): at 100k
+    /// Services the whole table as JSON values is gigabytes, and one endpoint map tens of MiB;
+    /// `svcproxy verify` (the agent's drift check) reads them one at a time.
+    pub fn json_each(&self, chunk: usize, f: &mut dyn FnMut(Json)) {
         let family = self.family.as_str();
         let mut table = json!({"family": family, "name": self.name});
         if let Some(c) = &self.comment {
@@ -778,10 +780,14 @@ impl Table {
             if let Some(c) = &set.comment {
                 o["comment"] = json!(clean_comment(c));
             }
-            if !set.elements.is_empty() {
-                o["elem"] = json!(set.elements.iter().map(Element::json).collect::<Vec<_>>());
+            if set.elements.is_empty() {
+                f(json!({ set.keyword(): o }));
             }
-            f(json!({ set.keyword(): o }));
+            for part in set.elements.chunks(chunk.max(1)) {
+                let mut o = o.clone();
+                o["elem"] = json!(part.iter().map(Element::json).collect::<Vec<_>>());
+                f(json!({ set.keyword(): o }));
+            }
         }
         for chain in &self.chains {
             let mut o = json!({"family": family, "table": self.name, "name": chain.name});
