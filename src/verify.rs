@@ -251,8 +251,8 @@ fn nft_object(state: &mut NftState, o: &Json) -> Result<(), VerifyError> {
     Ok(())
 }
 
-/// Adds a set to `state`, or its elements to the set already there: our own JSON lists a large
-/// set in parts ([`crate::nft::Table::json_each`]).
+/// Adds a set to `state`, or its elements to the set already there: both sides hand a large set
+/// on in parts ([`crate::nft::Table::json_each`], [`read_nft_doc`]).
 fn add_set(state: &mut NftState, table: (String, String), name: String, set: NftSet) {
     let sets = &mut state.tables.entry(table).or_default().sets;
     match sets.get_mut(&name) {
