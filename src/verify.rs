@@ -272,15 +272,22 @@ fn add_set(state: &mut NftState, table: (String, String), name: String, set: Nft
 fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
     use serde::de::{DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess};
 
+    /// Each reader's `DeserializeSeed`: the map or sequence it reads, read with itself.
+    macro_rules! seed {
+        ($reader:ident, $read:ident) => {
+            impl<'de> DeserializeSeed<'de> for $reader<'_, '_> {
+                type Value = ();
+                fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                    d.$read(self)
+                }
+            }
+        };
+    }
+
     struct Doc<'a, 'b>(&'a mut Sink<'b>);
     struct Objects<'a, 'b>(&'a mut Sink<'b>);
 
-    impl<'de> DeserializeSeed<'de> for Doc<'_, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_map(self)
-        }
-    }
+    seed!(Doc, deserialize_map);
     impl<'de> serde::de::Visitor<'de> for Doc<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -303,12 +310,7 @@ fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
             }
         }
     }
-    impl<'de> DeserializeSeed<'de> for Objects<'_, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_seq(self)
-        }
-    }
+    seed!(Objects, deserialize_seq);
     impl<'de> serde::de::Visitor<'de> for Objects<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -323,12 +325,7 @@ fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
     /// One object; a set or map is handed on in parts of [`CHUNK`] elements (nft lists
     /// `elem` last, after the declaration).
     struct Object<'a, 'b>(&'a mut Sink<'b>);
-    impl<'de> DeserializeSeed<'de> for Object<'_, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_map(self)
-        }
-    }
+    seed!(Object, deserialize_map);
     impl<'de> serde::de::Visitor<'de> for Object<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -354,12 +351,7 @@ fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
         kind: &'a str,
         sink: &'a mut Sink<'b>,
     }
-    impl<'de> DeserializeSeed<'de> for Body<'_, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_map(self)
-        }
-    }
+    seed!(Body, deserialize_map);
     impl<'de> serde::de::Visitor<'de> for Body<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -393,12 +385,7 @@ fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
         sink: &'a mut Sink<'b>,
         sent: &'a mut bool,
     }
-    impl<'de> DeserializeSeed<'de> for Elements<'_, '_> {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_seq(self)
-        }
-    }
+    seed!(Elements, deserialize_seq);
     impl<'de> serde::de::Visitor<'de> for Elements<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -954,6 +941,9 @@ pub fn verify_nft(
         .filter(|(id, d)| observed.digests.get(*id).is_some_and(|o| o != *d))
         .map(|(id, _)| id.clone())
         .collect();
+    if differ.is_empty() {
+        return Ok(compare_nft(&desired.state, &observed.state));
+    }
     let mut wholes = NftState::default();
     for table in &ruleset.tables {
         table.json_each(CHUNK, &mut |o| {
@@ -964,8 +954,6 @@ pub fn verify_nft(
     }
     for id in &differ {
         desired.replace(id, &mut wholes);
-    }
-    for id in &differ {
         let (family, table, name) = id;
         let keyword = desired
             .set_mut(id)

@@ -209,19 +209,22 @@ impl Incremental {
                     None => Err(ruleset),
                 };
                 let t = Instant::now();
-                let (script, because, run) = match refresh {
+                // What replaces the tables if they are not refreshed in place.
+                let replacing = match refresh {
                     Ok(script) => match self.nft.run_script(&script) {
-                        Ok(()) => (script, format!("{because}; refreshed in place"), Ok(())),
+                        Ok(()) => Ok(script),
                         Err(e) => {
                             tracing::info!(
                                 "cannot refresh the tables in place, replacing them: {e}"
                             );
                             drop(script);
-                            let script = render::render(&new.compiled.plan).into_script();
-                            let run = self.nft.run_script(&script);
-                            (script, because, run)
+                            Err(render::render(&new.compiled.plan))
                         }
                     },
+                    Err(ruleset) => Err(ruleset),
+                };
+                let (script, because, run) = match replacing {
+                    Ok(script) => (script, format!("{because}; refreshed in place"), Ok(())),
                     Err(ruleset) => {
                         let script = ruleset.into_script();
                         let run = self.nft.run_script(&script);

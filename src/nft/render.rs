@@ -197,11 +197,13 @@ impl Builder {
         if lane_use.slots.len() < n {
             lane_use.slots.resize_with(n, Vec::new);
         }
-        for (slot, ep) in lane_use.slots.iter_mut().zip(&b.endpoints).filter(|_| keep) {
-            slot.push(Element::map(
-                key.clone(),
-                Data::Pair(Value::Addr(ep.ip()), Value::Port(ep.port())),
-            ));
+        if keep {
+            for (slot, ep) in lane_use.slots.iter_mut().zip(&b.endpoints) {
+                slot.push(Element::map(
+                    key.clone(),
+                    Data::Pair(Value::Addr(ep.ip()), Value::Port(ep.port())),
+                ));
+            }
         }
         if n == 1 {
             return Verdict::Goto(lane.slot(0));

@@ -854,10 +854,16 @@ impl Ruleset {
         s
     }
 
-    /// A replacing script's first lines: each table created if missing, then deleted.
-    fn script_head(&self) -> String {
+    /// A script's first lines, in a string sized for the whole script.
+    fn script_start(&self) -> String {
         let mut s = String::with_capacity(4096 + self.element_count() * 64);
         s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        s
+    }
+
+    /// A replacing script's first lines: each table created if missing, then deleted.
+    fn script_head(&self) -> String {
+        let mut s = self.script_start();
         for t in &self.tables {
             writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
             writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
@@ -884,8 +890,7 @@ impl Ruleset {
         if !self.refreshes(old) {
             return Err(self);
         }
-        let mut s = String::with_capacity(4096 + self.element_count() * 64);
-        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
+        let mut s = self.script_start();
         for (o, n) in old.tables.iter().zip(&mut self.tables) {
             let prefix = format!("{} {}", n.family.as_str(), n.name);
             let new_sets: std::collections::HashSet<&str> =
