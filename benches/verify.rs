@@ -3,6 +3,10 @@
 //! plan, split into its parts (reading, parsing, the desired side, the comparison), for the
 //! nftables mode and each iptables variant.
 //!
+//! In the nftables mode also the agent's drift check (`verify::verify_nft`, which keeps each
+//! set as a digest): its time, and how far it lifts this process's peak RSS above the steady
+//! state (the snapshot and plan held, as in the agent; VmHWM reset through `clear_refs`).
+//!
 //! `cargo bench --bench verify -- [--services 10000] [--endpoints 10] [--runs 3]
 //! [--modes nftables,legacy,nft]` (as root). Prints a Markdown table; times are medians.
 
@@ -19,6 +23,27 @@ use support::{Netns, arg, median};
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+/// `VmHWM` and `VmRSS` of this process, in MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Gives freed memory back and resets VmHWM to the current RSS (`clear_refs` 5), so that the
+/// next reading is the peak of what follows.
+fn reset_peak() {
+    // SAFETY: malloc_trim takes no pointers; it only returns the allocator's free pages.
+    unsafe { libc::malloc_trim(0) };
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn main() {
@@ -52,6 +77,26 @@ fn main() {
                 total.push(t.elapsed());
                 assert!(d.is_empty(), "{} differences: {}", d.len(), d[0]);
             }
+            let (mut drift, mut lift) = (vec![], vec![]);
+            for _ in 0..runs {
+                reset_peak();
+                let (_, before) = memory();
+                let t = Instant::now();
+                let d = verify::verify_nft(&nft, &plan).unwrap();
+                drift.push(t.elapsed());
+                lift.push(memory().0 - before);
+                assert!(d.is_empty(), "{} differences: {}", d.len(), d[0]);
+            }
+            lift.sort_by(f64::total_cmp);
+            println!(
+                "| {name} | nftables | the drift check (verify_nft), all of it | {} |",
+                ms(median(drift))
+            );
+            println!(
+                "| {name} | nftables | the drift check: peak RSS above the steady {:.0} MiB | {:.1} MiB |",
+                memory().1,
+                lift[lift.len() / 2]
+            );
         } else {
             let variant = match mode {
                 "legacy" => Variant::Legacy,

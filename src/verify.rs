@@ -265,11 +265,11 @@ fn add_set(state: &mut NftState, table: (String, String), name: String, set: Nft
     }
 }
 
-/// Reads one `nft -j list table` document object by object, handing each to `sink`: the
-/// kernel's listing of a large table is tens of MiB of JSON, and as one `serde_json::Value` ten
-/// times that (at 10k Services the agent's hourly drift check peaked at 450 MiB above its
+/// Reads one `nft -j list` document object by object as nft prints it, handing each to `sink`:
+/// the kernel's listing of a large table is tens of MiB of JSON, and as one `serde_json::Value`
+/// ten times that (at 10k Services the agent's hourly drift check peaked at 450 MiB above its
 /// steady state). Only one object, or [`CHUNK`] elements of a set, is a `Value` at a time.
-fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
+fn read_nft_doc(input: &mut dyn std::io::Read, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
     use serde::de::{DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess};
 
     /// Each reader's `DeserializeSeed`: the map or sequence it reads, read with itself.
@@ -423,7 +423,8 @@ fn read_nft_doc(text: &str, sink: &mut Sink<'_>) -> Result<(), VerifyError> {
         sink(&serde_json::json!({ kind: body }))
     }
 
-    let mut de = serde_json::Deserializer::from_str(text);
+    // Buffered here, so that the parser's byte-by-byte reads are not calls through `dyn`.
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(input));
     Doc(sink).deserialize(&mut de).map_err(json_err)?;
     de.end().map_err(json_err)
 }
@@ -892,9 +893,10 @@ fn compare_rules<R>(
 pub fn read_nft(nft: &crate::nft::apply::NftCommand) -> Result<NftState, VerifyError> {
     let mut state = NftState::default();
     for family in ["ip", "ip6"] {
-        if let Some(text) = nft.list_table_json(family, crate::nft::TABLE)? {
-            read_nft_doc(&text, &mut |o| nft_object(&mut state, o))?;
-        }
+        nft.read_table_json(family, crate::nft::TABLE, false, |out| {
+            read_nft_doc(out, &mut |o| nft_object(&mut state, o))
+        })?
+        .transpose()?;
     }
     Ok(state)
 }
@@ -915,25 +917,45 @@ pub fn desired_nft(ruleset: &crate::nft::Ruleset) -> NftState {
 ///
 /// Neither side is held whole: each set is kept as its element count and an order-free digest
 /// of its normalised elements, with only the elements that name a Service (a comment, a jump
-/// or goto) for the differences' words. Only a set whose digests differ is read again whole,
-/// on both sides (`nft -j list set`), and compared element by element. At 100k Services the
-/// two sides held whole were gigabytes, every `--sync-period`, in the agent.
+/// or goto) for the differences' words. The plan's side is rendered, summarised and dropped
+/// before the kernel's is read. The kernel's is read as nft prints it: the table without its
+/// elements (`nft -t`), then each set on its own (`nft -j list set`), so that no process, nft
+/// included, holds more than one set's listing. Only a set whose digests differ is read again
+/// whole, on both sides, and compared element by element. At 100k Services the two sides held
+/// whole were gigabytes, every `--sync-period`, in the agent.
 pub fn verify_nft(
     nft: &crate::nft::apply::NftCommand,
     plan: &crate::plan::Plan,
 ) -> Result<Vec<Difference>, VerifyError> {
-    let ruleset = crate::nft::render(plan);
     let mut desired = Summary::default();
-    for table in &ruleset.tables {
+    for table in &crate::nft::render(plan).tables {
         table.json_each(CHUNK, &mut |o| {
             desired.add(&o).expect("our own JSON reads back")
         });
     }
     let mut observed = Summary::default();
     for family in ["ip", "ip6"] {
-        if let Some(text) = nft.list_table_json(family, crate::nft::TABLE)? {
-            read_nft_doc(&text, &mut |o| observed.add(o))?;
-        }
+        nft.read_table_json(family, crate::nft::TABLE, true, |out| {
+            read_nft_doc(out, &mut |o| observed.add(o))
+        })?
+        .transpose()?;
+    }
+    let sets: Vec<(SetId, String)> = observed
+        .state
+        .tables
+        .iter()
+        .flat_map(|((family, table), t)| {
+            t.sets.iter().map(|(name, set)| {
+                let id = (family.clone(), table.clone(), name.clone());
+                (id, set.keyword.clone())
+            })
+        })
+        .collect();
+    for ((family, table, name), keyword) in &sets {
+        nft.read_set_json(keyword, family, table, name, |out| {
+            read_nft_doc(out, &mut |o| observed.add(o))
+        })?
+        .transpose()?;
     }
     let differ: BTreeSet<SetId> = desired
         .digests
@@ -945,7 +967,7 @@ pub fn verify_nft(
         return Ok(compare_nft(&desired.state, &observed.state));
     }
     let mut wholes = NftState::default();
-    for table in &ruleset.tables {
+    for table in &crate::nft::render(plan).tables {
         table.json_each(CHUNK, &mut |o| {
             if set_id(&o).is_some_and(|id| differ.contains(&id)) {
                 nft_object(&mut wholes, &o).expect("our own JSON reads back");
@@ -959,9 +981,10 @@ pub fn verify_nft(
             .set_mut(id)
             .map_or("set".to_string(), |s| s.keyword.clone());
         let mut whole = NftState::default();
-        if let Some(text) = nft.list_set_json(&keyword, family, table, name)? {
-            read_nft_doc(&text, &mut |o| nft_object(&mut whole, o))?;
-        }
+        nft.read_set_json(&keyword, family, table, name, |out| {
+            read_nft_doc(out, &mut |o| nft_object(&mut whole, o))
+        })?
+        .transpose()?;
         observed.replace(id, &mut whole);
     }
     Ok(compare_nft(&desired.state, &observed.state))

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::nft::syntax::{Chain, Element, Ruleset, Set, Table, quote};
+use crate::nft::syntax::{Chain, Element, Ruleset, Set, Spill, Table, quote};
 use crate::process::{RunError, Runner};
 pub use crate::report::{ApplyReport, SyncKind};
 
@@ -49,29 +49,80 @@ impl NftCommand {
         })
     }
 
-    /// `nft -j list table FAMILY NAME`: the table as libnftables JSON, `None` when there is no
-    /// such table (for `svcproxy verify` and the agent's drift metric).
-    pub fn list_table_json(&self, family: &str, name: &str) -> Result<Option<String>, ApplyError> {
-        self.list_json(&["table", family, name])
+    /// Runs `nft -f -` on the script `write` writes, handed to nft as it is written ([`Spill`]):
+    /// one transaction, and never the whole script in memory. Returns the script's size, or
+    /// nft's stderr on failure (also when nft stopped reading: the script could not be
+    /// written whole).
+    pub fn run_script_from(&self, write: impl FnOnce(&mut Spill<'_>)) -> Result<usize, ApplyError> {
+        let (mut write, mut written) = (Some(write), None);
+        let ran = self.runner.run_writing("nft", &["-f", "-"], &mut |input| {
+            let mut spill = Spill::new(input);
+            if let Some(write) = write.take() {
+                write(&mut spill);
+            }
+            written = Some(spill.finish());
+        })?;
+        match written {
+            Some(Ok(bytes)) if ran.success() => Ok(bytes),
+            Some(Err(e)) if ran.success() || ran.stderr.is_empty() => Err(ApplyError::Refused {
+                status: ran.status,
+                stderr: format!("writing the script: {e}"),
+            }),
+            _ => Err(ApplyError::Refused {
+                status: ran.status,
+                stderr: ran.stderr,
+            }),
+        }
     }
 
-    /// One set or map (`keyword` is `set` or `map`) of table `family table`, as
-    /// `nft -j list set` prints it; `None` if it is not there.
-    pub fn list_set_json(
+    /// `nft -j list table FAMILY NAME` (`terse`: `-t`, the sets without their elements), handed
+    /// to `read` as nft prints it, so that a large table is never held as text; `None` when
+    /// there is no such table (for `svcproxy verify` and the agent's drift check).
+    pub fn read_table_json<T>(
+        &self,
+        family: &str,
+        name: &str,
+        terse: bool,
+        read: impl FnOnce(&mut dyn std::io::Read) -> T,
+    ) -> Result<Option<T>, ApplyError> {
+        let terse: &[&str] = if terse { &["-t"] } else { &[] };
+        self.read_json(terse, &["table", family, name], read)
+    }
+
+    /// One set or map (`keyword` is `set` or `map`) of table `family table`, as `nft -j list
+    /// set` prints it, handed to `read` as it comes; `None` if it is not there.
+    pub fn read_set_json<T>(
         &self,
         keyword: &str,
         family: &str,
         table: &str,
         name: &str,
-    ) -> Result<Option<String>, ApplyError> {
-        self.list_json(&[keyword, family, table, name])
+        read: impl FnOnce(&mut dyn std::io::Read) -> T,
+    ) -> Result<Option<T>, ApplyError> {
+        self.read_json(&[], &[keyword, family, table, name], read)
     }
 
-    fn list_json(&self, what: &[&str]) -> Result<Option<String>, ApplyError> {
-        let args: Vec<&str> = ["-j", "list"].iter().chain(what).copied().collect();
-        let ran = self.runner.run("nft", &args, None)?;
+    /// `nft -j [OPTIONS] list WHAT…` read by `read`. What `read` made of the output counts
+    /// only when nft succeeded: nft's own error comes first.
+    fn read_json<T>(
+        &self,
+        options: &[&str],
+        what: &[&str],
+        read: impl FnOnce(&mut dyn std::io::Read) -> T,
+    ) -> Result<Option<T>, ApplyError> {
+        let args: Vec<&str> = ["-j"]
+            .iter()
+            .chain(options)
+            .chain(&["list"])
+            .chain(what)
+            .copied()
+            .collect();
+        let (mut read, mut made) = (Some(read), None);
+        let ran = self.runner.run_reading("nft", &args, &mut |out| {
+            made = read.take().map(|read| read(out));
+        })?;
         if ran.success() {
-            return Ok(Some(ran.stdout));
+            return Ok(made);
         }
         if ran.stderr.contains("No such file or directory") {
             return Ok(None);

@@ -204,34 +204,33 @@ impl Incremental {
                 // nothing), so it can be refreshed in place, keeping session affinity; if it
                 // drifted, nft refuses that and the tables are replaced.
                 let size = (ruleset.element_count(), ruleset.chain_count());
-                let refresh = match old {
-                    Some(old) => ruleset.into_refresh_script(&old),
-                    None => Err(ruleset),
-                };
                 let t = Instant::now();
                 // What replaces the tables if they are not refreshed in place.
-                let replacing = match refresh {
-                    Ok(script) => match self.nft.run_script(&script) {
-                        Ok(()) => Ok(script),
-                        Err(e) => {
-                            tracing::info!(
-                                "cannot refresh the tables in place, replacing them: {e}"
-                            );
-                            drop(script);
-                            Err(render::render(&new.compiled.plan))
+                let replacing = match old.filter(|old| ruleset.refreshes(old)) {
+                    Some(old) => {
+                        match self
+                            .nft
+                            .run_script_from(|out| ruleset.drain_refresh_script(&old, out))
+                        {
+                            Ok(bytes) => Ok(bytes),
+                            Err(e) => {
+                                tracing::info!(
+                                    "cannot refresh the tables in place, replacing them: {e}"
+                                );
+                                Err(render::render(&new.compiled.plan))
+                            }
                         }
-                    },
-                    Err(ruleset) => Err(ruleset),
-                };
-                let (script, because, run) = match replacing {
-                    Ok(script) => (script, format!("{because}; refreshed in place"), Ok(())),
-                    Err(ruleset) => {
-                        let script = ruleset.into_script();
-                        let run = self.nft.run_script(&script);
-                        (script, because, run)
                     }
+                    None => Err(ruleset),
                 };
-                run.map(|()| full_report(size, script.len(), t.elapsed(), because))
+                let run = match replacing {
+                    Ok(bytes) => Ok((bytes, format!("{because}; refreshed in place"))),
+                    Err(ruleset) => self
+                        .nft
+                        .run_script_from(|out| ruleset.drain_script(out))
+                        .map(|bytes| (bytes, because)),
+                };
+                run.map(|(bytes, because)| full_report(size, bytes, t.elapsed(), because))
             }
         };
         let report = match result {

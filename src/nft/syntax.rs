@@ -68,10 +68,10 @@ impl Value {
 
 /// Writes `a . b . c` straight into `out` (the script of a large cluster has 100k of these:
 /// no intermediate strings).
-fn write_concat(out: &mut String, values: &[Value]) {
+fn write_concat(out: &mut (impl fmt::Write + ?Sized), values: &[Value]) {
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
-            out.push_str(" . ");
+            out.write_str(" . ").unwrap();
         }
         write!(out, "{v}").unwrap();
     }
@@ -164,17 +164,16 @@ impl Element {
     }
 
     /// [`Element::text`], appended to `out`.
-    pub fn write_text(&self, out: &mut String) {
+    pub fn write_text(&self, out: &mut (impl fmt::Write + ?Sized)) {
         write_concat(out, &self.key);
         if let Some(c) = &self.comment {
-            out.push_str(" comment ");
-            out.push_str(&quote(c));
+            write!(out, " comment {}", quote(c)).unwrap();
         }
         match &self.data {
             None => {}
             Some(Data::Verdict(v)) => write!(out, " : {v}").unwrap(),
             Some(Data::Pair(a, b)) => {
-                out.push_str(" : ");
+                out.write_str(" : ").unwrap();
                 write_concat(out, &[*a, *b]);
             }
         }
@@ -616,7 +615,7 @@ impl Rule {
 }
 
 /// One set or map of a table block, its elements included.
-fn write_set(s: &mut String, set: &Set) {
+fn write_set(s: &mut impl ScriptOut, set: &Set) {
     writeln!(s, "\n\t{} {} {{", set.keyword(), set.name).unwrap();
     for part in set.declaration().split("; ") {
         writeln!(s, "\t\t{part}").unwrap();
@@ -625,13 +624,90 @@ fn write_set(s: &mut String, set: &Set) {
         writeln!(s, "\t\telements = {{").unwrap();
         let n = set.elements.len();
         for (i, e) in set.elements.iter().enumerate() {
-            s.push_str("\t\t\t");
+            s.write_str("\t\t\t").unwrap();
             e.write_text(s);
-            s.push_str(if i + 1 < n { ",\n" } else { "\n" });
+            s.write_str(if i + 1 < n { ",\n" } else { "\n" }).unwrap();
+            s.safe_point();
         }
         writeln!(s, "\t\t}}").unwrap();
     }
     writeln!(s, "\t}}").unwrap();
+}
+
+/// Every script's first lines.
+fn write_script_start(s: &mut impl ScriptOut) {
+    s.write_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n")
+        .unwrap();
+}
+
+/// Where a script is written: a `String`, or [`Spill`] (a pipe to nft).
+pub trait ScriptOut: fmt::Write {
+    /// Here, inside a table's `{ }` block, the script so far may be handed on. A script cut
+    /// at such a place (its writer died) is a syntax error to nft, and nft parses the whole
+    /// input before it sends the kernel anything, so a cut script changes nothing: between two
+    /// commands it could have been a whole, shorter transaction (`delete table` and no more).
+    fn safe_point(&mut self) {}
+}
+
+impl ScriptOut for String {}
+
+/// A [`ScriptOut`] that hands the script on to `out` in parts of at least [`Spill::PART`]
+/// bytes, each ending at a safe point, so that a whole sync's script (40 MiB at 10k Services,
+/// 400 MiB at 100k) is never held whole. An error of `out` (nft gone) is kept and ends the
+/// writing; nft's own answer says why.
+pub struct Spill<'a> {
+    buf: String,
+    out: &'a mut dyn std::io::Write,
+    written: usize,
+    error: Option<std::io::Error>,
+}
+
+impl<'a> Spill<'a> {
+    /// The smallest part handed on.
+    pub const PART: usize = 1 << 16;
+
+    pub fn new(out: &'a mut dyn std::io::Write) -> Spill<'a> {
+        Spill {
+            buf: String::with_capacity(2 * Spill::PART),
+            out,
+            written: 0,
+            error: None,
+        }
+    }
+
+    fn hand_on(&mut self) {
+        if self.error.is_none()
+            && let Err(e) = self.out.write_all(self.buf.as_bytes())
+        {
+            self.error = Some(e);
+        }
+        self.written += self.buf.len();
+        self.buf.clear();
+    }
+
+    /// Hands on the rest: the script's bytes, or the error that stopped it.
+    pub fn finish(mut self) -> std::io::Result<usize> {
+        self.hand_on();
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => self.out.flush().map(|()| self.written),
+        }
+    }
+}
+
+impl fmt::Write for Spill<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.buf.push_str(s);
+        Ok(())
+    }
+}
+
+impl ScriptOut for Spill<'_> {
+    fn safe_point(&mut self) {
+        if self.buf.len() >= Spill::PART {
+            self.hand_on();
+        }
+    }
 }
 
 /// A table and everything in it.
@@ -682,7 +758,7 @@ impl Table {
     }
 
     /// [`Table::text`], appended to `s`.
-    pub fn write_text(&self, s: &mut String) {
+    pub fn write_text(&self, s: &mut impl ScriptOut) {
         self.write_head(s);
         for set in &self.sets {
             write_set(s, set);
@@ -691,7 +767,7 @@ impl Table {
     }
 
     /// [`Table::write_text`], freeing each set's elements once they are written.
-    fn drain_text(&mut self, s: &mut String) {
+    fn drain_text(&mut self, s: &mut impl ScriptOut) {
         self.write_head(s);
         for set in &mut self.sets {
             write_set(s, set);
@@ -700,14 +776,14 @@ impl Table {
         self.write_chains(s);
     }
 
-    fn write_head(&self, s: &mut String) {
+    fn write_head(&self, s: &mut impl ScriptOut) {
         writeln!(s, "table {} {} {{", self.family.as_str(), self.name).unwrap();
         if let Some(c) = &self.comment {
             writeln!(s, "\tcomment {}", quote(c)).unwrap();
         }
     }
 
-    fn write_chains(&self, s: &mut String) {
+    fn write_chains(&self, s: &mut impl ScriptOut) {
         for chain in &self.chains {
             writeln!(s, "\n\tchain {} {{", chain.name).unwrap();
             if let Some(c) = &chain.comment {
@@ -723,10 +799,11 @@ impl Table {
             }
             for rule in &chain.rules {
                 writeln!(s, "\t\t{}", rule.text()).unwrap();
+                s.safe_point();
             }
             writeln!(s, "\t}}").unwrap();
         }
-        s.push_str("}\n");
+        s.write_str("}\n").unwrap();
     }
 
     /// The table's objects as libnftables JSON, in the form `nft -j list table` prints them.
@@ -835,7 +912,8 @@ impl Ruleset {
     /// The whole ruleset as an `nft -f` script that replaces svcproxy's tables atomically: each
     /// table is created if missing, deleted, and written anew, all in one transaction.
     pub fn script(&self) -> String {
-        let mut s = self.script_head();
+        let mut s = String::with_capacity(4096 + self.element_count() * 64);
+        self.write_script_head(&mut s);
         for t in &self.tables {
             s.push('\n');
             t.write_text(&mut s);
@@ -843,32 +921,24 @@ impl Ruleset {
         s
     }
 
-    /// [`Ruleset::script`], freeing each set's elements once written, so that the ruleset and
-    /// its script are never both whole in memory (at 100k Services each is hundreds of MiB).
-    pub fn into_script(mut self) -> String {
-        let mut s = self.script_head();
+    /// [`Ruleset::script`] written to `out`, freeing each set's elements once written, so that
+    /// the ruleset and its script are never both whole in memory (at 100k Services each is
+    /// hundreds of MiB), and with a [`Spill`] the script is never whole either.
+    pub fn drain_script(mut self, out: &mut impl ScriptOut) {
+        self.write_script_head(out);
         for t in &mut self.tables {
-            s.push('\n');
-            t.drain_text(&mut s);
+            out.write_str("\n").unwrap();
+            t.drain_text(out);
         }
-        s
-    }
-
-    /// A script's first lines, in a string sized for the whole script.
-    fn script_start(&self) -> String {
-        let mut s = String::with_capacity(4096 + self.element_count() * 64);
-        s.push_str("#!/usr/sbin/nft -f\n# svcproxy ruleset: generated, do not edit.\n");
-        s
     }
 
     /// A replacing script's first lines: each table created if missing, then deleted.
-    fn script_head(&self) -> String {
-        let mut s = self.script_start();
+    fn write_script_head(&self, s: &mut impl ScriptOut) {
+        write_script_start(s);
         for t in &self.tables {
             writeln!(s, "table {} {}", t.family.as_str(), t.name).unwrap();
             writeln!(s, "delete table {} {}", t.family.as_str(), t.name).unwrap();
         }
-        s
     }
 
     /// How many chains the tables have.
@@ -880,17 +950,15 @@ impl Ruleset {
     /// changed it) into `self` without deleting the tables: every rule and every static element
     /// is written anew, but the dynamic sets (ClientIP session affinity: which client uses
     /// which endpoint) keep what the kernel learned. `old` need not have its elements (a
-    /// [`crate::nft::render::skeleton`]): only its chains and sets are read. Each set's
-    /// elements are freed once written, as [`Ruleset::into_script`] does. `Err` gives `self`
-    /// back when only a replacing script will do: a table, a set's declaration or a chain's hook
-    /// or comment changed. If the kernel drifted from `old` (a chain or set deleted by
-    /// someone), nft refuses this script, atomically, and the caller falls back to a replacing
-    /// one.
-    pub fn into_refresh_script(mut self, old: &Ruleset) -> Result<String, Ruleset> {
-        if !self.refreshes(old) {
-            return Err(self);
-        }
-        let mut s = self.script_start();
+    /// [`crate::nft::render::skeleton`]): only its chains and sets are read. Written to `out`,
+    /// each set's elements freed once written, as [`Ruleset::drain_script`] does. Only for an
+    /// `old` that [`Ruleset::refreshes`]: when a table, a set's declaration or a chain's hook or
+    /// comment changed, only a replacing script will do. If the kernel drifted from `old` (a
+    /// chain or set deleted by someone), nft refuses this script, atomically, and the caller
+    /// falls back to a replacing one.
+    pub fn drain_refresh_script(mut self, old: &Ruleset, out: &mut impl ScriptOut) {
+        debug_assert!(self.refreshes(old));
+        write_script_start(out);
         for (o, n) in old.tables.iter().zip(&mut self.tables) {
             let prefix = format!("{} {}", n.family.as_str(), n.name);
             let new_sets: std::collections::HashSet<&str> =
@@ -898,34 +966,33 @@ impl Ruleset {
             let new_chains: std::collections::HashSet<&str> =
                 n.chains.iter().map(|c| c.name.as_str()).collect();
             for c in &o.chains {
-                writeln!(s, "flush chain {prefix} {}", c.name).unwrap();
+                writeln!(out, "flush chain {prefix} {}", c.name).unwrap();
             }
             for set in o.sets.iter().filter(|x| !x.flags.contains(&"dynamic")) {
-                writeln!(s, "flush {} {prefix} {}", set.keyword(), set.name).unwrap();
+                writeln!(out, "flush {} {prefix} {}", set.keyword(), set.name).unwrap();
             }
             for c in o
                 .chains
                 .iter()
                 .filter(|c| !new_chains.contains(c.name.as_str()))
             {
-                writeln!(s, "delete chain {prefix} {}", c.name).unwrap();
+                writeln!(out, "delete chain {prefix} {}", c.name).unwrap();
             }
             for set in o
                 .sets
                 .iter()
                 .filter(|x| !new_sets.contains(x.name.as_str()))
             {
-                writeln!(s, "delete {} {prefix} {}", set.keyword(), set.name).unwrap();
+                writeln!(out, "delete {} {prefix} {}", set.keyword(), set.name).unwrap();
             }
-            s.push('\n');
-            n.drain_text(&mut s);
+            out.write_str("\n").unwrap();
+            n.drain_text(out);
         }
-        Ok(s)
     }
 
     /// Whether `old`'s tables can be refreshed in place into these: the same tables, and no
     /// chain or set that both have declared differently.
-    fn refreshes(&self, old: &Ruleset) -> bool {
+    pub fn refreshes(&self, old: &Ruleset) -> bool {
         old.tables.len() == self.tables.len()
             && old.tables.iter().zip(&self.tables).all(|(o, n)| {
                 let new_sets: std::collections::HashMap<&str, &Set> =
@@ -953,5 +1020,75 @@ impl Ruleset {
             t.json(&mut objects);
         }
         json!({ "nftables": objects })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records where [`Spill`] cut the script.
+    #[derive(Default)]
+    struct Parts(Vec<Vec<u8>>);
+
+    impl std::io::Write for Parts {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_spilled_script_is_the_whole_script_cut_only_inside_a_block() {
+        let plan = crate::plan::plan(
+            &crate::synthetic::cluster(3000, 10),
+            &crate::model::ProxyConfig::default(),
+        );
+        let ruleset = crate::nft::render(&plan);
+        let whole = ruleset.script();
+        let mut parts = Parts::default();
+        let mut spill = Spill::new(&mut parts);
+        ruleset.drain_script(&mut spill);
+        assert_eq!(spill.finish().unwrap(), whole.len());
+        assert!(parts.0.len() > 10, "{} parts", parts.0.len());
+        assert_eq!(parts.0.concat(), whole.as_bytes());
+        // Every cut but the last leaves a block open: nft reads that as a syntax error and
+        // applies nothing, whatever stopped the writer there.
+        let mut sent = 0;
+        for part in &parts.0[..parts.0.len() - 1] {
+            sent += part.len();
+            let prefix = &whole[..sent];
+            assert!(
+                prefix.matches('{').count() > prefix.matches('}').count(),
+                "a cut outside every block at byte {sent}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_pipe_is_reported_and_ends_the_writing() {
+        struct Broken(usize);
+        impl std::io::Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                self.0 += 1;
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let plan = crate::plan::plan(
+            &crate::synthetic::cluster(1000, 10),
+            &crate::model::ProxyConfig::default(),
+        );
+        let mut broken = Broken(0);
+        let mut spill = Spill::new(&mut broken);
+        crate::nft::render(&plan).drain_script(&mut spill);
+        let e = spill.finish().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(broken.0, 1, "it went on writing after the pipe failed");
     }
 }
