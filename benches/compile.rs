@@ -43,7 +43,7 @@ fn incremental(c: &mut Criterion) {
     group.bench_function("one-endpoint-changed/10000x10", |bench| {
         let a = synthetic::cluster(10_000, 10);
         let mut b = a.clone();
-        std::sync::Arc::make_mut(b.slices.values_mut().nth(5000).unwrap()).endpoints[3].address =
+        std::sync::Arc::make_mut(synthetic::nth_mut(&mut b.slices, 5000)).endpoints[3].address =
             "10.255.0.1".parse().unwrap();
         let discard = NftCommand::new(Runner::fake(Arc::new(Discard)));
         let mut backend = Incremental::new(discard, ProxyConfig::default());

@@ -75,7 +75,7 @@ fn ms(d: Duration) -> String {
 type Change = fn(&mut Snapshot);
 
 fn first_slice(s: &mut Snapshot) -> &mut EndpointSlice {
-    Arc::make_mut(s.slices.values_mut().next().unwrap())
+    Arc::make_mut(synthetic::nth_mut(&mut s.slices, 0))
 }
 
 fn replace_endpoint(s: &mut Snapshot) {
@@ -107,7 +107,12 @@ fn add_service(s: &mut Snapshot) {
 fn delete_service(s: &mut Snapshot) {
     let id: ObjectRef = s.services.keys().next().unwrap().clone();
     s.services.remove(&id);
-    s.slices.retain(|_, sl| sl.service != id);
+    s.slices = s
+        .slices
+        .iter()
+        .filter(|(_, sl)| sl.service != id)
+        .map(|(k, sl)| (k.clone(), sl.clone()))
+        .collect();
 }
 
 /// The same cluster in kube-proxy's nftables layout (as its nftables mode writes it): a chain per

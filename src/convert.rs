@@ -24,8 +24,8 @@ use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol,
-    Service, ServicePort, TrafficPolicy,
+    Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Objects,
+    Protocol, Service, ServicePort, TrafficPolicy,
 };
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -775,8 +775,8 @@ pub fn node(node: &core::Node) -> (NodeInfo, Vec<Rejected>) {
 /// Everything converted from a set of API objects.
 #[derive(Debug, Default)]
 pub struct Converted {
-    pub services: BTreeMap<ObjectRef, Arc<Service>>,
-    pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
+    pub services: Objects<Service>,
+    pub slices: Objects<EndpointSlice>,
     pub nodes: BTreeMap<String, NodeInfo>,
     /// Every ServiceCIDR's CIDRs, sorted and deduplicated.
     pub service_cidrs: Vec<IpNet>,

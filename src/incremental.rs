@@ -17,9 +17,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use crate::model::{EndpointSlice, ObjectRef, ProxyConfig, Snapshot};
+use crate::model::{EndpointSlice, ObjectRef, Objects, ProxyConfig, Snapshot};
 use crate::plan::{
     ClusterIpMasquerade, Destination, FamilyContext, FamilyPlan, FamilyRefs, LocalTraffic,
     NodePortMatch, Plan, ServicePart, plan_counted, plan_service,
@@ -120,41 +119,22 @@ pub fn changed_services<'a>(old: &'a Snapshot, new: &'a Snapshot) -> BTreeSet<&'
 }
 
 /// Calls `f` for every key whose value differs between two maps (missing on one side: `None`).
-/// A value shared by both snapshots (the same `Arc`) is unchanged without comparing it.
+/// The subtrees both snapshots share are skipped unread: the time is that of the change, not of
+/// the maps.
 fn merge_diff<'a, V: PartialEq>(
-    old: &'a BTreeMap<ObjectRef, Arc<V>>,
-    new: &'a BTreeMap<ObjectRef, Arc<V>>,
+    old: &'a Objects<V>,
+    new: &'a Objects<V>,
     mut f: impl FnMut(&'a ObjectRef, Option<&'a V>, Option<&'a V>),
 ) {
-    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (o.peek(), n.peek()) {
-            (None, None) => break,
-            (Some((k, v)), None) => {
-                f(k, Some(&**v), None);
-                o.next();
-            }
-            (None, Some((k, v))) => {
-                f(k, None, Some(&**v));
-                n.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    f(ka, Some(&**va), None);
-                    o.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    f(kb, None, Some(&**vb));
-                    n.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if !Arc::ptr_eq(va, vb) && va != vb {
-                        f(ka, Some(&**va), Some(&**vb));
-                    }
-                    o.next();
-                    n.next();
-                }
-            },
+    use imbl::ordmap::DiffItem;
+    for d in old.diff(new) {
+        match d {
+            DiffItem::Add(k, v) => f(k, None, Some(&**v)),
+            DiffItem::Remove(k, v) => f(k, Some(&**v), None),
+            DiffItem::Update {
+                old: (k, a),
+                new: (_, b),
+            } => f(k, Some(&**a), Some(&**b)),
         }
     }
 }
@@ -552,6 +532,7 @@ fn empty_plan(like: &Plan) -> Plan {
 pub(crate) mod tests {
     use super::*;
     use crate::synthetic;
+    use std::sync::Arc;
 
     /// Runs the delta path: patches `kept` as a backend does once the kernel took it.
     pub(crate) fn step(
@@ -576,7 +557,7 @@ pub(crate) mod tests {
         let config = ProxyConfig::default();
         let mut kept = Compiled::new(synthetic::cluster(50, 3), &config);
         let mut next = kept.snapshot.clone();
-        Arc::make_mut(next.slices.values_mut().nth(7).unwrap()).endpoints[1].address =
+        Arc::make_mut(synthetic::nth_mut(&mut next.slices, 7)).endpoints[1].address =
             "10.200.0.1".parse().unwrap();
         let d = plan_delta(&kept, &next, &config).unwrap();
         assert_eq!(d.services, 1);
@@ -605,8 +586,9 @@ pub(crate) mod tests {
         let kept = Compiled::new(synthetic::cluster(3000, 2), &config);
         let moved = |n: usize| {
             let mut next = kept.snapshot.clone();
-            for s in next.slices.values_mut().take(n) {
-                Arc::make_mut(s).endpoints[0].address = "10.200.0.1".parse().unwrap();
+            for i in 0..n {
+                Arc::make_mut(synthetic::nth_mut(&mut next.slices, i)).endpoints[0].address =
+                    "10.200.0.1".parse().unwrap();
             }
             next
         };

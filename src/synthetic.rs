@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Protocol, Service,
-    ServicePort, Snapshot, TrafficPolicy,
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, NodeInfo, ObjectRef, Objects, Protocol,
+    Service, ServicePort, Snapshot, TrafficPolicy,
 };
 
 /// How many nodes the endpoints are spread over.
@@ -98,4 +98,15 @@ pub fn cluster(services: usize, endpoints: usize) -> Snapshot {
         s.slices.insert(sl.id.clone(), Arc::new(sl));
     }
     s
+}
+
+/// The `n`th object of `map` in key order, to change in place: what tests and benches edit a
+/// synthetic cluster with (the persistent maps lend no iterator of mutable values).
+pub fn nth_mut<T>(map: &mut Objects<T>, n: usize) -> &mut Arc<T> {
+    let key = map
+        .keys()
+        .nth(n)
+        .expect("the map has that many objects")
+        .clone();
+    map.get_mut(&key).expect("the key was just read")
 }

@@ -16,11 +16,11 @@ use kube::Resource;
 
 pub use crate::convert::ConvertResult;
 use crate::convert::Rejected;
-use crate::model::ObjectRef;
+use crate::model::{ObjectRef, Objects};
 
 /// The converted objects of one kind, and those that could not be used, by namespace/name.
 pub struct Mirror<T> {
-    pub objects: BTreeMap<ObjectRef, Arc<T>>,
+    pub objects: Objects<T>,
     pub rejected: BTreeMap<ObjectRef, Rejected>,
     /// What was left out of objects that are used (a bad address, port or endpoint).
     pub skipped: BTreeMap<ObjectRef, Vec<Rejected>>,
@@ -29,7 +29,7 @@ pub struct Mirror<T> {
 }
 
 struct Listing<T> {
-    objects: BTreeMap<ObjectRef, Arc<T>>,
+    objects: Objects<T>,
     rejected: BTreeMap<ObjectRef, Rejected>,
     skipped: BTreeMap<ObjectRef, Vec<Rejected>>,
 }
@@ -37,7 +37,7 @@ struct Listing<T> {
 impl<T> Listing<T> {
     fn new() -> Self {
         Listing {
-            objects: BTreeMap::new(),
+            objects: Objects::new(),
             rejected: BTreeMap::new(),
             skipped: BTreeMap::new(),
         }
@@ -47,7 +47,7 @@ impl<T> Listing<T> {
 impl<T> Default for Mirror<T> {
     fn default() -> Self {
         Mirror {
-            objects: BTreeMap::new(),
+            objects: Objects::new(),
             rejected: BTreeMap::new(),
             skipped: BTreeMap::new(),
             listing: None,

@@ -490,7 +490,7 @@ mod tests {
             "nothing changed, nothing to run"
         );
         // Service 5's remote endpoint replaced: its endpoint chain only.
-        let slice = std::sync::Arc::make_mut(snapshot.slices.values_mut().nth(5).unwrap());
+        let slice = std::sync::Arc::make_mut(crate::synthetic::nth_mut(&mut snapshot.slices, 5));
         slice.endpoints[1].address = "10.127.0.1".parse().unwrap();
         let (inputs, report) = diff(&old, &rendered(&snapshot));
         assert_eq!(report.chains_changed, 1, "{inputs:?}");

@@ -449,7 +449,7 @@ mod tests {
         let config = ProxyConfig::default();
         let (mut kept, mut rules) = whole(synthetic::cluster(50, 3), &config);
         let mut next = kept.snapshot.clone();
-        Arc::make_mut(next.slices.values_mut().nth(7).unwrap()).endpoints[1].address =
+        Arc::make_mut(synthetic::nth_mut(&mut next.slices, 7)).endpoints[1].address =
             "10.200.0.1".parse().unwrap();
         let d = delta(&kept, &rules, &next, &config).unwrap();
         assert_eq!(d.plan.services, 1);

@@ -598,8 +598,10 @@ mod tests {
 
     fn with_endpoints(counts: &[usize]) -> Ruleset {
         let mut snapshot = synthetic::cluster(counts.len(), 8);
-        for (slice, n) in snapshot.slices.values_mut().zip(counts) {
-            std::sync::Arc::make_mut(slice).endpoints.truncate(*n);
+        for (i, n) in counts.iter().enumerate() {
+            std::sync::Arc::make_mut(synthetic::nth_mut(&mut snapshot.slices, i))
+                .endpoints
+                .truncate(*n);
         }
         crate::compile(&snapshot, &ProxyConfig::default()).1
     }
@@ -609,10 +611,11 @@ mod tests {
         let old = with_endpoints(&[2, 3]);
         // An endpoint replaced: a few element updates, no chain touched.
         let mut snapshot = synthetic::cluster(2, 8);
-        for (slice, n) in snapshot.slices.values_mut().zip([2, 3]) {
+        for (i, n) in [2, 3].into_iter().enumerate() {
+            let slice = synthetic::nth_mut(&mut snapshot.slices, i);
             std::sync::Arc::make_mut(slice).endpoints.truncate(n);
         }
-        std::sync::Arc::make_mut(snapshot.slices.values_mut().next().unwrap()).endpoints[1]
+        std::sync::Arc::make_mut(synthetic::nth_mut(&mut snapshot.slices, 0)).endpoints[1]
             .address = "10.200.0.1".parse().unwrap();
         let replaced = crate::compile(&snapshot, &ProxyConfig::default()).1;
         let d = diff(&old, &replaced).unwrap();

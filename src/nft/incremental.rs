@@ -534,7 +534,7 @@ mod tests {
         let config = ProxyConfig::default();
         let (mut state, kernel) = whole(synthetic::cluster(50, 3), &config);
         let mut next = state.compiled.snapshot.clone();
-        Arc::make_mut(next.slices.values_mut().nth(7).unwrap()).endpoints[1].address =
+        Arc::make_mut(synthetic::nth_mut(&mut next.slices, 7)).endpoints[1].address =
             "10.200.0.1".parse().unwrap();
         let d = delta(&state, &next, &config).unwrap();
         assert_eq!(d.plan.services, 1);
@@ -560,7 +560,7 @@ mod tests {
         // A lane count lost: removing the last Service with 3 endpoints would take it below 0.
         state.lanes[0].clear();
         let mut next = state.compiled.snapshot.clone();
-        Arc::make_mut(next.slices.values_mut().nth(7).unwrap())
+        Arc::make_mut(synthetic::nth_mut(&mut next.slices, 7))
             .endpoints
             .pop();
         let err = delta(&state, &next, &config).err().unwrap();
@@ -579,7 +579,7 @@ mod tests {
         assert_same(inc.state.as_ref().unwrap(), &kernel, &config);
         // And the next change is incremental again.
         let mut again = next.clone();
-        Arc::make_mut(again.slices.values_mut().nth(9).unwrap())
+        Arc::make_mut(synthetic::nth_mut(&mut again.slices, 9))
             .endpoints
             .pop();
         let out = inc.sync(again).unwrap();

@@ -1010,7 +1010,8 @@ mod tests {
     /// `n` load-balancer Services, each with `ranges` source ranges.
     fn guarded(n: usize, ranges: usize) -> Ruleset {
         let mut s = synthetic::cluster(n, 2);
-        for (i, svc) in s.services.values_mut().enumerate() {
+        for i in 0..n {
+            let svc = synthetic::nth_mut(&mut s.services, i);
             let mut v = svc.as_ref().clone();
             v.load_balancer_ips = vec![format!("198.51.{}.{}", i / 250, i % 250).parse().unwrap()];
             v.load_balancer_source_ranges = (0..ranges)

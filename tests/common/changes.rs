@@ -69,7 +69,12 @@ pub fn changes() -> Vec<(&'static str, Change)> {
             Box::new(|s| {
                 let id: ObjectRef = synthetic::service(9).id;
                 s.services.remove(&id);
-                s.slices.retain(|_, sl| sl.service != id);
+                s.slices = s
+                    .slices
+                    .iter()
+                    .filter(|(_, sl)| sl.service != id)
+                    .map(|(k, sl)| (k.clone(), sl.clone()))
+                    .collect();
             }),
         ),
         ("nothing changed", Box::new(|_| {})),
