@@ -209,7 +209,8 @@ fn a_periodic_full_resync_keeps_session_affinity_and_repairs_drift() {
     assert_eq!(inventory(&ns.0), inventory(&fresh.0));
 }
 
-/// svcproxy's chains in one table of `iptables-nft-save`, without counters, sorted.
+/// svcproxy's chains in one table of `iptables-nft-save`, without counters, sorted by chain, each
+/// chain's rules in their order (a dispatch chain edited in place must keep the plan's order).
 fn svcp_lines(ns: &str, table: &str) -> Vec<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "iptables-nft-save", "-t", table])
@@ -225,7 +226,20 @@ fn svcp_lines(ns: &str, table: &str) -> Vec<String> {
         .filter(|l| l.contains("SVCP-"))
         .map(|l| l.split(" [").next().unwrap_or(l).to_string())
         .collect();
-    lines.sort();
+    // `:CHAIN` declarations before `-A CHAIN` rules; a stable sort keeps each chain's order.
+    lines.sort_by_key(|l| match l.strip_prefix(':') {
+        Some(decl) => (
+            0,
+            decl.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        None => (
+            1,
+            l.split_whitespace().nth(1).unwrap_or_default().to_string(),
+        ),
+    });
     lines
 }
 

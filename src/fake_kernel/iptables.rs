@@ -127,8 +127,19 @@ impl Table {
                 self.chain(c)?.rules.push(rule);
             }
             ("-I", Some(c)) => {
+                // `-I CHAIN [N] spec`: at rule N (from 1), else first.
+                let (at, rule) = match rule.split_first() {
+                    Some((n, spec)) if n.parse::<usize>().is_ok() => {
+                        (n.parse::<usize>().unwrap_or(1), spec.to_vec())
+                    }
+                    _ => (1, rule),
+                };
                 self.check_target(&rule)?;
-                self.chain(c)?.rules.insert(0, rule);
+                let rules = &mut self.chain(c)?.rules;
+                if at == 0 || at > rules.len() + 1 {
+                    return Err("Index of insertion too big.".into());
+                }
+                rules.insert(at - 1, rule);
             }
             ("-C", Some(c)) => return Ok(self.chain(c)?.rules.contains(&rule)),
             ("-D", Some(c)) => {

@@ -376,7 +376,7 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> (Vec<(IpFamily, String)>, ApplyRepo
                 .chain(gone.iter().filter_map(|g| old_chains.get(g.as_str())))
                 .map(|c| c.rules.len())
                 .sum::<usize>();
-            write_table(&mut input, t.table, &changed, &gone);
+            write_table(&mut input, t.table, &changed, &[], &gone);
         }
         if !input.is_empty() {
             report.commands += 1;

@@ -13,7 +13,8 @@
 //! * the dispatch chains every Service has a rule in (`SVCP-SERVICES`, `SVCP-NODEPORTS`,
 //!   `SVCP-FILTER`) are rebuilt, from the patched plan, only when the changed Services' rules in
 //!   them differ (a Service or a port comes or goes, a Service loses its last endpoint) or a
-//!   ClusterIP comes or goes;
+//!   ClusterIP comes or goes, and then edited in place (`-D` by spec, `-I` at its position) when
+//!   only a few rules in one stretch differ, else written whole;
 //! * an endpoint on this node has a chain of its own (hairpin masquerade) in every Service that
 //!   has it: when an address enters or leaves the node's set, the unchanged Services that name
 //!   it are rendered again too.
@@ -108,7 +109,8 @@ impl Incremental {
             let mut input = String::new();
             for t in &f.tables {
                 let chains: Vec<&Chain> = t.changed.iter().collect();
-                write_table(&mut input, t.table, &chains, &t.gone);
+                let edits: Vec<String> = t.edited.iter().flat_map(|(_, e)| e.clone()).collect();
+                write_table(&mut input, t.table, &chains, &edits, &t.gone);
             }
             if !input.is_empty() {
                 report.commands += 1;
@@ -194,8 +196,49 @@ struct TableChange {
     table: Table,
     /// Chains declared (created, or flushed) and filled.
     changed: Vec<Chain>,
+    /// Chains edited in place, as they will be, with the `-D`/`-I` lines that edit them.
+    edited: Vec<(Chain, Vec<String>)>,
     /// Chains flushed and deleted.
     gone: Vec<String>,
+}
+
+/// At most this many rules deleted and inserted edit a dispatch chain in place; more, and it
+/// is written whole.
+const MAX_EDITS: usize = 16;
+
+/// The `-D` and `-I` lines that turn `old` into `new` when they differ only in one stretch of
+/// at most [`MAX_EDITS`] rules (a Service or a port come or gone), else `None` (write it whole).
+///
+/// A dispatch chain (`SVCP-SERVICES`: a rule per Service port) is written whole in one
+/// restore: at 10k Services, 10k rules that iptables-nft parses and the kernel adds, about a
+/// second for one new Service. Rules are deleted by their spec, so a kernel that drifted makes
+/// the restore fail (and the next sync full) rather than lose another rule; `None` too when
+/// a rule to delete appears twice, which a spec cannot tell apart.
+fn edit_lines(old: &Chain, new: &Chain) -> Option<Vec<String>> {
+    let (a, b) = (&old.rules, &new.rules);
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let removed = &a[prefix..a.len() - suffix];
+    let inserted = &b[prefix..b.len() - suffix];
+    if removed.len() + inserted.len() > MAX_EDITS
+        || removed
+            .iter()
+            .any(|r| a.iter().filter(|x| *x == r).count() > 1)
+    {
+        return None;
+    }
+    let name = &new.name;
+    let deletes = removed.iter().map(|r| format!("-D {name} {r}"));
+    let inserts = inserted
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("-I {name} {} {r}", prefix + i + 1));
+    Some(deletes.chain(inserts).collect())
 }
 
 /// The endpoints a destination's chains name.
@@ -288,6 +331,7 @@ fn delta(
         let mut nat_change = TableChange {
             table: Table::Nat,
             changed: Vec::new(),
+            edited: Vec::new(),
             gone: old_chains
                 .iter()
                 .filter(|c| !new_names.contains(c.name.as_str()))
@@ -318,6 +362,7 @@ fn delta(
         let mut filter_change = TableChange {
             table: Table::Filter,
             changed: Vec::new(),
+            edited: Vec::new(),
             gone: Vec::new(),
         };
         // The dispatch chains, rebuilt only when the changed Services' rules in them changed.
@@ -334,17 +379,29 @@ fn delta(
                     Table::Filter => (filter, &mut filter_change),
                 };
                 let old = applied.chain(&chain.name);
-                if old != Some(&chain) {
-                    report.elements_deleted += old.map_or(0, |c| c.rules.len());
-                    change.changed.push(chain);
+                if old == Some(&chain) {
+                    continue;
+                }
+                match old.and_then(|o| edit_lines(o, &chain)) {
+                    Some(edits) => {
+                        // Each line deletes or inserts one rule.
+                        let deletes = edits.iter().filter(|e| e.starts_with("-D ")).count();
+                        report.elements_deleted += deletes;
+                        report.elements_added += edits.len() - deletes;
+                        change.edited.push((chain, edits));
+                    }
+                    None => {
+                        report.elements_deleted += old.map_or(0, |c| c.rules.len());
+                        change.changed.push(chain);
+                    }
                 }
             }
         }
         let mut tables = Vec::new();
         for t in [nat_change, filter_change] {
-            report.chains_changed += t.changed.len() + t.gone.len();
+            report.chains_changed += t.changed.len() + t.edited.len() + t.gone.len();
             report.elements_added += t.changed.iter().map(|c| c.rules.len()).sum::<usize>();
-            if !t.changed.is_empty() || !t.gone.is_empty() {
+            if !t.changed.is_empty() || !t.edited.is_empty() || !t.gone.is_empty() {
                 tables.push(t);
             }
         }
@@ -390,7 +447,8 @@ fn patch(rules: &mut Ruleset, families: Vec<FamilyChange>) -> Result<(), Fallbac
                     Err(_) => return Err(Fallback::Invariant(format!("no chain {name}"))),
                 }
             }
-            for chain in change.changed {
+            let edited = change.edited.into_iter().map(|(chain, _)| chain);
+            for chain in change.changed.into_iter().chain(edited) {
                 if is_service_chain(&chain.name) {
                     match t.chains[fixed..].binary_search_by(|c| c.name.cmp(&chain.name)) {
                         Ok(i) => t.chains[fixed + i] = chain,
@@ -416,6 +474,44 @@ mod tests {
     use crate::incremental::tests::generated;
     use crate::synthetic;
     use std::sync::Arc;
+
+    #[test]
+    fn a_dispatch_chain_is_edited_in_place_when_one_stretch_changed() {
+        let chain = |rules: &[&str]| Chain {
+            name: "SVCP-SERVICES".into(),
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+        };
+        let old = chain(&["-d a -j A", "-d c -j C", "-j NODEPORTS"]);
+        // A Service added between two others: inserted at its place.
+        assert_eq!(
+            edit_lines(
+                &old,
+                &chain(&["-d a -j A", "-d b -j B", "-d c -j C", "-j NODEPORTS"])
+            ),
+            Some(vec!["-I SVCP-SERVICES 2 -d b -j B".to_string()])
+        );
+        // One gone, by its spec; one replaced: deleted, then inserted where it was.
+        assert_eq!(
+            edit_lines(&old, &chain(&["-d c -j C", "-j NODEPORTS"])),
+            Some(vec!["-D SVCP-SERVICES -d a -j A".to_string()])
+        );
+        assert_eq!(
+            edit_lines(&old, &chain(&["-d a -j A", "-d c -j X", "-j NODEPORTS"])),
+            Some(vec![
+                "-D SVCP-SERVICES -d c -j C".to_string(),
+                "-I SVCP-SERVICES 2 -d c -j X".to_string(),
+            ])
+        );
+        // Too much changed, or a rule to delete that a spec cannot single out: written whole.
+        let many: Vec<String> = (0..MAX_EDITS).map(|i| format!("-d {i} -j S{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(edit_lines(&chain(&many), &chain(&["-j NODEPORTS"])), None);
+        let twice = chain(&["-d a -j A", "-d a -j A", "-j NODEPORTS"]);
+        assert_eq!(
+            edit_lines(&twice, &chain(&["-d a -j A", "-j NODEPORTS"])),
+            None
+        );
+    }
 
     /// Runs the delta path without iptables: patches the state as a successful restore would.
     /// Returns the restore inputs' chain counts.

@@ -861,7 +861,7 @@ impl FamilyRules {
         for t in &self.tables {
             let gone = stale.get(&t.table).map(Vec::as_slice).unwrap_or(&[]);
             let chains: Vec<&Chain> = t.chains.iter().collect();
-            write_table(&mut out, t.table, &chains, gone);
+            write_table(&mut out, t.table, &chains, &[], gone);
         }
         out
     }
@@ -885,10 +885,16 @@ pub fn program(family: IpFamily) -> &'static str {
 }
 
 /// One table's section of a restore input: declare (create or flush) `chains`, flush `gone`,
-/// append the rules in [`walk_order`], delete `gone` (nothing refers to them once the others
-/// are rewritten).
-pub fn write_table(out: &mut String, table: Table, chains: &[&Chain], gone: &[String]) {
-    if chains.is_empty() && gone.is_empty() {
+/// append the rules in [`walk_order`], then the `edits` (`-D`/`-I` lines of chains edited in
+/// place), delete `gone` (nothing refers to them once the others are rewritten).
+pub fn write_table(
+    out: &mut String,
+    table: Table,
+    chains: &[&Chain],
+    edits: &[String],
+    gone: &[String],
+) {
+    if chains.is_empty() && edits.is_empty() && gone.is_empty() {
         return;
     }
     writeln!(out, "*{}", table.as_str()).unwrap();
@@ -902,6 +908,9 @@ pub fn write_table(out: &mut String, table: Table, chains: &[&Chain], gone: &[St
         for r in &c.rules {
             writeln!(out, "-A {} {r}", c.name).unwrap();
         }
+    }
+    for e in edits {
+        writeln!(out, "{e}").unwrap();
     }
     for g in gone {
         writeln!(out, "-X {g}").unwrap();
@@ -1201,7 +1210,7 @@ mod tests {
         );
         // Every chain once, and each chain's rules in their own order.
         let mut out = String::new();
-        write_table(&mut out, Table::Nat, &refs, &[]);
+        write_table(&mut out, Table::Nat, &refs, &[], &[]);
         let appended: Vec<&str> = out.lines().filter(|l| l.starts_with("-A SVC-A ")).collect();
         assert_eq!(appended, ["-A SVC-A -j MASQ", "-A SVC-A -j SEP-A1"]);
         assert_eq!(out.lines().filter(|l| l.starts_with("-A ")).count(), 9);
