@@ -48,7 +48,8 @@ pub struct Outcome {
     pub report: ApplyReport,
     /// Planning, rendering and working out the difference, before the kernel program ran.
     pub compile: Duration,
-    /// How many Services were compiled: all of them, or only the changed ones.
+    /// How many Services were compiled: all of them, only the changed ones, or none (a resync
+    /// of the snapshot applied last reuses its plan).
     pub services_compiled: usize,
     /// UDP flows made stale by this sync (see `conntrack`).
     pub stale_udp: Vec<StaleFlows>,

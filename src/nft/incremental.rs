@@ -168,13 +168,33 @@ impl Incremental {
         start: Instant,
         fallback: Option<Fallback>,
     ) -> Result<Outcome, ApplyError> {
-        let new = State::new(Compiled::new(snapshot, &self.config));
+        // A resync of the snapshot applied last (the hourly one, when nothing changed since)
+        // needs no compile: the kept plan is that snapshot's (patched, it equals a whole
+        // compile's), and compiling again would hold two plans at the agent's largest moment.
+        // Comparing the two snapshots costs what differs between them (they share their maps).
+        let reuse = fallback.is_none()
+            && self
+                .state
+                .as_ref()
+                .is_some_and(|kept| kept.compiled.snapshot == snapshot);
+        let new = match self.state.take() {
+            Some(kept) if reuse => kept,
+            kept => {
+                self.state = kept;
+                State::new(Compiled::new(snapshot, &self.config))
+            }
+        };
         let ruleset = render::render(&new.compiled.plan);
         // The tables the kernel holds (or held, before a failure or a resync request), rendered
         // again from the kept plan, and dropped before nft runs: whole to send the difference,
         // as a skeleton (no elements) to refresh them in place. Two whole rulesets side by side
         // are the agent's largest moment, so the hourly resync does without.
-        let old = self.state.as_ref().map(|old| {
+        let kept = if reuse {
+            Some(&new)
+        } else {
+            self.state.as_ref()
+        };
+        let old = kept.map(|old| {
             if self.in_sync {
                 old.ruleset()
             } else {
@@ -236,16 +256,24 @@ impl Incremental {
         let report = match result {
             Ok(r) => r,
             Err(e) => {
+                if reuse {
+                    // Still what the kernel held last (a refused transaction changes nothing).
+                    self.state = Some(new);
+                }
                 self.fail("the last apply failed");
                 return Err(e);
             }
         };
         let compile = start.elapsed().saturating_sub(report.duration);
         let stale_udp = match &self.state {
-            Some(old) => stale_udp(&old.compiled.plan, &new.compiled.plan),
-            None => Vec::new(),
+            Some(old) if !reuse => stale_udp(&old.compiled.plan, &new.compiled.plan),
+            _ => Vec::new(),
         };
-        let services = new.compiled.snapshot.services.len();
+        let services = if reuse {
+            0
+        } else {
+            new.compiled.snapshot.services.len()
+        };
         // The old state is dropped here, after the kernel has the new rules.
         self.state = Some(new);
         self.in_sync = true;
@@ -584,6 +612,34 @@ mod tests {
             .pop();
         let out = inc.sync(again).unwrap();
         assert_eq!((out.services_compiled, out.fallback), (1, None));
+    }
+
+    #[test]
+    fn a_resync_of_the_snapshot_applied_last_compiles_nothing_and_refreshes_in_place() {
+        let config = ProxyConfig::default();
+        let kernel = FakeKernel::new();
+        let mut inc = Incremental::new(NftCommand::new(kernel.runner()), config.clone());
+        let snapshot = synthetic::cluster(50, 3);
+        inc.sync(snapshot.clone()).unwrap();
+        inc.invalidate();
+        let out = inc.sync(snapshot.clone()).unwrap();
+        assert_eq!(out.report.kind, crate::report::SyncKind::Full);
+        assert_eq!(out.services_compiled, 0);
+        let because = out.report.full_because.unwrap_or_default();
+        assert!(because.ends_with("refreshed in place"), "{because}");
+        assert_same(inc.state.as_ref().unwrap(), &kernel, &config);
+        // A resync of a changed snapshot compiles it.
+        let mut next = snapshot;
+        Arc::make_mut(synthetic::nth_mut(&mut next.slices, 9))
+            .endpoints
+            .pop();
+        inc.invalidate();
+        let out = inc.sync(next).unwrap();
+        assert_eq!(
+            (out.report.kind, out.services_compiled),
+            (crate::report::SyncKind::Full, 50)
+        );
+        assert_same(inc.state.as_ref().unwrap(), &kernel, &config);
     }
 
     proptest::proptest! {
