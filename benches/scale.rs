@@ -106,13 +106,7 @@ fn add_service(s: &mut Snapshot) {
 
 fn delete_service(s: &mut Snapshot) {
     let id: ObjectRef = s.services.keys().next().unwrap().clone();
-    s.services.remove(&id);
-    s.slices = s
-        .slices
-        .iter()
-        .filter(|(_, sl)| sl.service != id)
-        .map(|(k, sl)| (k.clone(), sl.clone()))
-        .collect();
+    synthetic::remove_service(s, &id);
 }
 
 /// The same cluster in kube-proxy's nftables layout (as its nftables mode writes it): a chain per

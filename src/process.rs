@@ -361,8 +361,7 @@ impl Runner {
 
     /// Runs `program args…` (with `input` on its standard input) and waits for it.
     pub fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> Result<Ran, RunError> {
-        let mut argv = vec![program.to_string()];
-        argv.extend(args.iter().map(|a| a.to_string()));
+        let argv = argv(program, args);
         self.tools
             .run(&argv, input)
             .map_err(|source| self.run_error(&argv, source))
@@ -386,8 +385,7 @@ impl Runner {
         args: &[&str],
         read: &mut dyn FnMut(&mut dyn Read),
     ) -> Result<Ran, RunError> {
-        let mut argv = vec![program.to_string()];
-        argv.extend(args.iter().map(|a| a.to_string()));
+        let argv = argv(program, args);
         self.tools
             .run_reading(&argv, read)
             .map_err(|source| self.run_error(&argv, source))
@@ -401,8 +399,7 @@ impl Runner {
         args: &[&str],
         write: &mut dyn FnMut(&mut dyn Write),
     ) -> Result<Ran, RunError> {
-        let mut argv = vec![program.to_string()];
-        argv.extend(args.iter().map(|a| a.to_string()));
+        let argv = argv(program, args);
         self.tools
             .run_writing(&argv, write)
             .map_err(|source| self.run_error(&argv, source))
@@ -413,6 +410,14 @@ impl Runner {
         self.run(program, &["--version"], None)
             .is_ok_and(|r| r.success())
     }
+}
+
+/// The program, then its arguments.
+fn argv(program: &str, args: &[&str]) -> Vec<String> {
+    std::iter::once(program)
+        .chain(args.iter().copied())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Runs `command` with `input` on its standard input and waits for it. `Err`: it could not be

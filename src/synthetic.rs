@@ -110,3 +110,14 @@ pub fn nth_mut<T>(map: &mut Objects<T>, n: usize) -> &mut Arc<T> {
         .clone();
     map.get_mut(&key).expect("the key was just read")
 }
+
+/// `snapshot` without the Service `id` and its EndpointSlices.
+pub fn remove_service(snapshot: &mut Snapshot, id: &ObjectRef) {
+    snapshot.services.remove(id);
+    snapshot.slices = snapshot
+        .slices
+        .iter()
+        .filter(|(_, s)| s.service != *id)
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
+}

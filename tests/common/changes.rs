@@ -68,13 +68,7 @@ pub fn changes() -> Vec<(&'static str, Change)> {
             "a Service is deleted",
             Box::new(|s| {
                 let id: ObjectRef = synthetic::service(9).id;
-                s.services.remove(&id);
-                s.slices = s
-                    .slices
-                    .iter()
-                    .filter(|(_, sl)| sl.service != id)
-                    .map(|(k, sl)| (k.clone(), sl.clone()))
-                    .collect();
+                synthetic::remove_service(s, &id);
             }),
         ),
         ("nothing changed", Box::new(|_| {})),
