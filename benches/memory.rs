@@ -4,17 +4,18 @@
 //! there.
 //!
 //! `cargo bench --bench memory -- [--services 10000,100000] [--endpoints 10] [--changes 200]
-//! [--binary LABEL=PATH]...` (as root). For each size and binary: the cold start (both lists,
-//! the first full sync), then three rounds of changes (each: `--changes` EndpointSlices with
-//! one endpoint moved and one new Service with its slice), the last one made while the
-//! apiserver is away and followed by a compacted history, so that the agent re-lists
-//! everything (a restarted apiserver); then one periodic full resync (the agent runs with
-//! `--sync-period 30s`; the bench waits for the first resync after the rounds), which
-//! refreshes every table in place: the largest moment of a long-running agent.
-//! Prints the VmHWM after the cold start, after the rounds and after the resync, as a Markdown
-//! table. `--binary` (any
-//! number of times; `LABEL=self` is this build's) compares builds in the same run, e.g. the
-//! previous commit's; without it, this build's binary alone.
+//! [--sync-period 30s] [--binary LABEL=PATH]...` (as root). For each size and binary: the cold
+//! start (both lists, the first full sync), then three rounds of changes (each: `--changes`
+//! EndpointSlices with one endpoint moved and one new Service with its slice), the last one
+//! made while the apiserver is away and followed by a compacted history, so that the agent
+//! re-lists everything (a restarted apiserver); then one periodic full resync (the agent runs with
+//! `--sync-period 30s`, or `--sync-period D`; the bench waits for the first resync after the
+//! rounds: at 100k Services the cold start outlasts 30 s, so the first resync falls within the
+//! rounds unless the period is longer), which refreshes every table in place: the largest
+//! moment of a long-running agent. Prints the VmHWM after the cold start, after the rounds and
+//! after the resync, as a Markdown table. `--binary` (any number of times; `LABEL=self` is this
+//! build's) compares builds in the same run, e.g. the previous commit's; without it, this
+//! build's binary alone.
 
 #[allow(dead_code)]
 #[path = "../tests/common/apiserver.rs"]
@@ -129,7 +130,13 @@ struct Run {
     child_peak: f64,
 }
 
-fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> Run {
+fn measure(
+    binary: &str,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+    sync_period: &str,
+) -> Run {
     let ns = format!("svcproxy-memory-{}", std::process::id());
     let ok = Command::new("ip")
         .args(["netns", "add", &ns])
@@ -180,7 +187,7 @@ fn measure(binary: &str, services: usize, endpoints: usize, changes: usize) -> R
         .args(["netns", "exec", &ns, binary, "run", "--kubeconfig"])
         .arg(&kubeconfig)
         .args(["--hostname-override", "node-0", "--log-format", "json"])
-        .args(["--sync-period", "30s"])
+        .args(["--sync-period", sync_period])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -305,6 +312,7 @@ fn main() {
         .collect();
     let endpoints: usize = arg("--endpoints", "10").parse().unwrap();
     let changes: usize = arg("--changes", "200").parse().unwrap();
+    let sync_period = arg("--sync-period", "30s");
     let own = env!("CARGO_BIN_EXE_svcproxy");
     let mut binaries: Vec<(String, String)> = args("--binary")
         .into_iter()
@@ -323,7 +331,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         for (label, binary) in &binaries {
-            let r = measure(binary, n, endpoints, changes);
+            let r = measure(binary, n, endpoints, changes, &sync_period);
             println!(
                 "| {n} | {endpoints} | {label} | {:.1} s | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
                 r.cold_start.as_secs_f64(),

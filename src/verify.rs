@@ -927,12 +927,7 @@ pub fn verify_nft(
     nft: &crate::nft::apply::NftCommand,
     plan: &crate::plan::Plan,
 ) -> Result<Vec<Difference>, VerifyError> {
-    let mut desired = Summary::default();
-    for table in &crate::nft::render(plan).tables {
-        table.json_each(CHUNK, &mut |o| {
-            desired.add(&o).expect("our own JSON reads back")
-        });
-    }
+    let desired = desired_summary(plan, PART);
     let mut observed = Summary::default();
     for family in ["ip", "ip6"] {
         nft.read_table_json(family, crate::nft::TABLE, true, |out| {
@@ -974,6 +969,7 @@ pub fn verify_nft(
             }
         });
     }
+    let mut desired = desired;
     for id in &differ {
         desired.replace(id, &mut wholes);
         let (family, table, name) = id;
@@ -989,6 +985,31 @@ pub fn verify_nft(
     }
     Ok(compare_nft(&desired.state, &observed.state))
 }
+
+/// The plan's side of [`verify_nft`]: the tables, chains and set declarations of the plan's
+/// ruleset, and its elements rendered `part` destinations at a time
+/// ([`crate::nft::render::element_parts`]), so that the rendered ruleset is never whole.
+fn desired_summary(plan: &crate::plan::Plan, part: usize) -> Summary {
+    let mut desired = Summary::default();
+    for table in &crate::nft::render::skeleton(plan).tables {
+        table.json_each(CHUNK, &mut |o| {
+            desired.add(&o).expect("our own JSON reads back")
+        });
+    }
+    for rendered in crate::nft::render::element_parts(plan, part) {
+        for table in &rendered.tables {
+            table.json_each(CHUNK, &mut |o| {
+                if set_id(&o).is_some() {
+                    desired.add(&o).expect("our own JSON reads back");
+                }
+            });
+        }
+    }
+    desired
+}
+
+/// How many destinations' elements [`verify_nft`] renders at a time.
+const PART: usize = 4096;
 
 /// A set: (family, table, name).
 type SetId = (String, String, String);
@@ -1007,7 +1028,7 @@ fn set_id(o: &Json) -> Option<SetId> {
 
 /// One side of [`verify_nft`]: the normalised state with each set's elements reduced to those
 /// that name a Service, and the digest of every set's elements.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Summary {
     state: NftState,
     digests: BTreeMap<SetId, (usize, u64)>,
@@ -1490,6 +1511,50 @@ pub fn compare_iptables(desired: &IptState, observed: &IptState) -> Vec<Differen
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The summary of a whole render, as the drift check made it before it rendered in parts.
+    fn whole_summary(plan: &crate::plan::Plan) -> Summary {
+        let mut s = Summary::default();
+        for table in &crate::nft::render(plan).tables {
+            table.json_each(CHUNK, &mut |o| s.add(&o).unwrap());
+        }
+        s
+    }
+
+    #[test]
+    fn the_plan_summarised_in_parts_is_the_plan_summarised_whole() {
+        let mut snapshot = crate::synthetic::cluster(300, 4);
+        snapshot.node.name = "node-1".into();
+        let plan = crate::plan::plan(&snapshot, &crate::model::ProxyConfig::default());
+        let whole = whole_summary(&plan);
+        assert!(
+            whole.digests.values().any(|(n, _)| *n >= 300),
+            "{:?}",
+            whole.digests
+        );
+        for part in [1, 7, 100, 300, 10_000] {
+            assert!(desired_summary(&plan, part) == whole, "parts of {part}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// The same for generated clusters (NodePorts, Local policies, affinity, dual-stack,
+        /// CIDRs), in parts of one and of three destinations.
+        #[test]
+        fn generated_plans_summarised_in_parts_are_summarised_whole(
+            snapshot in crate::incremental::tests::generated::snapshot(),
+            cidrs in proptest::prelude::any::<bool>(),
+        ) {
+            let config = crate::incremental::tests::generated::config(cidrs);
+            let plan = crate::plan::plan(&snapshot, &config);
+            let whole = whole_summary(&plan);
+            for part in [1, 3] {
+                proptest::prop_assert!(desired_summary(&plan, part) == whole, "parts of {}", part);
+            }
+        }
+    }
 
     fn nft_doc(objects: Vec<Json>) -> Json {
         json!({ "nftables": objects })

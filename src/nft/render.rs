@@ -82,6 +82,65 @@ pub fn render(plan: &Plan) -> Ruleset {
     }
 }
 
+/// The elements of [`render`]'s sets, rendered `size` destinations at a time: each part is a
+/// ruleset whose sets hold the elements of its destinations (the first part also those of the
+/// family-wide sets: ClusterIPs, hairpin, CIDRs, NodePort addresses). Only the parts' set
+/// elements mean anything (their chains, and which sets they declare, are not the whole
+/// ruleset's); together they hold every element of the whole ruleset once. For the drift
+/// check's order-free digests, which then never hold more than one part of the rendering (at
+/// 100k Services the whole rendered ruleset is about 200 MiB).
+pub fn element_parts(plan: &Plan, size: usize) -> impl Iterator<Item = Ruleset> + '_ {
+    let size = size.max(1);
+    let parts = plan
+        .families
+        .iter()
+        .map(|f| f.destinations.len().div_ceil(size))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    (0..parts).map(move |p| {
+        let first = p == 0;
+        let tables = plan
+            .families
+            .iter()
+            .map(|f| {
+                let n = f.destinations.len();
+                let part = FamilyPlan {
+                    family: f.family,
+                    local_traffic: match &f.local_traffic {
+                        l if first => l.clone(),
+                        _ => LocalTraffic::Unknown,
+                    },
+                    clusterip_masquerade: f.clusterip_masquerade,
+                    nodeports: match &f.nodeports {
+                        m if first => m.clone(),
+                        _ => NodePortMatch::Nothing,
+                    },
+                    cluster_ips: if first {
+                        f.cluster_ips.clone()
+                    } else {
+                        BTreeMap::new()
+                    },
+                    service_cidrs: if first {
+                        f.service_cidrs.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    hairpin: if first {
+                        f.hairpin.clone()
+                    } else {
+                        BTreeSet::new()
+                    },
+                    destinations: f.destinations[(p * size).min(n)..((p + 1) * size).min(n)]
+                        .to_vec(),
+                };
+                render_family(&part, plan.masquerade_mark, true)
+            })
+            .collect();
+        Ruleset { tables }
+    })
+}
+
 /// Every table, chain and set of [`render`]'s ruleset, without the sets' elements: what a
 /// refresh in place needs of the tables it replaces (which chains and sets to flush or delete),
 /// at a fraction of the memory (at 100k Services a whole ruleset is a few hundred MiB).
