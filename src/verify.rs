@@ -667,9 +667,15 @@ pub fn compare_nft(desired: &NftState, observed: &NftState) -> Vec<Difference> {
     out
 }
 
-fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Vec<Difference>) {
-    // What names a Service: element comments (by key, and the key's leading parts: the endpoint
-    // maps share the services map's keys), and the chains each Service's elements lead to.
+/// What names a Service in a table: element comments (by key, and the key's leading parts:
+/// the endpoint maps share the services map's keys), and the chains each Service's elements
+/// lead to.
+struct Naming<'a> {
+    by_key: BTreeMap<&'a str, BTreeSet<String>>,
+    owner: BTreeMap<String, String>,
+}
+
+fn naming<'a>(want: &'a NftTable, have: &'a NftTable) -> Naming<'a> {
     let mut by_key: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     let mut edges = Vec::new();
     for t in [want, have] {
@@ -698,7 +704,16 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
             }
         }
     }
-    let owner = owners(&edges);
+    Naming {
+        by_key,
+        owner: owners(&edges),
+    }
+}
+
+fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Vec<Difference>) {
+    // Built only when a difference is to be named: at 100k Services it is 100k comments on
+    // each side, and the hourly drift check usually finds nothing.
+    let naming = std::cell::LazyCell::new(|| naming(want, have));
     let element_service = |k: &str, e: &NftElement| -> Option<String> {
         if let Some(s) = e.comment.as_deref().and_then(service_of) {
             return Some(s);
@@ -706,7 +721,7 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
         // The key, then its leading parts, longest first.
         let cuts = k.rmatch_indices(" . ").map(|(i, _)| &k[..i]);
         for prefix in std::iter::once(k).chain(cuts) {
-            if let Some(s) = by_key.get(prefix)
+            if let Some(s) = naming.by_key.get(prefix)
                 && s.len() == 1
             {
                 return s.iter().next().cloned();
@@ -716,7 +731,7 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
         let target = target
             .strip_prefix("goto ")
             .or(target.strip_prefix("jump "))?;
-        owner.get(target).cloned()
+        naming.owner.get(target).cloned()
     };
     for (name, w) in &want.sets {
         let what = format!("{place}: {} {name}", w.keyword);
@@ -794,19 +809,20 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
         r.comment
             .as_deref()
             .and_then(service_of)
-            .or_else(|| owner.get(chain).cloned())
+            .or_else(|| naming.owner.get(chain).cloned())
     };
     for (name, w) in &want.chains {
         let what = format!("{place}: chain {name}");
-        let chain_service = w
-            .comment
-            .as_deref()
-            .and_then(service_of)
-            .or_else(|| owner.get(name).cloned());
+        let chain_service = || {
+            w.comment
+                .as_deref()
+                .and_then(service_of)
+                .or_else(|| naming.owner.get(name).cloned())
+        };
         let Some(h) = have.chains.get(name) else {
             out.push(Difference {
                 what: format!("{what} is missing"),
-                service: chain_service,
+                service: chain_service(),
             });
             continue;
         };
@@ -816,7 +832,7 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
                     "{what} is `{}` in the kernel, `{}` in the plan",
                     h.declaration, w.declaration
                 ),
-                service: chain_service.clone(),
+                service: chain_service(),
             });
         }
         let same = |a: &NftRule, b: &NftRule| a.canonical == b.canonical && a.comment == b.comment;
@@ -826,7 +842,7 @@ fn compare_nft_table(place: &str, want: &NftTable, have: &NftTable, out: &mut Ve
             &h.rules,
             same,
             |r| r.text.clone(),
-            |r| rule_service(name, r).or_else(|| chain_service.clone()),
+            |r| rule_service(name, r).or_else(chain_service),
             out,
         );
     }
