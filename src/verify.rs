@@ -943,7 +943,7 @@ pub fn verify_nft(
     nft: &crate::nft::apply::NftCommand,
     plan: &crate::plan::Plan,
 ) -> Result<Vec<Difference>, VerifyError> {
-    let desired = desired_summary(plan, PART);
+    let mut desired = desired_summary(plan, PART);
     let mut observed = Summary::default();
     for family in ["ip", "ip6"] {
         nft.read_table_json(family, crate::nft::TABLE, true, |out| {
@@ -977,15 +977,17 @@ pub fn verify_nft(
     if differ.is_empty() {
         return Ok(compare_nft(&desired.state, &observed.state));
     }
+    // The differing sets' elements, gathered from the same parts (`add_set` joins them).
     let mut wholes = NftState::default();
-    for table in &crate::nft::render(plan).tables {
-        table.json_each(CHUNK, &mut |o| {
-            if set_id(&o).is_some_and(|id| differ.contains(&id)) {
-                nft_object(&mut wholes, &o).expect("our own JSON reads back");
-            }
-        });
+    for rendered in crate::nft::render::element_parts(plan, PART) {
+        for table in &rendered.tables {
+            table.json_each(CHUNK, &mut |o| {
+                if set_id(&o).is_some_and(|id| differ.contains(&id)) {
+                    nft_object(&mut wholes, &o).expect("our own JSON reads back");
+                }
+            });
+        }
     }
-    let mut desired = desired;
     for id in &differ {
         desired.replace(id, &mut wholes);
         let (family, table, name) = id;
